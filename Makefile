@@ -1,0 +1,34 @@
+# The README's commands. `make demo` and `make test` each install everything first (idempotent).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export RAY_USAGE_STATS_ENABLED ?= 0
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
+
+.PHONY: install demo test bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# torch is pinned FIRST: this resolves to the CPU build on this kind of machine.
+# Letting pip resolve plain `torch` downloads a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --upgrade "pip>=24"
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip check
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/seater demo --out runs/demo
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+bench: install
+	$(BIN)/python -m bench.run_all
+
+clean:
+	rm -rf $(VENV) runs

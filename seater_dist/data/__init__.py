@@ -1,0 +1,1 @@
+"""Synthetic data, readers of raw formats, Ray Data preparation, training-sample expansion."""

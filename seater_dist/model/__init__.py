@@ -1,0 +1,1 @@
+"""SEATER model, losses, constrained beam search, retriever; SASRec."""

@@ -1,0 +1,1 @@
+"""Ray Train loops (SEATER, SASRec), checkpoints, early stopping."""
