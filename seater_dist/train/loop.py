@@ -1,0 +1,234 @@
+"""The Ray Train worker loop shared by SEATER and SASRec.
+
+Per epoch: stream this worker's shard of (history, target) batches, DDP step (dense parameters by
+DDP's all-reduce, the big table by a row-sparse all-gather: sparse_table.py), then validate on this
+worker's slice of the validation users, all-reduce the metric sums, keep the best by the chosen metric,
+stop early after ``patience`` epochs without improvement, and report a self-contained checkpoint
+(weights, settings, tree, item table + the optimiser/early-stopping state needed to resume).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from seater_dist.config import TrainSettings
+from seater_dist.train.sparse_table import SparseTableDDP
+from seater_dist.train.tasks import LossModule, SasrecTask, SeaterTask, Task
+
+TRAIN_STATE = "train_state.pt"
+
+
+@dataclass
+class EarlyStopping:
+    """Best-so-far tracking; identical on every worker because it only sees all-reduced metrics."""
+
+    patience: int
+    epoch: int = 0  # next epoch to run
+    best: float = -math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def update(self, value: float) -> bool:
+        """Record an epoch's validation value; returns True if it is a new best."""
+        improved = value > self.best
+        if improved:
+            self.best, self.best_epoch, self.bad_epochs = value, self.epoch, 0
+        else:
+            self.bad_epochs += 1
+        self.epoch += 1
+        return improved
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+
+def make_task(config: dict[str, Any]) -> Task:
+    if config["task"] == "seater":
+        return SeaterTask(config["tree_path"], config["dataset_path"], config["model_settings"])
+    if config["task"] == "sasrec":
+        return SasrecTask(config["num_items"], config["dataset_path"], config["model_settings"])
+    raise ValueError(f"unknown task {config['task']!r}")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Entry point run by every Ray Train worker (config: see trainer.py::fit)."""
+    import ray.train
+
+    settings = TrainSettings.model_validate(config["train_settings"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
+    torch.manual_seed(settings.seed)
+    np.random.seed(settings.seed + rank)
+
+    task = make_task(config)
+    model = task.build_model()
+    step_module = LossModule(task, model)
+    device = ray.train.torch.get_device() if settings.use_gpu else torch.device("cpu")
+    step_module.to(device)
+    state = EarlyStopping(settings.patience)
+    trainer = SparseTableDDP(step_module, f"model.{task.table_name}", lr=settings.lr,
+                             weight_decay=settings.weight_decay, device=device)
+    resumed_from = _restore(model, trainer, state)
+
+    valid_histories, valid_truth = _validation_slice(config, rank, world)
+    shard = ray.train.get_dataset_shard("train")
+    per_worker_batch = max(1, settings.batch_size // world)
+
+    while state.epoch < settings.epochs and not state.should_stop:
+        epoch = state.epoch
+        t0 = time.time()
+        model.train()
+        totals: dict[str, float] = {}
+        steps = samples = 0
+        bytes_sent = 0
+        batches = iter(shard.iter_torch_batches(batch_size=per_worker_batch, device=device,
+                                                local_shuffle_buffer_size=config.get("shuffle_buffer", 4096),
+                                                local_shuffle_seed=settings.seed * 1009 + epoch * 17 + rank))
+        while True:
+            batch = next(batches, None)
+            if not _everyone_has(batch is not None):
+                for _ in batches:  # equal shards make this a no-op; never leave the stream half-read
+                    pass
+                break
+            losses = trainer.ddp(batch)
+            losses["loss"].backward()
+            stats = trainer.step(settings.grad_clip)
+            for key, value in losses.items():
+                totals[key] = totals.get(key, 0.0) + float(value.detach())
+            steps += 1
+            samples += len(next(iter(batch.values())))
+            bytes_sent += stats.total_bytes
+            _maybe_inject_fault(config, rank, epoch, steps)
+        train_seconds = time.time() - t0
+
+        model.eval()
+        metrics = _validate(task, model, valid_histories, valid_truth, config["ks"], device)
+        record = {"epoch": epoch, **{f"train_{k}": v / max(steps, 1) for k, v in totals.items()},
+                  **{f"valid_{k}": v for k, v in metrics.items()},
+                  "train_seconds": train_seconds, "valid_seconds": time.time() - t0 - train_seconds,
+                  "steps": steps, "samples_per_second": _sum_all(samples) / max(train_seconds, 1e-9),
+                  "bytes_per_step": bytes_sent / max(steps, 1), "resumed_from_epoch": resumed_from}
+        improved = state.update(metrics[settings.select_metric])
+        state.history.append(record)
+        _report(task, model, trainer, state, record, improved, rank, config)
+
+
+def _everyone_has(flag: bool) -> bool:
+    """True only if every worker still has a batch (keeps the DDP collectives in lockstep)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def _sum_all(value: float) -> float:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def _validation_slice(config: dict[str, Any], rank: int, world: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """This worker's share of the validation users: (histories, ground truths)."""
+    from seater_dist.data.dataset import load_dataset
+
+    table = load_dataset(config["dataset_path"]).table("valid")
+    order = np.arange(table.num_rows)
+    limit = config["train_settings"].get("max_valid_users")
+    if limit and limit < table.num_rows:
+        order = np.sort(np.random.default_rng(config["train_settings"].get("seed", 0)).choice(order, limit, replace=False))
+    mine = order[rank::world]
+    histories = table.column("history").take(mine).to_pylist()
+    truth = table.column("ground_truth").take(mine).to_pylist()
+    return [np.asarray(h, dtype=np.int64) for h in histories], [np.asarray(g, dtype=np.int64) for g in truth]
+
+
+def _validate(task: Task, model: torch.nn.Module, histories: list[np.ndarray], truth: list[np.ndarray],
+              ks: list[int], device: torch.device, batch_size: int = 256) -> dict[str, float]:
+    """Metrics over all workers' validation users (sums all-reduced, then averaged)."""
+    from seater_dist.eval.metrics import finalize, metric_sums
+
+    sums: dict[str, float] = {}
+    for start in range(0, len(histories), batch_size):
+        topk = task.rank_items(model, histories[start : start + batch_size], max(ks))
+        part = metric_sums(topk, truth[start : start + batch_size], ks=tuple(ks))
+        for key, value in part.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+    if not sums:
+        empty = metric_sums(np.zeros((0, max(ks)), dtype=np.int64), [], ks=tuple(ks))
+        sums = {key: 0.0 for key in empty}
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        keys = sorted(sums)
+        t = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(t)
+        sums = dict(zip(keys, t.tolist()))
+    return finalize(sums)
+
+
+def _report(task: Task, model: torch.nn.Module, trainer: SparseTableDDP, state: EarlyStopping,
+            record: dict[str, Any], improved: bool, rank: int, config: dict[str, Any]) -> None:
+    """Every worker reports (it is a barrier); rank 0 attaches the epoch's checkpoint."""
+    import ray.train
+
+    metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+    metrics["best_epoch"] = state.best_epoch
+    metrics["is_best"] = int(improved)
+    metrics["stopped_early"] = int(state.should_stop)
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix=f"{task.name}-ckpt-") as tmp:
+        path = Path(tmp) / "checkpoint"
+        task.save(model, path, extra={"epoch": record["epoch"], "metrics": metrics, "task": task.name})
+        torch.save({"optimizer": trainer.state_dict(), "early_stopping": asdict(state),
+                    "torch_rng": torch.get_rng_state()}, path / TRAIN_STATE)
+        (path / "history.json").write_text(json.dumps(state.history, indent=2))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)),
+                         checkpoint_dir_name=f"epoch_{record['epoch']:04d}")
+
+
+def _restore(model: torch.nn.Module, trainer: SparseTableDDP, state: EarlyStopping) -> int:
+    """Load the last reported checkpoint if Ray Train gives one (worker failure or --resume). -> epoch or -1."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return -1
+    with checkpoint.as_directory() as directory:
+        directory = Path(directory)
+        model.load_state_dict(torch.load(directory / "model.pt", map_location="cpu", weights_only=True))
+        saved = torch.load(directory / TRAIN_STATE, map_location="cpu", weights_only=False)
+    trainer.load_state_dict(saved["optimizer"])
+    for key, value in saved["early_stopping"].items():
+        setattr(state, key, value)
+    torch.set_rng_state(saved["torch_rng"])
+    return state.epoch - 1
+
+
+def _maybe_inject_fault(config: dict[str, Any], rank: int, epoch: int, step: int) -> None:
+    """Tests only: SIGKILL this worker once at (rank, epoch, step); a marker file makes it once."""
+    fault = config.get("inject_fault")
+    if not fault or (rank, epoch, step) != (fault["rank"], fault["epoch"], fault["step"]):
+        return
+    marker = Path(fault["marker"])
+    if marker.exists():
+        return
+    marker.write_text(f"killed rank {rank} at epoch {epoch} step {step}\n")
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,173 @@
+"""What differs between training SEATER and SASRec, behind one small interface the Ray Train loop uses.
+
+A task knows how to build its model, turn stored sequences into training batches (on the Ray Data
+side, streaming), compute the loss of a batch, rank items for validation users, and write a
+self-contained checkpoint. The loop (loop.py) owns everything else: DDP, the sparse table, epochs,
+validation, early stopping, checkpoints and fault tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from seater_dist.config import SasrecSettings, SeaterSettings
+from seater_dist.data.samples import expand_next_item, left_pad, shifted_sequences
+
+
+class Task(Protocol):
+    name: str
+    table_name: str  # the big embedding table, kept out of DDP
+
+    def build_model(self) -> nn.Module: ...
+
+    def batch_fn(self): ...  # Ray Data map_batches function: pyarrow batch of sequences -> numpy samples
+
+    def losses(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+    def rank_items(self, model: nn.Module, histories: list[np.ndarray], top_k: int) -> np.ndarray: ...
+
+    def save(self, model: nn.Module, path: Path, extra: dict[str, Any]) -> None: ...
+
+    def load_weights(self, model: nn.Module, path: Path) -> None: ...
+
+
+def _items_column(batch: Any):
+    return batch["items"]
+
+
+class SeaterTask:
+    """SEATER (SEATER_SPEC §2-§5) on a prepared dataset and a built tree."""
+
+    name = "seater"
+    table_name = "tok_emb"
+
+    def __init__(self, tree_path: str, dataset_path: str, settings: dict[str, Any]) -> None:
+        from seater_dist.tree import ItemTree
+
+        self.tree_path = tree_path
+        self.dataset_path = dataset_path
+        self.settings = SeaterSettings.model_validate(settings)
+        self.tree = ItemTree.load(tree_path)
+
+    def build_model(self) -> nn.Module:
+        from seater_dist.model.seater import SeaterModel
+
+        return SeaterModel(self.tree, self.settings, sparse_embedding=True)
+
+    def batch_fn(self):
+        t, pad = self.settings.history_len, self.tree.pad
+
+        def expand(batch):
+            return expand_next_item(_items_column(batch), t, pad)
+
+        return expand
+
+    def losses(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return model(batch["history"], batch["target"])
+
+    @torch.no_grad()
+    def rank_items(self, model: nn.Module, histories: list[np.ndarray], top_k: int) -> np.ndarray:
+        hist = torch.from_numpy(left_pad(histories, self.settings.history_len, self.tree.pad))
+        items, _ = model.beam_search(hist, beam_size=max(self.settings.beam_size, top_k), top_n=top_k)
+        return items.numpy()
+
+    def save(self, model: nn.Module, path: Path, extra: dict[str, Any]) -> None:
+        from seater_dist.data.dataset import load_dataset
+        from seater_dist.model.checkpoint import save_checkpoint
+
+        item_ids = load_dataset(self.dataset_path).item_ids
+        save_checkpoint(path, model, self.settings, self.tree, item_ids, extra=extra)
+
+    def load_weights(self, model: nn.Module, path: Path) -> None:
+        model.load_state_dict(torch.load(Path(path) / "model.pt", map_location="cpu", weights_only=True))
+
+
+class SasrecTask:
+    """SASRec (SEATER_SPEC §6): the tree's item embeddings and the dual-encoder baseline."""
+
+    name = "sasrec"
+    table_name = "item_emb"
+
+    def __init__(self, num_items: int, dataset_path: str, settings: dict[str, Any]) -> None:
+        self.num_items = num_items
+        self.dataset_path = dataset_path
+        self.settings = SasrecSettings.model_validate(settings)
+
+    def build_model(self) -> nn.Module:
+        from seater_dist.model.sasrec import SASRec
+
+        model = SASRec(self.num_items, self.settings)
+        # The sampled softmax touches a few thousand rows a step: let its gradient be row-sparse.
+        model.item_emb.sparse = self.settings.loss == "sampled"
+        return model
+
+    def batch_fn(self):
+        max_len, pad = self.settings.max_len, self.num_items
+
+        def shift(batch):
+            return shifted_sequences(_items_column(batch), max_len, pad)
+
+        return shift
+
+    def losses(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"loss": model.loss(batch["seq"], batch["pos"])}
+
+    @torch.no_grad()
+    def rank_items(self, model: nn.Module, histories: list[np.ndarray], top_k: int) -> np.ndarray:
+        from seater_dist.model.sasrec import topk_inner_product
+
+        hist = torch.from_numpy(left_pad(histories, self.settings.max_len, self.num_items))
+        states = model.user_state(hist).float().numpy()
+        items, _ = topk_inner_product(states, model.item_embeddings(), top_k)
+        return np.asarray(items)
+
+    def save(self, model: nn.Module, path: Path, extra: dict[str, Any]) -> None:
+        save_sasrec(path, model, self.settings, extra)
+
+    def load_weights(self, model: nn.Module, path: Path) -> None:
+        model.load_state_dict(torch.load(Path(path) / "model.pt", map_location="cpu", weights_only=True))
+
+
+class LossModule(nn.Module):
+    """Runs a task's loss inside ``forward`` so that DDP (which hooks ``forward``) syncs its gradients.
+
+    The wrapped model is ``self.model``; its big table is then ``model.<table_name>``.
+    """
+
+    def __init__(self, task: Task, model: nn.Module) -> None:
+        super().__init__()
+        self.task = task
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.task.losses(self.model, batch)
+
+
+def save_sasrec(path: Path, model: nn.Module, settings: SasrecSettings, extra: dict[str, Any]) -> None:
+    """A SASRec checkpoint directory: model.pt, settings.json, item_embeddings.npy, manifest.json."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path / "model.pt")
+    (path / "settings.json").write_text(settings.to_json())
+    np.save(path / "item_embeddings.npy", model.item_embeddings())
+    manifest = {"artifact": "sasrec_checkpoint", "schema_version": 1, "num_items": int(model.item_emb.num_embeddings - 1),
+                **extra}
+    (path / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+
+
+def load_sasrec(path: str | Path):
+    """-> (SASRec in eval mode, SasrecSettings, manifest) from a directory written by save_sasrec."""
+    from seater_dist.model.sasrec import SASRec
+
+    path = Path(path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    settings = SasrecSettings.model_validate(json.loads((path / "settings.json").read_text()))
+    model = SASRec(int(manifest["num_items"]), settings)
+    model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
+    return model.eval(), settings, manifest
