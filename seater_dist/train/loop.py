@@ -122,7 +122,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                   **{f"valid_{k}": v for k, v in metrics.items()},
                   "train_seconds": train_seconds, "valid_seconds": time.time() - t0 - train_seconds,
                   "steps": steps, "samples_per_second": _sum_all(samples) / max(train_seconds, 1e-9),
-                  "bytes_per_step": bytes_sent / max(steps, 1), "resumed_from_epoch": resumed_from}
+                  "bytes_per_step": bytes_sent / max(steps, 1), "resumed_from_epoch": resumed_from,
+                  "params_in_sync": int(_params_identical_across_workers(model))}
         improved = state.update(metrics[settings.select_metric])
         state.history.append(record)
         _report(task, model, trainer, state, record, improved, rank, config)
@@ -135,6 +136,18 @@ def _everyone_has(flag: bool) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
+
+
+def _params_identical_across_workers(model: torch.nn.Module) -> bool:
+    """Compare a fingerprint of every parameter (the sparse table included) across workers."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return True
+    with torch.no_grad():
+        fp = torch.stack([torch.stack([p.double().sum(), p.double().abs().sum(), (p.double() ** 2).sum()])
+                          for p in model.parameters()]).flatten()
+    gathered = [torch.empty_like(fp) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, fp)
+    return all(torch.equal(gathered[0], g) for g in gathered[1:])
 
 
 def _sum_all(value: float) -> float:

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from seater_dist.config import SasrecSettings, SeaterSettings
-from seater_dist.data.samples import expand_next_item, left_pad, shifted_sequences
+from seater_dist.data.samples import expand_next_item, shifted_sequences
+from seater_dist.eval.ranking import sasrec_topk, seater_topk
 
 
 class Task(Protocol):
@@ -71,11 +72,9 @@ class SeaterTask:
     def losses(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return model(batch["history"], batch["target"])
 
-    @torch.no_grad()
     def rank_items(self, model: nn.Module, histories: list[np.ndarray], top_k: int) -> np.ndarray:
-        hist = torch.from_numpy(left_pad(histories, self.settings.history_len, self.tree.pad))
-        items, _ = model.beam_search(hist, beam_size=max(self.settings.beam_size, top_k), top_n=top_k)
-        return items.numpy()
+        s = self.settings
+        return seater_topk(model, s.history_len, self.tree.pad, s.beam_size, histories, top_k)
 
     def save(self, model: nn.Module, path: Path, extra: dict[str, Any]) -> None:
         from seater_dist.data.dataset import load_dataset
@@ -118,14 +117,8 @@ class SasrecTask:
     def losses(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"loss": model.loss(batch["seq"], batch["pos"])}
 
-    @torch.no_grad()
     def rank_items(self, model: nn.Module, histories: list[np.ndarray], top_k: int) -> np.ndarray:
-        from seater_dist.model.sasrec import topk_inner_product
-
-        hist = torch.from_numpy(left_pad(histories, self.settings.max_len, self.num_items))
-        states = model.user_state(hist).float().numpy()
-        items, _ = topk_inner_product(states, model.item_embeddings(), top_k)
-        return np.asarray(items)
+        return sasrec_topk(model, self.settings.max_len, self.num_items, histories, top_k)
 
     def save(self, model: nn.Module, path: Path, extra: dict[str, Any]) -> None:
         save_sasrec(path, model, self.settings, extra)
