@@ -190,6 +190,7 @@ class SasrecSettings(Settings):
     d_model: int = Field(64, ge=8)
     n_heads: int = Field(2, ge=1)
     num_blocks: int = Field(2, ge=1, le=12)
+    ffn_dim: int | None = Field(None, ge=8, description="Feed-forward width (default d_model, as SASRec).")
     dropout: float = Field(0.2, ge=0, lt=1)
     max_len: int = Field(50, ge=1, description="Longest training sequence (last items kept).")
     loss: Literal["sampled", "ce"] = Field("sampled", description="sampled softmax (paper) or full CE.")

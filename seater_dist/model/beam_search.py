@@ -1,0 +1,79 @@
+"""Constrained beam search over the item tree (SEATER_SPEC §5; paper Sec. 3.4).
+
+Batched over users and beams: the encoder runs once per user, the cross-attention keys/values of the memory
+are computed once per user and shared by all its beams (beams are query rows, never copies of the memory),
+and self-attention keys/values are cached and reordered as beams are re-ranked. The only Python loop is over
+the D decoding steps. Per user and step: at most b beams × k children scored.
+
+A beam whose score is -inf (not enough reachable nodes yet, e.g. b > k at step 1 is handled by growing the
+beam count as min(b, beams·k)) carries the PAD token, whose children row is empty, so it stays -inf.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from seater_dist.model.layers import KVCache
+
+if TYPE_CHECKING:
+    from seater_dist.model.seater import SeaterModel
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Run in eval mode without gradients, then restore the module's previous mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        module.train(was_training)
+
+
+def beam_search(model: "SeaterModel", history: Tensor, beam_size: int, top_n: int) -> tuple[Tensor, Tensor]:
+    """history int [B, t] left-padded -> (items int64 [B, top_n], scores float32 [B, top_n]), best first.
+
+    scores are sums of constrained log-probabilities (log of Eq. 1). With fewer than top_n reachable leaves
+    the rest is padded with item -1 and score -inf.
+    """
+    if top_n > beam_size:
+        raise ValueError(f"top_n={top_n} must be <= beam_size={beam_size} (the final beams are the candidates)")
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    with eval_mode(model):
+        B = history.shape[0]
+        memory, pad_mask = model.encode(history)
+        mem_kv = model.memory_kv(memory)
+        caches = [KVCache() for _ in model.decoder]
+        tokens = torch.full((B, 1), model.bos, dtype=torch.long, device=history.device)  # [B, nb]
+        scores = torch.zeros((B, 1), device=history.device)
+        batch_rows = torch.arange(B, device=history.device)[:, None]
+        for step in range(model.depth):
+            states = model.decode(tokens[:, :, None], mem_kv, pad_mask, caches, start=step)[:, :, 0]  # [B, nb, d]
+            log_probs, children = model.constrained_log_probs(states, tokens)  # [B, nb, k]
+            nb, k = children.shape[1], children.shape[2]
+            candidates = (scores[:, :, None] + log_probs).reshape(B, nb * k)
+            scores, best = candidates.topk(min(beam_size, nb * k), dim=1)  # sorted, best first
+            tokens = children.reshape(B, nb * k).gather(1, best)
+            tokens = tokens.masked_fill(torch.isneginf(scores), model.pad)
+            if step + 1 < model.depth:
+                rows = (batch_rows * nb + best // k).reshape(-1)  # parent beam of every new beam
+                for cache in caches:
+                    cache.reorder(rows)
+        items = tokens.masked_fill(torch.isneginf(scores), -1)
+        return _take_top(items, scores, top_n)
+
+
+def _take_top(items: Tensor, scores: Tensor, top_n: int) -> tuple[Tensor, Tensor]:
+    """First top_n columns, padded with -1 / -inf when there are fewer. [B, nb] -> [B, top_n]"""
+    B, nb = items.shape
+    if nb >= top_n:
+        return items[:, :top_n], scores[:, :top_n]
+    pad_items = items.new_full((B, top_n - nb), -1)
+    pad_scores = scores.new_full((B, top_n - nb), float("-inf"))
+    return torch.cat([items, pad_items], 1), torch.cat([scores, pad_scores], 1)
