@@ -94,7 +94,7 @@ class SparseTableDDP:
         if grad is None:
             grad = torch.sparse_coo_tensor(torch.zeros((1, 0), dtype=torch.long, device=weight.device),
                                            torch.zeros((0, weight.shape[1]), dtype=weight.dtype, device=weight.device),
-                                           weight.shape)
+                                           weight.shape, check_invariants=False)
         table_bytes = 0
         if not grad.is_sparse:
             if _distributed():
@@ -102,7 +102,7 @@ class SparseTableDDP:
                 grad /= dist.get_world_size()
                 table_bytes = grad.numel() * grad.element_size()
             rows = torch.flatnonzero(grad.abs().sum(1))
-            grad = torch.sparse_coo_tensor(rows[None], grad[rows], weight.shape)
+            grad = torch.sparse_coo_tensor(rows[None], grad[rows], weight.shape, check_invariants=False)
         grad = grad.coalesce()
         if _distributed():
             grad, table_bytes = _all_gather_rows(grad)
@@ -119,7 +119,7 @@ class SparseTableDDP:
         if self.weight_decay and grad is not None and grad._nnz():
             rows = grad.indices()[0]
             weight.grad = torch.sparse_coo_tensor(grad.indices(), grad.values() + self.weight_decay * weight.detach()[rows],
-                                                  weight.shape).coalesce()
+                                                  weight.shape, check_invariants=False).coalesce()
         norm = self._clip(grad_clip)
         self.dense_optimizer.step()
         if weight.grad is not None and weight.grad._nnz() > 0:
@@ -176,7 +176,7 @@ def _all_gather_rows(grad: torch.Tensor) -> tuple[torch.Tensor, int]:
     n = [int(c.item()) for c in counts]
     rows = torch.cat([i[:c] for i, c in zip(idx_all, n)])
     values = torch.cat([v[:c] for v, c in zip(val_all, n)]) / world
-    summed = torch.sparse_coo_tensor(rows[None], values, grad.shape).coalesce()
+    summed = torch.sparse_coo_tensor(rows[None], values, grad.shape, check_invariants=False).coalesce()
     sent = count.element_size() + longest * (idx_pad.element_size() + val_pad.shape[1] * val_pad.element_size())
     return summed, sent
 

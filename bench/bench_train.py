@@ -1,0 +1,150 @@
+"""Distributed SEATER training step: time and bytes communicated per step as the catalogue grows, and
+throughput with 1 worker against 2.
+
+    python -m bench.bench_train                 # N = 61k and 6.1M items, 2 workers; then 1 vs 2 workers
+    python -m bench.bench_train --quick         # N = 61k and 610k (a minute)
+
+The workers are real torch.distributed (gloo) processes running the production step
+(seater_dist.train.sparse_table.SparseTableDDP around SeaterModel); Ray Train adds only orchestration.
+Batches are identical across catalogue sizes (same seed, items drawn from a power law over the first
+61k items), so only N changes. The tree is a balanced k = 16 tree built by ItemTree.from_paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def balanced_tree(num_items: int, k: int):
+    """A balanced k-ary tree whose leaves are the items in id order (structure is irrelevant to speed)."""
+    from seater_dist.tree import ItemTree, depth_for
+
+    depth = depth_for(num_items, k)
+    ids = np.arange(num_items, dtype=np.int64)
+    # Branch index at each level of a balanced split of [0, N): the item's rank in its node, scaled.
+    paths = np.zeros((num_items, depth - 1), dtype=np.int64)
+    start, size = np.zeros(num_items, np.int64), np.full(num_items, num_items, np.int64)
+    for lvl in range(depth - 1):
+        pos = ids - start
+        small = size // k
+        extra = size % k  # the first `extra` children hold small + 1
+        big_span = extra * (small + 1)
+        branch = np.where(pos < big_span, pos // np.maximum(small + 1, 1), extra + (pos - big_span) // np.maximum(small, 1))
+        child_start = np.where(branch < extra, branch * (small + 1), big_span + (branch - extra) * small)
+        child_size = np.where(branch < extra, small + 1, small)
+        paths[:, lvl] = branch
+        start, size = start + child_start, child_size
+    return ItemTree.from_paths(paths, k)
+
+
+def _batches(steps: int, batch: int, t: int, pad: int, rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    rng = np.random.default_rng(1234 + rank)
+    out = []
+    for _ in range(steps):
+        items = np.minimum(rng.zipf(1.2, size=(batch, t + 1)) - 1, 61_000 - 1)
+        history = torch.from_numpy(items[:, :t])
+        history[:, : rng.integers(0, t)] = pad
+        out.append((history, torch.from_numpy(items[:, t])))
+    return out
+
+
+def _worker(rank: int, world: int, port: int, num_items: int, steps: int, global_batch: int, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    from seater_dist.config import SeaterSettings
+    from seater_dist.model.seater import SeaterModel
+    from seater_dist.train.sparse_table import SparseTableDDP
+    from seater_dist.train.tasks import LossModule
+
+    tree = balanced_tree(num_items, 16)
+    torch.manual_seed(0)
+    model = SeaterModel(tree, SeaterSettings(), sparse_embedding=True)
+
+    class _Task:
+        def losses(self, m, batch):
+            return m(batch["history"], batch["target"])
+
+    module = LossModule(_Task(), model)
+    trainer = SparseTableDDP(module, "model.tok_emb", lr=1e-3, weight_decay=1e-5)
+    batches = _batches(steps, global_batch // world, 20, tree.pad, rank)
+    times, sent, rows = [], [], []
+    for i, (history, target) in enumerate(batches):
+        if world > 1:
+            dist.barrier()
+        t0 = time.perf_counter()
+        trainer.ddp({"history": history, "target": target})["loss"].backward()
+        stats = trainer.step(grad_clip=1.0)
+        if i >= 3:  # warm-up steps excluded
+            times.append(time.perf_counter() - t0)
+            sent.append(stats.total_bytes)
+            rows.append(stats.touched_rows)
+    if rank == 0:
+        queue.put({"num_items": num_items, "world": world, "step_ms": 1000 * statistics.median(times),
+                   "bytes_per_step": statistics.mean(sent), "touched_rows": statistics.mean(rows),
+                   "dense_bytes": trainer.dense_bytes, "samples_per_s": global_batch / statistics.median(times),
+                   "table_mb": model.tok_emb.weight.numel() * 4 / 2**20})
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def measure(num_items: int, world: int, steps: int = 15, global_batch: int = 256) -> dict:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, num_items, steps, global_batch, queue))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    result = queue.get(timeout=3600)
+    for p in procs:
+        p.join()
+    print(f"  N = {num_items:>9,}  workers {world}: {result['step_ms']:7.1f} ms/step, "
+          f"{result['bytes_per_step'] / 1e6:6.2f} MB/step sent, {result['touched_rows']:,.0f} table rows, "
+          f"{result['samples_per_s']:,.0f} samples/s", flush=True)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="61k and 610k items instead of 61k and 6.1M")
+    args = p.parse_args()
+    small, large = 61_000, (610_000 if args.quick else 6_100_000)
+    print(f"SEATER step, batch 256, k = 16, d = 64, t = 20, gloo on {os.cpu_count()} CPUs")
+    runs = [measure(small, 2), measure(large, 2), measure(small, 1)]
+    a, b, one = runs
+    summary = {
+        "step_time_ratio_large_vs_small": b["step_ms"] / a["step_ms"],
+        "bytes_ratio_large_vs_small": b["bytes_per_step"] / a["bytes_per_step"],
+        "dense_allreduce_of_table_mb": b["table_mb"],
+        "samples_per_s_2_vs_1_worker": a["samples_per_s"] / one["samples_per_s"],
+    }
+    print("\n| | N = {:,} | N = {:,} | ratio |".format(small, large))
+    print("|---|---|---|---|")
+    print(f"| step time, 2 workers (ms) | {a['step_ms']:.1f} | {b['step_ms']:.1f} | {summary['step_time_ratio_large_vs_small']:.2f} |")
+    print(f"| bytes sent per step (MB) | {a['bytes_per_step'] / 1e6:.3f} | {b['bytes_per_step'] / 1e6:.3f} | {summary['bytes_ratio_large_vs_small']:.2f} |")
+    print(f"| a dense all-reduce of the table would send (MB) | {a['table_mb'] * 1.048576:.0f} | {b['table_mb'] * 1.048576:.0f} | |")
+    print(f"\nthroughput at N = {small:,}: 1 worker {one['samples_per_s']:,.0f} samples/s, 2 workers "
+          f"{a['samples_per_s']:,.0f} samples/s (x{summary['samples_per_s_2_vs_1_worker']:.2f})")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "bench_train.json").write_text(json.dumps({"runs": runs, "summary": summary}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
