@@ -1,0 +1,564 @@
+"""Readers of raw interaction logs: one registry, one canonical table, every bad row kept with its reason.
+
+A reader turns one *chunk* of one input file (a byte range of a text file, or a parquet row group) into
+
+* a canonical table of good interactions: ``user`` and ``item`` (int64 when the source column is an
+  integer column, else string), ``ts`` int64 (the time order), ``ord`` int64 (``file_index << 40 | row``:
+  the tie-breaker that keeps equal timestamps in input order, and the way back to file and row);
+* a rejected table: ``raw`` (the row as text), ``file``, ``row`` (1-based line or row number),
+  ``reason`` (a code such as ``missing_user_id``) and ``detail`` (one human line).
+
+Formats (``READERS``):
+
+========== =====================================================================================
+sequences  one line per user: ``user item item ...`` in time order (the line order IS the time order)
+interactions CSV / TSV (by extension; header row required) or parquet; columns user_id, item_id,
+           timestamp unless renamed with ``user_column`` / ``item_column`` / ``time_column``
+movielens  RecBole ``.inter`` (TSV, header ``user_id:token item_id:token rating:float timestamp:float``)
+           or ``ratings.dat`` (``UserID::MovieID::Rating::Timestamp``, no header)
+amazon     review JSON lines: reviewerID, asin, unixReviewTime
+yelp       review JSON lines: user_id, business_id, date (``YYYY-MM-DD HH:MM:SS``)
+mind       MIND ``behaviors.tsv``: impression id, user, time, history, impressions; the history items
+           come first (timestamp 0, in their listed order), then every clicked impression (``N123-1``)
+           at its impression time. A user's history is repeated on each of their impressions: only its
+           first listing is kept; the repeats are counted as ``mind_history_repeat``, not rejected.
+========== =====================================================================================
+
+Inputs that are not data at all fail with a one-line :class:`DataError` naming the file (missing file,
+empty file, missing column); data rows that cannot be used land in the rejected table.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass
+from pathlib import PurePosixPath
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import pyarrow.fs as pafs
+import pyarrow.json as pjson
+import pyarrow.parquet as pq
+
+from seater_dist.data.errors import DataError
+
+ROW_BITS = 40  # ord = file_index << ROW_BITS | row
+SEQ_POS_BITS = 24  # sequences: ts = line << SEQ_POS_BITS | position in line
+REJECTED_SCHEMA = pa.schema([("raw", pa.string()), ("file", pa.string()), ("row", pa.int64()),
+                             ("reason", pa.string()), ("detail", pa.string())])
+TEXT_CHUNK_BYTES = 32 << 20
+_NUMBER = r"^\s*-?\d+(\.\d*)?([eE][+-]?\d+)?\s*$"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One unit of reading work: a byte range of a text file or one row group of a parquet file."""
+
+    file: str
+    file_index: int
+    kind: str  # "text" | "parquet"
+    start: int = 0  # text: byte offsets [start, end); parquet: row group index in `start`
+    end: int = 0
+    first_row: int = 1  # 1-based row number of the chunk's first line / row
+    columns: tuple[str, ...] = ()  # text tables: the header's column names (chunk excludes the header)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ReaderOptions:
+    """What a reader needs besides the chunk: the format and the column names to use."""
+
+    format: str
+    user_column: str
+    item_column: str
+    time_column: str
+
+
+DEFAULT_COLUMNS = {
+    "interactions": ("user_id", "item_id", "timestamp"),
+    "movielens": ("user_id", "item_id", "timestamp"),
+    "amazon": ("reviewerID", "asin", "unixReviewTime"),
+    "yelp": ("user_id", "business_id", "date"),
+    "mind": ("user_id", "history", "time"),
+    "sequences": ("user", "items", "line"),
+}
+
+_EXTENSIONS = {
+    "sequences": (".txt", ".seq", ".csv", ".tsv", ""),
+    "interactions": (".csv", ".tsv", ".parquet", ".pq", ".txt"),
+    "movielens": (".inter", ".dat", ".csv", ".tsv"),
+    "amazon": (".json", ".jsonl", ".ndjson"),
+    "yelp": (".json", ".jsonl", ".ndjson"),
+    "mind": (".tsv",),
+}
+
+
+def reader_options(fmt: str, user_column: str | None, item_column: str | None,
+                   time_column: str | None) -> ReaderOptions:
+    u, i, t = DEFAULT_COLUMNS[fmt]
+    return ReaderOptions(fmt, user_column or u, item_column or i, time_column or t)
+
+
+# ------------------------------------------------------------------------------------------------
+# Planning: which files, which chunks (driver side)
+# ------------------------------------------------------------------------------------------------
+
+
+def list_input_files(path: str, fmt: str) -> tuple[pafs.FileSystem, list[str]]:
+    """The data files of ``path`` (a file, or a directory whose data files are read in name order).
+
+    Files whose names start with ``_`` or ``.`` are skipped (Hadoop/Spark convention for metadata).
+    Raises DataError if the path does not exist or holds no data file.
+    """
+    fs, root = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(f"{path}: input not found")
+    if info.type == pafs.FileType.File:
+        return fs, [root]
+    entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    exts = _EXTENSIONS[fmt]
+    files = sorted(e.path for e in entries if e.type == pafs.FileType.File
+                   and not any(p.startswith(("_", ".")) for p in PurePosixPath(e.path).relative_to(root).parts)
+                   and PurePosixPath(e.path).suffix.lower() in exts)
+    if not files:
+        raise DataError(f"{path}: directory holds no {fmt} data files (looked for {', '.join(e for e in exts if e)})")
+    return fs, files
+
+
+def plan_chunks(fs: pafs.FileSystem, files: list[str], opts: ReaderOptions,
+                chunk_bytes: int = TEXT_CHUNK_BYTES) -> list[Chunk]:
+    """Split every file into chunks; checks each file is non-empty and (tables) has the needed columns."""
+    chunks: list[Chunk] = []
+    for index, file in enumerate(files):
+        if _is_parquet(file):
+            chunks += _plan_parquet(fs, file, index, opts)
+        else:
+            chunks += _plan_text(fs, file, index, opts, chunk_bytes)
+    return chunks
+
+
+def _is_parquet(file: str) -> bool:
+    return PurePosixPath(file).suffix.lower() in (".parquet", ".pq")
+
+
+def _plan_parquet(fs: pafs.FileSystem, file: str, index: int, opts: ReaderOptions) -> list[Chunk]:
+    if opts.format != "interactions":
+        raise DataError(f"{file}: parquet input is read by --format interactions, not {opts.format}")
+    with fs.open_input_file(file) as f:
+        try:
+            meta = pq.ParquetFile(f).metadata
+        except (pa.ArrowInvalid, OSError) as err:
+            raise DataError(f"{file}: not a readable parquet file ({err})") from None
+        names = meta.schema.to_arrow_schema().names
+    _check_columns(file, names, opts)
+    if meta.num_rows == 0:
+        raise DataError(f"{file}: empty file (no rows)")
+    chunks, first = [], 1
+    for g in range(meta.num_row_groups):
+        n = meta.row_group(g).num_rows
+        if n:
+            chunks.append(Chunk(file, index, "parquet", g, g + 1, first))
+        first += n
+    return chunks
+
+
+def _check_columns(file: str, names: list[str], opts: ReaderOptions) -> None:
+    wanted = {"user column": opts.user_column, "item column": opts.item_column, "time column": opts.time_column}
+    for role, col in wanted.items():
+        if col not in names:
+            raise DataError(f"{file}: no column '{col}' ({role}); columns are: {', '.join(names)}")
+
+
+def _plan_text(fs: pafs.FileSystem, file: str, index: int, opts: ReaderOptions, chunk_bytes: int) -> list[Chunk]:
+    """Cut a text file at line boundaries near every ``chunk_bytes``, counting lines to number rows."""
+    size = fs.get_file_info(file).size
+    if size == 0:
+        raise DataError(f"{file}: empty file (no rows)")
+    columns: tuple[str, ...] = ()
+    start, first_row = 0, 1
+    with fs.open_input_file(file) as f:
+        if _has_header(file, opts):
+            header = f.read(min(size, 1 << 20)).split(b"\n", 1)[0]
+            columns = _header_columns(file, header, opts)
+            start, first_row = len(header) + 1, 2
+            if start >= size:
+                raise DataError(f"{file}: empty file (a header and no rows)")
+        chunks, pos, row = [], start, first_row
+        while pos < size:
+            end = min(size, pos + chunk_bytes)
+            f.seek(pos)
+            block = f.read(end - pos)
+            if end < size:  # extend to the end of the line
+                tail = b""
+                while end < size and not tail.endswith(b"\n"):
+                    piece = f.read(min(1 << 16, size - end))
+                    cut = piece.find(b"\n")
+                    piece = piece if cut < 0 else piece[: cut + 1]
+                    tail += piece
+                    end += len(piece)
+                block += tail
+            chunks.append(Chunk(file, index, "text", pos, end, row, columns))
+            row += block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
+            pos = end
+    return chunks
+
+
+def _has_header(file: str, opts: ReaderOptions) -> bool:
+    if opts.format == "interactions":
+        return True
+    if opts.format == "movielens":
+        return not file.endswith(".dat")
+    return False
+
+
+def _delimiter(file: str, opts: ReaderOptions) -> str:
+    if opts.format == "movielens":
+        return "\t"  # .inter is TSV; ratings.dat's '::' is rewritten to a tab before parsing
+    return "\t" if file.lower().endswith((".tsv", ".inter", ".txt")) else ","
+
+
+def _header_columns(file: str, header: bytes, opts: ReaderOptions) -> tuple[str, ...]:
+    text = header.decode("utf-8", errors="replace").rstrip("\r")
+    names = [c.strip().strip('"') for c in text.split(_delimiter(file, opts))]
+    if opts.format == "movielens":  # RecBole: `user_id:token` -> `user_id`
+        names = [n.split(":", 1)[0] for n in names]
+    _check_columns(file, names, opts)
+    return tuple(names)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading one chunk (worker side)
+# ------------------------------------------------------------------------------------------------
+
+
+def read_chunk(chunk: Chunk, opts: ReaderOptions) -> tuple[pa.Table, pa.Table]:
+    """Parse one chunk: (good interactions in the canonical schema, rejected rows)."""
+    fs, path = pafs.FileSystem.from_uri(chunk.file) if "://" in chunk.file else (pafs.LocalFileSystem(), chunk.file)
+    if chunk.kind == "parquet":
+        with fs.open_input_file(path) as f:
+            table = pq.ParquetFile(f).read_row_group(chunk.start)
+        return _from_table(table, chunk, opts, np.arange(table.num_rows, dtype=np.int64) + chunk.first_row)
+    with fs.open_input_file(path) as f:
+        f.seek(chunk.start)
+        data = f.read(chunk.end - chunk.start)
+    return TEXT_PARSERS[opts.format](data, chunk, opts)
+
+
+def _lines(data: bytes) -> list[bytes]:
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return [ln[:-1] if ln.endswith(b"\r") else ln for ln in lines]
+
+
+def _rejected(raw: list[str] | pa.Array, file: str, rows: np.ndarray, reason: str | list[str],
+              detail: str | list[str]) -> pa.Table:
+    n = len(rows)
+    reason_col = [reason] * n if isinstance(reason, str) else reason
+    detail_col = [detail] * n if isinstance(detail, str) else detail
+    return pa.table([pa.array(raw, pa.string()), pa.array([file] * n, pa.string()),
+                     pa.array(rows, pa.int64()), pa.array(reason_col, pa.string()),
+                     pa.array(detail_col, pa.string())], schema=REJECTED_SCHEMA)
+
+
+def empty_rejected() -> pa.Table:
+    return REJECTED_SCHEMA.empty_table()
+
+
+def _ord(chunk: Chunk, rows: np.ndarray) -> np.ndarray:
+    return (np.int64(chunk.file_index) << np.int64(ROW_BITS)) | rows.astype(np.int64)
+
+
+def _parse_sequences(data: bytes, chunk: Chunk, opts: ReaderOptions) -> tuple[pa.Table, pa.Table]:
+    """``user item item ...`` per line; time = (line, position). Lines without items are rejected."""
+    lines = _lines(data)
+    rows = np.arange(len(lines), dtype=np.int64) + chunk.first_row
+    text = pa.array(lines, pa.binary()).cast(pa.string())
+    tokens = pc.utf8_split_whitespace(text)
+    ntok = pc.list_value_length(tokens).to_numpy(zero_copy_only=False)
+    bad = ntok < 2
+    rej = [_rejected(pc.filter(text, pa.array(bad)), chunk.file, rows[bad],
+                     ["blank_line" if n == 0 else "empty_sequence" for n in ntok[bad]],
+                     ["blank line" if n == 0 else "a user with no items" for n in ntok[bad]])]
+    good_lines = np.flatnonzero(~bad)
+    tokens = pc.take(tokens, pa.array(good_lines))
+    users = pc.list_element(tokens, 0)
+    items_lists = pc.list_slice(tokens, 1)
+    flat_items = pc.list_flatten(items_lists)
+    parent = pc.list_parent_indices(items_lists).to_numpy()
+    lengths = pc.list_value_length(items_lists).to_numpy()
+    pos = np.arange(len(parent), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    line_rows = rows[good_lines][parent]
+    if (lengths >= (1 << SEQ_POS_BITS)).any():
+        raise DataError(f"{chunk.file}: a line holds more than {1 << SEQ_POS_BITS:,} items")
+    table = pa.table({"user": pc.take(users, pa.array(parent)), "item": flat_items,
+                      "ts": (line_rows << SEQ_POS_BITS) | pos, "ord": _ord(chunk, line_rows)})
+    raw_line = pc.take(pc.take(text, pa.array(good_lines)), pa.array(parent))
+    good, rej_ids = _validate_ids(table, raw_line, chunk, line_rows, ("user", "item"))
+    return good, pa.concat_tables(rej + [rej_ids])
+
+
+def _validate_ids(table: pa.Table, raw: pa.Array, chunk: Chunk, rows: np.ndarray,
+                  fields: tuple[str, str]) -> tuple[pa.Table, pa.Table]:
+    """Reject rows whose user or item id is missing (null/blank) or a negative integer."""
+    reasons = np.full(table.num_rows, None, dtype=object)
+    for col, field in (("user", fields[0]), ("item", fields[1])):
+        arr = table.column(col)
+        if pa.types.is_integer(arr.type):
+            missing = pc.is_null(arr)
+            negative = pc.fill_null(pc.less(arr, 0), False)
+        else:
+            missing = pc.or_(pc.is_null(arr), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(arr)), 0))
+            negative = pc.fill_null(pc.match_substring_regex(arr, r"^\s*-\d+\s*$"), False)
+        missing = pc.fill_null(missing, True).to_numpy(zero_copy_only=False)
+        negative = negative.to_numpy(zero_copy_only=False)
+        reasons[missing & (reasons == None)] = f"missing_{field}"  # noqa: E711
+        reasons[negative & (reasons == None)] = f"negative_{field}"  # noqa: E711
+    bad = reasons != None  # noqa: E711
+    if not bad.any():
+        return table, empty_rejected()
+    details = [f"{r.split('_', 1)[1]} is {'missing' if r.startswith('missing') else 'a negative id'}"
+               for r in reasons[bad]]
+    rej = _rejected(pc.filter(raw, pa.array(bad)), chunk.file, rows[bad], list(reasons[bad]), details)
+    return table.filter(pa.array(~bad)), rej
+
+
+def _parse_timestamp(col: pa.Array, field: str) -> tuple[np.ndarray, np.ndarray]:
+    """Numbers (int or float seconds, as text or numbers) or timestamps -> (int64 seconds, ok mask)."""
+    t = col.type
+    if pa.types.is_timestamp(t) or pa.types.is_date(t):
+        ts = pc.cast(pc.cast(col, pa.timestamp("s")), pa.int64())
+    elif pa.types.is_integer(t):
+        ts = pc.cast(col, pa.int64())
+    elif pa.types.is_floating(t):
+        ok = pc.and_(pc.is_finite(col), pc.is_valid(col))
+        ts = pc.cast(pc.floor(pc.if_else(ok, col, 0.0)), pa.int64())
+        ts = pc.if_else(ok, ts, None)
+    elif pa.types.is_string(t) or pa.types.is_large_string(t):
+        ok = pc.fill_null(pc.match_substring_regex(col, _NUMBER), False)
+        num = pc.cast(pc.utf8_trim_whitespace(pc.if_else(ok, col, "0")), pa.float64())
+        ts = pc.if_else(ok, pc.cast(pc.floor(num), pa.int64()), None)
+    else:
+        raise DataError(f"{field}: timestamp column of type {t} is not supported")
+    ok = pc.is_valid(ts).to_numpy(zero_copy_only=False)
+    return pc.fill_null(ts, 0).to_numpy(zero_copy_only=False).astype(np.int64), ok
+
+
+def _from_table(table: pa.Table, chunk: Chunk, opts: ReaderOptions, rows: np.ndarray,
+                raw: pa.Array | None = None, ts: tuple[np.ndarray, np.ndarray] | None = None
+                ) -> tuple[pa.Table, pa.Table]:
+    """Canonical table from a parsed table with the user/item/time columns of ``opts``."""
+    if raw is None:
+        raw = _raw_text(table, [opts.user_column, opts.item_column, opts.time_column])
+    ts_values, ts_ok = ts if ts is not None else _parse_timestamp(table.column(opts.time_column), opts.time_column)
+    canon = pa.table({"user": _id_column(table.column(opts.user_column)),
+                      "item": _id_column(table.column(opts.item_column)),
+                      "ts": ts_values, "ord": _ord(chunk, rows)})
+    rej = []
+    if not ts_ok.all():
+        bad = ~ts_ok
+        rej.append(_rejected(pc.filter(raw, pa.array(bad)), chunk.file, rows[bad], "unparsable_timestamp",
+                             f"{opts.time_column} is not a timestamp"))
+        canon, raw, rows = canon.filter(pa.array(ts_ok)), pc.filter(raw, pa.array(ts_ok)), rows[ts_ok]
+    good, rej_ids = _validate_ids(canon, raw, chunk, rows, (opts.user_column, opts.item_column))
+    return good, pa.concat_tables(rej + [rej_ids])
+
+
+def _id_column(col: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """Integer id columns stay int64 (fast, numeric order); anything else becomes string."""
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if pa.types.is_integer(col.type):
+        return pc.cast(col, pa.int64())
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    return pc.cast(col, pa.string())
+
+
+def _raw_text(table: pa.Table, columns: list[str]) -> pa.Array:
+    """A row's text for the rejected table: its values joined by tabs."""
+    parts = [pc.fill_null(pc.cast(table.column(c), pa.string()), "") for c in columns]
+    return pc.binary_join_element_wise(*parts, "\t")
+
+
+def _parse_delimited(data: bytes, chunk: Chunk, opts: ReaderOptions) -> tuple[pa.Table, pa.Table]:
+    """CSV/TSV (interactions, movielens) with the header's columns; wrong field counts are rejected."""
+    delim = _delimiter(chunk.file, opts)
+    if chunk.file.endswith(".dat"):
+        data = data.replace(b"::", b"\t")
+        columns = ("user_id", "item_id", "rating", "timestamp")
+    else:
+        columns = chunk.columns
+    bad_rows: list[tuple[int, str, str]] = []
+
+    def on_invalid(row: pcsv.InvalidRow) -> str:
+        bad_rows.append((row.number, row.text,
+                         f"expected {row.expected_columns} fields, got {row.actual_columns}"))
+        return "skip"
+
+    table = pcsv.read_csv(
+        io.BytesIO(data),
+        read_options=pcsv.ReadOptions(column_names=list(columns), use_threads=False, block_size=64 << 20),
+        parse_options=pcsv.ParseOptions(delimiter=delim, invalid_row_handler=on_invalid,
+                                        ignore_empty_lines=False),
+        convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in columns},
+                                            strings_can_be_null=False),
+    )
+    n_lines = table.num_rows + len(bad_rows)
+    bad_idx = np.array([b[0] - 1 for b in bad_rows], dtype=np.int64)
+    good_mask = np.ones(n_lines, dtype=bool)
+    good_mask[bad_idx] = False
+    rows = np.arange(n_lines, dtype=np.int64) + chunk.first_row
+    rej = _rejected([b[1] for b in bad_rows], chunk.file, rows[bad_idx],
+                    ["blank_line" if not b[1].strip() else "malformed_line" for b in bad_rows],
+                    [b[2] for b in bad_rows])
+    good, rej_rows = _from_table(table, chunk, opts, rows[good_mask])
+    return good, pa.concat_tables([rej, rej_rows])
+
+
+def _json_lines(data: bytes, chunk: Chunk, fields: list[str]) -> tuple[pa.Table, np.ndarray, pa.Array, pa.Table]:
+    """JSON lines -> (table of ``fields`` as strings, row numbers, raw text, rejected invalid lines)."""
+    lines = _lines(data)
+    values: dict[str, list] = {f: [] for f in fields}
+    ok_rows, raws, rej_raw, rej_rows, rej_detail, rej_reason = [], [], [], [], [], []
+    for i, line in enumerate(lines):
+        row = chunk.first_row + i
+        text = line.decode("utf-8", errors="replace")
+        try:
+            obj = json.loads(line) if line.strip() else None
+        except ValueError as err:
+            rej_raw.append(text), rej_rows.append(row), rej_reason.append("malformed_line")
+            rej_detail.append(f"invalid JSON ({str(err).split(':')[0]})")
+            continue
+        if not isinstance(obj, dict):
+            rej_raw.append(text), rej_rows.append(row)
+            rej_reason.append("blank_line" if obj is None else "malformed_line")
+            rej_detail.append("blank line" if obj is None else "not a JSON object")
+            continue
+        for f in fields:
+            v = obj.get(f)
+            values[f].append(None if v is None else str(v))
+        ok_rows.append(row)
+        raws.append(text)
+    table = pa.table({f: pa.array(v, pa.string()) for f, v in values.items()})
+    rej = _rejected(rej_raw, chunk.file, np.array(rej_rows, dtype=np.int64), rej_reason, rej_detail)
+    return table, np.array(ok_rows, dtype=np.int64), pa.array(raws, pa.string()), rej
+
+
+def _parse_amazon(data: bytes, chunk: Chunk, opts: ReaderOptions) -> tuple[pa.Table, pa.Table]:
+    table, rows, raw, rej = _json_lines(data, chunk, [opts.user_column, opts.item_column, opts.time_column])
+    good, rej2 = _from_table(table, chunk, opts, rows, raw)
+    return good, pa.concat_tables([rej, rej2])
+
+
+def _parse_yelp(data: bytes, chunk: Chunk, opts: ReaderOptions) -> tuple[pa.Table, pa.Table]:
+    """Yelp reviews: ``date`` is ``YYYY-MM-DD HH:MM:SS`` (numbers are accepted too)."""
+    table, rows, raw, rej = _json_lines(data, chunk, [opts.user_column, opts.item_column, opts.time_column])
+    col = table.column(opts.time_column)
+    parsed = pc.strptime(col, format="%Y-%m-%d %H:%M:%S", unit="s", error_is_null=True)
+    ts_num, ok_num = _parse_timestamp(col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col,
+                                      opts.time_column)
+    ok_date = pc.is_valid(parsed).to_numpy(zero_copy_only=False)
+    ts = np.where(ok_date, pc.fill_null(pc.cast(parsed, pa.int64()), 0).to_numpy(zero_copy_only=False), ts_num)
+    good, rej2 = _from_table(table, chunk, opts, rows, raw, ts=(ts.astype(np.int64), ok_date | ok_num))
+    return good, pa.concat_tables([rej, rej2])
+
+
+_MIND_TIME = "%m/%d/%Y %I:%M:%S %p"
+MIND_HISTORY_BASE = -(1 << 20)  # history items get ts = base + position: before every impression time
+
+
+def _parse_mind(data: bytes, chunk: Chunk, opts: ReaderOptions) -> tuple[pa.Table, pa.Table]:
+    """MIND behaviors: history items (ts = MIND_HISTORY_BASE + position) then clicked impressions.
+
+    The output carries a boolean ``history`` column so that the sort kernel can keep only the first
+    listing of a user's history (it is repeated on every impression of that user).
+    """
+    users, items, when, rows, hist_flag, positions = [], [], [], [], [], []
+    rej_raw, rej_rows, rej_reason, rej_detail = [], [], [], []
+    raws = []
+    for i, line in enumerate(_lines(data)):
+        row = chunk.first_row + i
+        text = line.decode("utf-8", errors="replace")
+        fields = text.split("\t")
+        if len(fields) != 5:
+            rej_raw.append(text), rej_rows.append(row)
+            rej_reason.append("blank_line" if not text.strip() else "malformed_line")
+            rej_detail.append(f"expected 5 tab-separated fields, got {len(fields)}")
+            continue
+        _, user, t, history, impressions = fields
+        clicks = [tok[:-2] for tok in impressions.split() if tok.endswith("-1")]
+        hist = history.split()
+        if not hist and not clicks:
+            rej_raw.append(text), rej_rows.append(row), rej_reason.append("empty_sequence")
+            rej_detail.append("no history and no clicked impression")
+            continue
+        n = len(hist) + len(clicks)
+        users += [user] * n
+        items += hist + clicks
+        when += [t] * n
+        rows += [row] * n
+        raws += [text] * n
+        hist_flag += [True] * len(hist) + [False] * len(clicks)
+        positions += list(range(len(hist))) + [0] * len(clicks)
+    rej = _rejected(rej_raw, chunk.file, np.array(rej_rows, dtype=np.int64), rej_reason, rej_detail)
+    rows_np = np.array(rows, dtype=np.int64)
+    is_hist = np.array(hist_flag, dtype=bool)
+    parsed = pc.strptime(pa.array(when, pa.string()), format=_MIND_TIME, unit="s", error_is_null=True)
+    ts_ok = is_hist | pc.is_valid(parsed).to_numpy(zero_copy_only=False)
+    ts = np.where(is_hist, MIND_HISTORY_BASE + np.array(positions, dtype=np.int64),
+                  pc.fill_null(pc.cast(parsed, pa.int64()), 0).to_numpy(zero_copy_only=False))
+    raw = pa.array(raws, pa.string())
+    canon = pa.table({"user": pa.array(users, pa.string()), "item": pa.array(items, pa.string()),
+                      "ts": ts.astype(np.int64), "ord": _ord(chunk, rows_np), "history": is_hist})
+    rejs = [rej]
+    if not ts_ok.all():
+        bad = ~ts_ok
+        rejs.append(_rejected(pc.filter(raw, pa.array(bad)), chunk.file, rows_np[bad], "unparsable_timestamp",
+                              f"{opts.time_column} is not a time like 11/15/2019 8:55:22 AM"))
+        canon, raw, rows_np = canon.filter(pa.array(ts_ok)), pc.filter(raw, pa.array(ts_ok)), rows_np[ts_ok]
+    good, rej_ids = _validate_ids(canon, raw, chunk, rows_np, (opts.user_column, "news_id"))
+    return good, pa.concat_tables(rejs + [rej_ids])
+
+
+TEXT_PARSERS: dict[str, Callable[[bytes, Chunk, ReaderOptions], tuple[pa.Table, pa.Table]]] = {
+    "sequences": _parse_sequences,
+    "interactions": _parse_delimited,
+    "movielens": _parse_delimited,
+    "amazon": _parse_amazon,
+    "yelp": _parse_yelp,
+    "mind": _parse_mind,
+}
+READERS = tuple(TEXT_PARSERS)
+
+
+def read_all(path: str, opts: ReaderOptions) -> tuple[pa.Table, pa.Table, list[Chunk]]:
+    """Single-process read of every chunk (tests, the benchmark's peer): (good, rejected, chunks)."""
+    fs, files = list_input_files(path, opts.format)
+    chunks = plan_chunks(fs, files, opts)
+    goods, rejs = [], []
+    for c in chunks:
+        g, r = read_chunk(c, opts)
+        goods.append(g)
+        rejs.append(r)
+    return unify(goods), pa.concat_tables(rejs) if rejs else empty_rejected(), chunks
+
+
+def unify(tables: list[pa.Table]) -> pa.Table:
+    """Concatenate canonical tables; if one chunk had int ids and another strings, all become strings."""
+    tables = [t for t in tables if t is not None]
+    if not tables:
+        raise DataError("no rows")
+    for col in ("user", "item"):
+        types = {t.schema.field(col).type for t in tables}
+        if len(types) > 1:
+            tables = [t.set_column(t.schema.get_field_index(col), col, pc.cast(t.column(col), pa.string()))
+                      for t in tables]
+    return pa.concat_tables(tables)
+
