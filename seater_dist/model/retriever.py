@@ -31,7 +31,7 @@ class ItemIdIndex:
         self._order = np.argsort(self.ids, kind="stable")
         self._sorted = self.ids[self._order]
         if self._sorted.size > 1 and (self._sorted[1:] == self._sorted[:-1]).any():
-            dup = self._sorted[1:][self._sorted[1:] == self._sorted[:-1]][0]
+            dup = str(self._sorted[1:][self._sorted[1:] == self._sorted[:-1]][0])
             raise ValueError(f"item id {dup!r} appears more than once in the item table")
 
     def lookup(self, raw: Sequence[str]) -> np.ndarray:

@@ -1,0 +1,120 @@
+"""The checkpoint format (save/load, atomic, checksummed) and SeaterRetriever on raw item ids."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from seater_dist.config import SeaterSettings
+from seater_dist.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from seater_dist.model.retriever import ItemIdIndex, SeaterRetriever
+from seater_dist.model.seater import SeaterModel
+from seater_dist.model.toy_trees import random_balanced_tree
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+N = 60
+
+
+@pytest.fixture
+def trained(tmp_path):
+    torch.manual_seed(0)
+    tree = random_balanced_tree(N, k=4, seed=0)
+    settings = SeaterSettings(d_model=16, n_heads=2, ffn_dim=32, history_len=5, beam_size=12)
+    model = SeaterModel(tree, settings)
+    item_ids = np.array([f"sku-{i:03d}" for i in range(N)], dtype=object)
+    path = save_checkpoint(tmp_path / "ckpt", model, settings, tree, item_ids, extra={"epoch": 3, "recall@50": 0.25})
+    return path, model.eval(), settings, tree, item_ids
+
+
+def test_round_trip_gives_the_same_model_tree_items_and_recommendations(trained):
+    path, model, settings, tree, item_ids = trained
+    assert sorted(p.name for p in path.iterdir()) == ["items.parquet", "manifest.json", "model.pt", "settings.json", "tree"]
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")], "temp dir left behind"
+    loaded, s2, tree2, ids2, manifest = load_checkpoint(path)
+    assert not loaded.training and s2 == settings
+    assert np.array_equal(tree2.codes, tree.codes) and list(ids2) == list(item_ids)
+    assert manifest["extra"] == {"epoch": 3, "recall@50": 0.25} and manifest["num_items"] == N
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+    h = torch.randint(0, N, (4, 5))
+    a, b = model.beam_search(h, 12, 10), loaded.beam_search(h, 12, 10)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_saving_again_replaces_the_checkpoint(trained):
+    path, model, settings, tree, item_ids = trained
+    save_checkpoint(path, model, settings, tree, item_ids, extra={"epoch": 4})
+    assert load_checkpoint(path)[4]["extra"] == {"epoch": 4}
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_altered_or_missing_files_are_named_in_the_error(trained, tmp_path):
+    path = trained[0]
+    settings_file = path / "settings.json"
+    settings_file.write_text(settings_file.read_text().replace('"beam_size": 12', '"beam_size": 13'))
+    with pytest.raises(CheckpointError, match="settings.json: checksum mismatch"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="no manifest.json"):
+        load_checkpoint(tmp_path)
+    (path / "items.parquet").unlink()
+    with pytest.raises(CheckpointError, match="items.parquet: missing"):
+        load_checkpoint(path)
+
+
+def test_wrong_schema_version_is_refused(trained):
+    path = trained[0]
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 99}))
+    with pytest.raises(CheckpointError, match="schema_version=99"):
+        load_checkpoint(path)
+
+
+def test_item_ids_must_match_the_tree(trained, tmp_path):
+    _, model, settings, tree, item_ids = trained
+    with pytest.raises(CheckpointError, match="item_ids has shape"):
+        save_checkpoint(tmp_path / "bad", model, settings, tree, item_ids[:-1])
+
+
+def test_retriever_maps_raw_ids_and_matches_beam_search(trained):
+    path, model, settings, tree, item_ids = trained
+    retriever = SeaterRetriever.from_checkpoint(path, batch_size=2)  # several batches
+    histories = [
+        ["sku-001", "sku-007", "nope", "sku-042"],
+        [],
+        ["ghost"],
+        [f"sku-{i:03d}" for i in range(20)],  # longer than t: the last 5 count
+        ["sku-059"],
+    ]
+    out = retriever.recommend(histories, top_n=10)
+    assert [r["ignored"] for r in out] == [["nope"], [], ["ghost"], [], []]
+    pad = tree.pad
+    expected_rows = [[pad, pad, 1, 7, 42], [pad] * 5, [pad] * 5, list(range(15, 20)), [pad] * 4 + [59]]
+    items, scores = model.beam_search(torch.tensor(expected_rows), 12, 10)
+    for row, rec in enumerate(out):
+        assert rec["items"] == [item_ids[i] for i in items[row].tolist()]
+        np.testing.assert_allclose(rec["scores"], scores[row].numpy(), rtol=1e-5, atol=1e-5)
+        assert len(rec["items"]) == 10 and len(set(rec["items"])) == 10
+    assert out[1] == out[2] | {"ignored": []}  # unknown-only history = empty history
+    with pytest.raises(ValueError, match="top_n must be in 1..12"):
+        retriever.recommend([["sku-001"]], top_n=13)
+    with pytest.raises(TypeError, match="single string"):
+        retriever.recommend(["sku-001"], top_n=5)
+
+
+def test_item_id_index_lookup_and_duplicates():
+    index = ItemIdIndex(np.array(["b", "a", "c"], dtype=object))
+    assert index.lookup(["a", "zz", "c", "b"]).tolist() == [1, -1, 2, 0]
+    assert index.lookup([]).tolist() == []
+    with pytest.raises(ValueError, match="'a' appears more than once"):
+        ItemIdIndex(np.array(["a", "b", "a"]))
