@@ -283,10 +283,11 @@ def _parse_sequences(data: bytes, chunk: Chunk, opts: ReaderOptions) -> tuple[pa
     text = pa.array(lines, pa.binary()).cast(pa.string())
     tokens = pc.utf8_split_whitespace(text)
     ntok = pc.list_value_length(tokens).to_numpy(zero_copy_only=False)
-    bad = ntok < 2
+    blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0).to_numpy(zero_copy_only=False)
+    bad = (ntok < 2) | blank
     rej = [_rejected(pc.filter(text, pa.array(bad)), chunk.file, rows[bad],
-                     ["blank_line" if n == 0 else "empty_sequence" for n in ntok[bad]],
-                     ["blank line" if n == 0 else "a user with no items" for n in ntok[bad]])]
+                     ["blank_line" if b else "empty_sequence" for b in blank[bad]],
+                     ["blank line" if b else "a user with no items" for b in blank[bad]])]
     good_lines = np.flatnonzero(~bad)
     tokens = pc.take(tokens, pa.array(good_lines))
     users = pc.list_element(tokens, 0)
