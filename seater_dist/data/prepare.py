@@ -48,8 +48,8 @@ import pyarrow.parquet as pq
 from seater_dist.config import PrepareSettings
 from seater_dist.data import ops
 from seater_dist.data.errors import DataError
-from seater_dist.data.readers import (REJECTED_SCHEMA, Chunk, ReaderOptions, list_input_files, plan_chunks,
-                                      read_chunk, reader_options, unify)
+from seater_dist.data.readers import (REJECTED_SCHEMA, Chunk, ReaderOptions, integer_ids, list_input_files,
+                                      plan_chunks, read_chunk, reader_options, unify)
 
 SCHEMA_VERSION = 1
 log = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ def _run(settings: PrepareSettings, engine: str) -> dict[str, Any]:
     _check_settings(settings)
     opts = reader_options(settings.format, settings.user_column, settings.item_column, settings.time_column)
     fs, files = list_input_files(settings.input, settings.format)
+    opts = integer_ids(fs, files, opts)
     chunks = plan_chunks(fs, files, opts)
     tmp = _temp_dir(settings.out)
     try:

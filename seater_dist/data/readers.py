@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import PurePosixPath
 from typing import Callable
 
@@ -78,6 +78,7 @@ class ReaderOptions:
     user_column: str
     item_column: str
     time_column: str
+    string_ids: bool = True  # False only when every input file stores both ids as integers (parquet)
 
 
 DEFAULT_COLUMNS = {
@@ -130,6 +131,26 @@ def list_input_files(path: str, fmt: str) -> tuple[pafs.FileSystem, list[str]]:
     if not files:
         raise DataError(f"{path}: directory holds no {fmt} data files (looked for {', '.join(e for e in exts if e)})")
     return fs, files
+
+
+def integer_ids(fs: pafs.FileSystem, files: list[str], opts: ReaderOptions) -> ReaderOptions:
+    """``opts`` with ``string_ids=False`` if every file is parquet with integer user and item columns.
+
+    One id type for the whole input: a Ray block of int ids and one of string ids cannot be shuffled
+    together, and the dense order (numeric or by text) must not depend on which file a row came from.
+    """
+    for file in files:
+        if not _is_parquet(file):
+            return replace(opts, string_ids=True)
+        with fs.open_input_file(file) as f:
+            try:
+                schema = pq.ParquetFile(f).schema_arrow
+            except (pa.ArrowInvalid, OSError) as err:
+                raise DataError(f"{file}: not a readable parquet file ({err})") from None
+        for col in (opts.user_column, opts.item_column):
+            if col in schema.names and not pa.types.is_integer(schema.field(col).type):
+                return replace(opts, string_ids=True)
+    return replace(opts, string_ids=False)
 
 
 def plan_chunks(fs: pafs.FileSystem, files: list[str], opts: ReaderOptions,
@@ -359,8 +380,8 @@ def _from_table(table: pa.Table, chunk: Chunk, opts: ReaderOptions, rows: np.nda
     if raw is None:
         raw = _raw_text(table, [opts.user_column, opts.item_column, opts.time_column])
     ts_values, ts_ok = ts if ts is not None else _parse_timestamp(table.column(opts.time_column), opts.time_column)
-    canon = pa.table({"user": _id_column(table.column(opts.user_column)),
-                      "item": _id_column(table.column(opts.item_column)),
+    canon = pa.table({"user": _id_column(table.column(opts.user_column), opts.string_ids),
+                      "item": _id_column(table.column(opts.item_column), opts.string_ids),
                       "ts": ts_values, "ord": _ord(chunk, rows)})
     rej = []
     if not ts_ok.all():
@@ -372,10 +393,10 @@ def _from_table(table: pa.Table, chunk: Chunk, opts: ReaderOptions, rows: np.nda
     return good, pa.concat_tables(rej + [rej_ids])
 
 
-def _id_column(col: pa.ChunkedArray | pa.Array) -> pa.Array:
-    """Integer id columns stay int64 (fast, numeric order); anything else becomes string."""
+def _id_column(col: pa.ChunkedArray | pa.Array, string_ids: bool) -> pa.Array:
+    """Integer id columns stay int64 (fast, numeric order) unless ``string_ids``; others become string."""
     col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    if pa.types.is_integer(col.type):
+    if pa.types.is_integer(col.type) and not string_ids:
         return pc.cast(col, pa.int64())
     if pa.types.is_dictionary(col.type):
         col = col.dictionary_decode()
@@ -542,6 +563,7 @@ READERS = tuple(TEXT_PARSERS)
 def read_all(path: str, opts: ReaderOptions) -> tuple[pa.Table, pa.Table, list[Chunk]]:
     """Single-process read of every chunk (tests, the benchmark's peer): (good, rejected, chunks)."""
     fs, files = list_input_files(path, opts.format)
+    opts = integer_ids(fs, files, opts)
     chunks = plan_chunks(fs, files, opts)
     goods, rejs = [], []
     for c in chunks:
