@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -16,14 +17,20 @@ _LOCAL_ENV = {
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> None:
     """Join the cluster at ``address`` (or RAY_ADDRESS), else start a local Ray on 127.0.0.1.
 
-    Does nothing if Ray is already initialised in this process (tests share one session).
+    Ray's own INFO logs (every Ray Data plan, every Train report) are hidden unless SEATER_VERBOSE=1;
+    our stages print their own progress. Does nothing if Ray is already initialised in this process
+    (tests share one session).
     """
+    for key, value in _LOCAL_ENV.items():
+        os.environ.setdefault(key, value)
     import ray
 
     if ray.is_initialized():
         return
-    for key, value in _LOCAL_ENV.items():
-        os.environ.setdefault(key, value)
+    if not os.environ.get("SEATER_VERBOSE"):
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
+        kwargs.setdefault("logging_config", ray.LoggingConfig(log_level="WARNING"))
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True, **kwargs)

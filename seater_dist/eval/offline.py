@@ -42,6 +42,8 @@ def evaluate(checkpoint: str | Path, dataset_path: str | Path, split: str = "tes
              concurrency: int = 2, cpus_per_actor: float = 0.5) -> dict[str, float]:
     """Metrics of a SEATER or SASRec checkpoint on a dataset split; writes ``metrics.json`` to ``out``
     (default: beside the checkpoint). Keys: ``recall@K``, ``hr@K``, ``ndcg@K``, ``users``, ``seconds``."""
+    from ray.data import ActorPoolStrategy
+
     from seater_dist.data.dataset import load_dataset
     from seater_dist.eval.metrics import finalize
 
@@ -56,7 +58,8 @@ def evaluate(checkpoint: str | Path, dataset_path: str | Path, split: str = "tes
         _BatchScorer,
         fn_constructor_kwargs={"checkpoint": str(Path(checkpoint).resolve()), "ks": tuple(settings.ks),
                                "threads": max(1, round(cpus_per_actor))},
-        batch_size=settings.batch_size, batch_format="numpy", concurrency=concurrency, num_cpus=cpus_per_actor,
+        batch_size=settings.batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=concurrency),
+        num_cpus=cpus_per_actor,
     )
     totals: dict[str, float] = {}
     for row in sums_ds.iter_rows():

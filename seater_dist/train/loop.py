@@ -126,6 +126,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                   "params_in_sync": int(_params_identical_across_workers(model))}
         improved = state.update(metrics[settings.select_metric])
         state.history.append(record)
+        if rank == 0:
+            print(f"{task.name} epoch {epoch + 1}/{settings.epochs}: loss {record.get('train_loss', float('nan')):.4f}, "
+                  f"valid {settings.select_metric} {metrics[settings.select_metric]:.4f}"
+                  f"{' (best)' if improved else ''}, {train_seconds:.0f} s, "
+                  f"{record['samples_per_second']:,.0f} samples/s", flush=True)
         _report(task, model, trainer, state, record, improved, rank, config)
 
 

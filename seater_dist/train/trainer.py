@@ -67,7 +67,9 @@ def _train_dataset(dataset_path: str | Path, batch_fn, seed: int):
 
 def _fit(config: dict[str, Any], dataset_path: str | Path, out: str | Path, settings: TrainSettings,
          ks: tuple[int, ...], resume: bool, inject_fault: dict[str, Any] | None) -> TrainResult:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    import os
+
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from seater_dist.train.loop import make_task
@@ -95,6 +97,7 @@ def _fit(config: dict[str, Any], dataset_path: str | Path, out: str | Path, sett
             failure_config=FailureConfig(max_failures=settings.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,
                                                checkpoint_score_order="max"),
+            logging_config=LoggingConfig(log_level="INFO" if os.environ.get("SEATER_VERBOSE") else "WARNING"),
         ),
         datasets={"train": _train_dataset(dataset_path, task.batch_fn(), settings.seed)},
     )
