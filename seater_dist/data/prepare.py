@@ -329,7 +329,7 @@ def _auto_partitions(files: list[str]) -> int:
 
 
 def _read_chunks(batch: pa.Table, ctx: dict) -> pa.Table:
-    goods = []
+    goods = [_canonical_schema(ctx["opts"], as_read=True).empty_table()]
     for row in batch.to_pylist():
         chunk = Chunk(**{**row, "columns": tuple(row["columns"] or ())})
         good, rej = read_chunk(chunk, ctx["opts"])
@@ -339,7 +339,16 @@ def _read_chunks(batch: pa.Table, ctx: dict) -> pa.Table:
     return unify(goods)
 
 
+def _canonical_schema(opts: ReaderOptions, as_read: bool = False) -> pa.Schema:
+    """Rows after the sort (as_read: as the reader returns them; MIND adds its ``history`` flag)."""
+    ids = pa.string() if opts.string_ids else pa.int64()
+    fields = [("user", ids), ("item", ids), ("ts", pa.int64()), ("ord", pa.int64())]
+    return pa.schema(fields + ([("history", pa.bool_())] if as_read and opts.format == "mind" else []))
+
+
 def _sort_block(block: pa.Table, ctx: dict) -> pa.Table:
+    if block.num_rows == 0:  # an empty hash partition
+        return _canonical_schema(ctx["opts"]).empty_table()
     out, rej = ops.sort_and_dedupe(block, ctx["policy"], ctx["files"])
     if rej.num_rows:
         first = int(pc.min(block.column("ord")).as_py())  # a name that is stable under task retries
