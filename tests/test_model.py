@@ -74,7 +74,7 @@ def test_cached_decoding_equals_teacher_forced(layers):
         mem_kv = model.memory_kv(memory)
         inputs = model.decoder_inputs(model.identifiers(items))  # [B, G, D]
         full = model.decode(inputs, mem_kv, pad_mask)
-        caches = [KVCache() for _ in model.decoder]
+        caches = [KVCache(model.depth) for _ in model.decoder]
         steps = [model.decode(inputs[:, :, i : i + 1], mem_kv, pad_mask, caches, start=i) for i in range(tree.depth)]
     torch.testing.assert_close(torch.cat(steps, dim=2), full, rtol=1e-5, atol=1e-5)
     assert caches[0].length == tree.depth

@@ -49,7 +49,7 @@ def beam_search(model: "SeaterModel", history: Tensor, beam_size: int, top_n: in
         B = history.shape[0]
         memory, pad_mask = model.encode(history)
         mem_kv = model.memory_kv(memory)
-        caches = [KVCache() for _ in model.decoder]
+        caches = [KVCache(model.depth) for _ in model.decoder]
         tokens = torch.full((B, 1), model.bos, dtype=torch.long, device=history.device)  # [B, nb]
         scores = torch.zeros((B, 1), device=history.device)
         batch_rows = torch.arange(B, device=history.device)[:, None]

@@ -106,10 +106,11 @@ def load_checkpoint(
     settings = SeaterSettings.model_validate(json.loads((path / "settings.json").read_text()))
     tree = ItemTree.load(path / "tree", validate=validate_tree)
     item_ids = read_item_ids(path / "items.parquet", tree.num_items)
-    model = SeaterModel(tree, settings)
+    with torch.device("meta"):  # parameters without memory or random init: the loaded tensors take their place
+        model = SeaterModel(tree, settings)
     state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(state, assign=True)
     except RuntimeError as err:
         raise CheckpointError(f"{path / 'model.pt'}: does not fit the model described by settings.json ({err})") from None
     return model.to(map_location).eval(), settings, tree, item_ids, manifest

@@ -13,16 +13,17 @@ Masks are additive biases (0 where attention is allowed, -inf where not).
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
 class Attention(nn.Module):
-    """Multi-head scaled dot-product attention with separate q/k/v/out projections (as nn.MultiheadAttention)."""
+    """Multi-head scaled dot-product attention (the arithmetic of nn.MultiheadAttention), fused SDPA kernel.
+
+    Queries and key/value pairs are projected separately (``q_proj``, ``kv_proj``) so that the cross-attention
+    keys/values of the encoder memory can be computed once per user and reused by every decoding step.
+    """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
         super().__init__()
@@ -32,32 +33,28 @@ class Attention(nn.Module):
         self.head_dim = d_model // n_heads
         self.dropout = dropout
         self.q_proj = nn.Linear(d_model, d_model)
-        self.k_proj = nn.Linear(d_model, d_model)
-        self.v_proj = nn.Linear(d_model, d_model)
+        self.kv_proj = nn.Linear(d_model, 2 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
-        for lin in (self.q_proj, self.k_proj, self.v_proj):
+        for lin in (self.q_proj, self.kv_proj):
             nn.init.xavier_uniform_(lin.weight)
             nn.init.zeros_(lin.bias)
         nn.init.zeros_(self.out_proj.bias)
 
-    def split_heads(self, x: Tensor) -> Tensor:
-        """[..., L, d] -> [..., h, L, hd]"""
-        *lead, length, _ = x.shape
-        return x.reshape(*lead, length, self.n_heads, self.head_dim).transpose(-3, -2)
-
     def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values of x [..., L, d] -> two [..., h, L, hd]."""
-        return self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
+        *lead, length, _ = x.shape
+        kv = self.kv_proj(x).reshape(*lead, length, 2, self.n_heads, self.head_dim)
+        kv = kv.movedim(-4, -2)  # [..., 2, h, L, hd]
+        return kv[..., 0, :, :, :], kv[..., 1, :, :, :]
 
     def attend(self, x: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
         """Queries from x [..., Lq, d] over k, v [..., h, Lk, hd]; bias broadcastable to [..., h, Lq, Lk]."""
-        q = self.split_heads(self.q_proj(x))  # [..., h, Lq, hd]
-        scores = q @ k.transpose(-1, -2) * (1.0 / math.sqrt(self.head_dim))
-        if bias is not None:
-            scores = scores + bias
-        probs = F.dropout(scores.softmax(-1), self.dropout, self.training)
-        out = (probs @ v).transpose(-3, -2)  # [..., Lq, h, hd]
-        return self.out_proj(out.reshape(*out.shape[:-2], -1))
+        *lead, length, d = x.shape
+        q = self.q_proj(x).reshape(*lead, length, self.n_heads, self.head_dim).transpose(-3, -2)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
+        )  # [..., h, Lq, hd]
+        return self.out_proj(out.transpose(-3, -2).reshape(*lead, length, d))
 
 
 class FeedForward(nn.Sequential):
@@ -84,16 +81,31 @@ class EncoderLayer(nn.Module):
         return self.norm2(x + self.drop2(self.ff(x)))
 
 
-@dataclass
 class KVCache:
-    """Self-attention keys/values of the positions decoded so far, per decoder layer: [R, h, P, hd] each."""
+    """Self-attention keys/values of the positions decoded so far, for one decoder layer.
 
-    k: Tensor | None = None
-    v: Tensor | None = None
+    Preallocated for ``max_len`` positions on first use: k, v [R, h, max_len, hd], of which the first
+    ``length`` are filled. Beam search reorders rows as beams are re-ranked.
+    """
 
-    @property
-    def length(self) -> int:
-        return 0 if self.k is None else int(self.k.shape[-2])
+    def __init__(self, max_len: int) -> None:
+        self.max_len = max_len
+        self.length = 0
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add k, v [R, h, L, hd] after the cached positions; return all keys/values so far [R, h, P+L, hd]."""
+        new = k.shape[-2]
+        if self.length + new > self.max_len:
+            raise ValueError(f"KVCache holds {self.max_len} positions; {self.length} + {new} requested")
+        if self.k is None:
+            shape = (*k.shape[:-2], self.max_len, k.shape[-1])
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        self.k[..., self.length : self.length + new, :] = k
+        self.v[..., self.length : self.length + new, :] = v
+        self.length += new
+        return self.k[..., : self.length, :], self.v[..., : self.length, :]
 
     def reorder(self, rows: Tensor) -> None:
         """Keep rows ``rows`` (int [R']) of the cache, in that order (beam search: parent beam of each new beam)."""
@@ -134,9 +146,7 @@ class DecoderLayer(nn.Module):
         past = 0
         if cache is not None:
             past = cache.length
-            if past:
-                k, v = torch.cat([cache.k, k], dim=-2), torch.cat([cache.v, v], dim=-2)
-            cache.k, cache.v = k, v
+            k, v = cache.append(k, v)
         rows = self.norm1(rows + self.drop1(self.self_attn.attend(rows, k, v, causal_bias(L, past, x.device))))
         # Cross-attention is independent per query: every (group, position) of a user is a query row.
         y = rows.reshape(B, G * L, d)

@@ -65,8 +65,8 @@ class SeaterModel(nn.Module):
         children = np.where(tree.children < 0, tree.pad, tree.children).astype(np.int64)
         self.register_buffer("child_table", torch.from_numpy(children), persistent=False)
         self.register_buffer("item_codes", torch.from_numpy(np.ascontiguousarray(tree.codes, dtype=np.int32)), persistent=False)
-        self.register_buffer("token_parent", torch.from_numpy(tree.parent.astype(np.int64)), persistent=False)
-        self.register_buffer("token_level", torch.from_numpy(tree.level.astype(np.int64)), persistent=False)
+        self.register_buffer("token_parent", torch.from_numpy(tree.parent.astype(np.int32)), persistent=False)
+        self.register_buffer("token_level", torch.from_numpy(tree.level.astype(np.int32)), persistent=False)
 
     # ------------------------------------------------------------------ encoder (Eq. 2)
     def encode(self, history: Tensor) -> tuple[Tensor, Tensor]:
@@ -185,7 +185,7 @@ class SeaterModel(nn.Module):
     def _alignment(self, ids: Tensor) -> Tensor:
         """L_ali over the distinct tokens of the batch's target identifiers ids [B, D]."""
         tokens = torch.unique(ids)
-        parents = self.token_parent[tokens]
+        parents = self.token_parent[tokens].long()
         return losses.alignment_loss(tokens, parents, self.tok_emb(tokens), self.tok_emb(parents), self.settings.tau)
 
     @staticmethod
