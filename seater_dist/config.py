@@ -180,6 +180,10 @@ class SeaterSettings(Settings):
     num_rank_negatives: int = Field(4, ge=1, description="q: negatives per positive identifier.")
     beam_size: int = Field(50, ge=1)
 
+    def model_post_init(self, context: Any) -> None:
+        if self.d_model % self.n_heads:
+            raise SettingsError(f"n_heads: d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+
 
 class SasrecSettings(Settings):
     """SASRec (SEATER_SPEC §6): the tree's item embeddings and the dual-encoder baseline.
@@ -195,6 +199,10 @@ class SasrecSettings(Settings):
     max_len: int = Field(50, ge=1, description="Longest training sequence (last items kept).")
     loss: Literal["sampled", "ce"] = Field("sampled", description="sampled softmax (paper) or full CE.")
     num_negatives: int = Field(1280, ge=1, description="Shared uniform negatives of the sampled softmax.")
+
+    def model_post_init(self, context: Any) -> None:
+        if self.d_model % self.n_heads:
+            raise SettingsError(f"n_heads: d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -210,3 +210,10 @@ def test_tree_arrays_are_buffers_outside_the_state_dict():
     assert not any(k.startswith(("child_table", "item_codes", "token_parent", "token_level", "rank_sampler")) for k in keys)
     assert torch.equal(model.item_codes, torch.from_numpy(tree.codes))
     assert model.tok_emb.weight.shape == (tree.num_tokens, 16)
+
+
+def test_heads_must_divide_the_model_width_at_load_time():
+    from seater_dist.config import RunSettings, SettingsError
+
+    with pytest.raises(SettingsError, match="seater: .*d_model=64 is not divisible by n_heads=3"):
+        RunSettings.model_validate({"seater": {"n_heads": 3}})
