@@ -98,6 +98,8 @@ def _fit(config: dict[str, Any], dataset_path: str | Path, out: str | Path, sett
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,
                                                checkpoint_score_order="max"),
             logging_config=LoggingConfig(log_level="INFO" if os.environ.get("SEATER_VERBOSE") else "WARNING"),
+            # Worker prints (one progress line per epoch) go straight to stdout, once.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
         datasets={"train": _train_dataset(dataset_path, task.batch_fn(), settings.seed)},
     )
