@@ -206,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        if getattr(args, "config", None):  # fail on a bad settings file before starting Ray
+            from seater_dist.config import RunSettings
+
+            RunSettings.from_file(args.config)
         if args.command in _NEEDS_RAY:
             from seater_dist.ray_env import init_ray
 
