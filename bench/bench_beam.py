@@ -67,14 +67,18 @@ def log(msg: str) -> None:
     print(f"[bench_beam {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def timed_per_user(fn, batches: list[torch.Tensor]) -> float:
-    """Milliseconds per user of fn over the batches (one warm-up call first, not timed)."""
+def timed_per_user(fn, batches: list[torch.Tensor]) -> tuple[float, float]:
+    """(wall, CPU) milliseconds per user of fn over the batches (one warm-up call first, not timed).
+
+    CPU time (all threads of this process) is reported beside wall time because the machine is shared:
+    when other work competes for the 2 cores, wall time inflates and CPU time much less.
+    """
     fn(batches[0])
-    users, start = 0, time.perf_counter()
+    users, start, cpu = 0, time.perf_counter(), time.process_time()
     for batch in batches:
         fn(batch)
         users += batch.shape[0]
-    return (time.perf_counter() - start) * 1000 / users
+    return (time.perf_counter() - start) * 1000 / users, (time.process_time() - cpu) * 1000 / users
 
 
 def main() -> None:
@@ -121,13 +125,14 @@ def main() -> None:
     def seater(h: torch.Tensor) -> None:
         model.beam_search(h, args.beam, args.top_n)
 
+    load_start = os.getloadavg()[0]
     with mem.measure():
-        seater_batched = timed_per_user(seater, batches)
+        seater_batched, seater_batched_cpu = timed_per_user(seater, batches)
     seater_batched_peak = mem.peak
-    log(f"SEATER batched ({args.batch}/call): {seater_batched:.3f} ms/user")
+    log(f"SEATER batched ({args.batch}/call): {seater_batched:.3f} ms/user (CPU {seater_batched_cpu:.3f})")
     with mem.measure():
-        seater_single = timed_per_user(seater, singles)
-    log(f"SEATER single requests: {seater_single:.3f} ms/user")
+        seater_single, seater_single_cpu = timed_per_user(seater, singles)
+    log(f"SEATER single requests: {seater_single:.3f} ms/user (CPU {seater_single_cpu:.3f})")
 
     with torch.no_grad():
         memory, pad_mask = model.encode(histories)
@@ -143,12 +148,13 @@ def main() -> None:
         index.search(u.numpy(), args.top_n)
 
     with mem.measure():
-        exact_batched = timed_per_user(exact, user_batches)
+        exact_batched, exact_batched_cpu = timed_per_user(exact, user_batches)
     exact_batched_peak = mem.peak
-    log(f"exact batched: {exact_batched:.3f} ms/user")
+    log(f"exact batched: {exact_batched:.3f} ms/user (CPU {exact_batched_cpu:.3f})")
     exact_singles = [torch.from_numpy(user_vecs[i : i + 1]) for i in range(args.single_users_exact)]
-    exact_single = timed_per_user(exact, exact_singles)
-    log(f"exact single requests: {exact_single:.3f} ms/user")
+    exact_single, exact_single_cpu = timed_per_user(exact, exact_singles)
+    log(f"exact single requests: {exact_single:.3f} ms/user (CPU {exact_single_cpu:.3f})")
+    load_end = os.getloadavg()[0]
 
     # Agreement check (not a quality measure; weights are random): SEATER's items are real item ids.
     items, _ = model.beam_search(histories[:4], args.beam, args.top_n)
@@ -164,10 +170,19 @@ def main() -> None:
             "seater_single": seater_single,
             "exact_single": exact_single,
         },
+        "cpu_ms_per_user": {
+            "seater_batched": seater_batched_cpu,
+            "exact_batched": exact_batched_cpu,
+            "seater_single": seater_single_cpu,
+            "exact_single": exact_single_cpu,
+        },
         "speedup_exact_over_seater": {
             "batched": exact_batched / seater_batched,
             "single": exact_single / seater_single,
+            "batched_cpu": exact_batched_cpu / seater_batched_cpu,
+            "single_cpu": exact_single_cpu / seater_single_cpu,
         },
+        "load_average_1min": {"start": load_start, "end": load_end},
         "memory_gib": {
             "baseline_rss": rss0 / GIB,
             "after_tree_and_model": rss_model / GIB,
@@ -187,15 +202,17 @@ def main() -> None:
 
 
 def print_table(r: dict) -> None:
-    ms, sp, mem = r["ms_per_user"], r["speedup_exact_over_seater"], r["memory_gib"]
+    ms, cpu, sp, mem = r["ms_per_user"], r["cpu_ms_per_user"], r["speedup_exact_over_seater"], r["memory_gib"]
     cfg = r["config"]
     print()
     print(f"N = {cfg['items']:,} items, k = {cfg['k']}, D = {r['depth']}, b = {cfg['beam']}, "
-          f"t = {cfg['history']}, d = 64, {cfg['threads']} threads")
-    print(f"{'mode':<28}{'SEATER ms/user':>16}{'exact ms/user':>16}{'exact / SEATER':>16}")
-    print(f"{'batched (' + str(cfg['batch']) + ' users/call)':<28}{ms['seater_batched']:>16.3f}"
-          f"{ms['exact_batched']:>16.3f}{sp['batched']:>15.1f}x")
-    print(f"{'single request':<28}{ms['seater_single']:>16.3f}{ms['exact_single']:>16.3f}{sp['single']:>15.1f}x")
+          f"t = {cfg['history']}, d = 64, {cfg['threads']} threads; load average "
+          f"{r['load_average_1min']['start']:.1f} -> {r['load_average_1min']['end']:.1f}")
+    print(f"{'mode':<26}{'SEATER ms/user':>16}{'exact ms/user':>16}{'exact / SEATER':>16}{'(CPU time ratio)':>18}")
+    for mode, label in (("batched", f"batched ({cfg['batch']} users/call)"), ("single", "single request")):
+        print(f"{label:<26}{ms['seater_' + mode]:>16.3f}{ms['exact_' + mode]:>16.3f}{sp[mode]:>15.1f}x"
+              f"{sp[mode + '_cpu']:>17.1f}x")
+    print(f"{'CPU ms/user (batched)':<26}{cpu['seater_batched']:>16.3f}{cpu['exact_batched']:>16.3f}")
     print(f"peak RSS: SEATER batched {mem['peak_seater_batched']:.2f} GiB (table {mem['seater_table_bytes']:.2f} GiB); "
           f"with the faiss index as well {mem['peak_with_faiss_index_batched']:.2f} GiB "
           f"(index {mem['faiss_index_bytes']:.2f} GiB)")

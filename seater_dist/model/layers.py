@@ -147,7 +147,8 @@ class DecoderLayer(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.append(k, v)
-        rows = self.norm1(rows + self.drop1(self.self_attn.attend(rows, k, v, causal_bias(L, past, x.device))))
+        bias = None if L == 1 else causal_bias(L, past, x.device)  # one new position sees every cached one
+        rows = self.norm1(rows + self.drop1(self.self_attn.attend(rows, k, v, bias)))
         # Cross-attention is independent per query: every (group, position) of a user is a query row.
         y = rows.reshape(B, G * L, d)
         y = self.norm2(y + self.drop2(self.cross_attn.attend(y, mem_k, mem_v, mem_bias)))

@@ -41,14 +41,11 @@ def alignment_loss(tokens: Tensor, parents: Tensor, emb: Tensor, parent_emb: Ten
     e = F.normalize(emb, dim=-1)
     pos = (e * F.normalize(parent_emb, dim=-1)).sum(-1) / tau  # [M]
     sim = e @ e.T / tau  # [M, M]: row j = anchor, column m = candidate negative
-    excluded = (
-        torch.eye(tokens.numel(), dtype=torch.bool, device=tokens.device)
-        | (tokens[None, :] == parents[:, None])  # m is j's parent
-        | (parents[None, :] == tokens[:, None])  # m is one of j's children
-    )
-    sim = sim.masked_fill(excluded, float("-inf"))
-    denom = torch.logsumexp(torch.cat([pos[:, None], sim], dim=1), dim=1)
-    return (denom - pos).mean()
+    excluded = tokens[None, :] == parents[:, None]  # m is j's parent
+    excluded |= parents[None, :] == tokens[:, None]  # m is one of j's children
+    excluded.fill_diagonal_(True)  # m is j
+    negatives = torch.logsumexp(sim.masked_fill(excluded, float("-inf")), dim=1)  # -inf when none are left
+    return (torch.logaddexp(pos, negatives) - pos).mean()
 
 
 class PrefixNegativeSampler(nn.Module):
