@@ -217,3 +217,12 @@ def test_heads_must_divide_the_model_width_at_load_time():
 
     with pytest.raises(SettingsError, match="seater: .*d_model=64 is not divisible by n_heads=3"):
         RunSettings.model_validate({"seater": {"n_heads": 3}})
+
+
+def test_out_of_range_ids_fail_with_clear_errors():
+    tree = random_balanced_tree(20, k=4)
+    model = SeaterModel(tree, tiny_settings())
+    with pytest.raises(ValueError, match="history holds token 20: expected item ids 0..19 or PAD=21"):
+        model.encode(torch.tensor([[0, tree.bos]]))
+    with pytest.raises(ValueError, match="target holds ids outside 0..19"):
+        model(torch.tensor([[0, 1]]), torch.tensor([20]))

@@ -79,6 +79,11 @@ class SeaterModel(nn.Module):
         t = self.settings.history_len
         history = history[:, -t:]
         B, length = history.shape
+        bad = (history < 0) | ((history >= self.num_items) & (history != self.pad))
+        if bool(bad.any()):
+            raise ValueError(
+                f"history holds token {int(history[bad][0])}: expected item ids 0..{self.num_items - 1} or PAD={self.pad}"
+            )
         pad_mask = history == self.pad
         pad_mask[:, -1] &= ~pad_mask.all(dim=1)
         positions = torch.arange(t - length, t, device=history.device)
@@ -161,6 +166,8 @@ class SeaterModel(nn.Module):
     def forward(self, history: Tensor, target: Tensor) -> dict[str, Tensor]:
         """history int [B, t] (left-padded), target int [B] item ids -> {"loss", "gen", "ali", "rank"} scalars."""
         s = self.settings
+        if bool(((target < 0) | (target >= self.num_items)).any()):
+            raise ValueError(f"target holds ids outside 0..{self.num_items - 1}")
         memory, pad_mask = self.encode(history)
         ids = self.identifiers(target)[:, None, :]  # [B, 1, D]
         if s.use_ranking:
