@@ -113,11 +113,11 @@ class KVCache:
             self.k, self.v = self.k[rows], self.v[rows]
 
 
-def causal_bias(new: int, past: int, device: torch.device) -> Tensor:
+def causal_bias(new: int, past: int, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
     """[new, past + new] bias: query i (absolute position past + i) sees keys 0..past + i."""
     q = torch.arange(new, device=device)[:, None] + past
     kpos = torch.arange(past + new, device=device)[None, :]
-    return torch.zeros(new, past + new, device=device).masked_fill(kpos > q, float("-inf"))
+    return torch.zeros(new, past + new, device=device, dtype=dtype).masked_fill(kpos > q, float("-inf"))
 
 
 class DecoderLayer(nn.Module):
@@ -147,7 +147,7 @@ class DecoderLayer(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.append(k, v)
-        bias = None if L == 1 else causal_bias(L, past, x.device)  # one new position sees every cached one
+        bias = None if L == 1 else causal_bias(L, past, x.device, x.dtype)  # one new position sees every cached one
         rows = self.norm1(rows + self.drop1(self.self_attn.attend(rows, k, v, bias)))
         # Cross-attention is independent per query: every (group, position) of a user is a query row.
         y = rows.reshape(B, G * L, d)

@@ -84,7 +84,7 @@ class SASRec(nn.Module):
         idx = torch.arange(T, device=seq.device)
         allowed = (idx[None, :] <= idx[:, None])[None] & (seq != self.num_items)[:, None, :]  # [B, T(q), T(k)]
         allowed = allowed | torch.eye(T, dtype=torch.bool, device=seq.device)[None]
-        bias = torch.zeros(allowed.shape, device=seq.device).masked_fill(~allowed, float("-inf"))[:, None]
+        bias = torch.zeros(allowed.shape, device=seq.device, dtype=x.dtype).masked_fill(~allowed, float("-inf"))[:, None]
         for block in self.blocks:
             x = block(x, bias)
         return self.final_norm(x)

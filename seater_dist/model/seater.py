@@ -64,7 +64,8 @@ class SeaterModel(nn.Module):
         # lookup never leaves the table and "no child" is simply `== pad`.
         children = np.where(tree.children < 0, tree.pad, tree.children).astype(np.int64)
         self.register_buffer("child_table", torch.from_numpy(children), persistent=False)
-        self.register_buffer("item_codes", torch.from_numpy(np.ascontiguousarray(tree.codes, dtype=np.int32)), persistent=False)
+        codes = np.ascontiguousarray(tree.codes, dtype=np.int32)
+        self.register_buffer("item_codes", torch.from_numpy(codes), persistent=False)
         self.register_buffer("token_parent", torch.from_numpy(tree.parent.astype(np.int32)), persistent=False)
         self.register_buffer("token_level", torch.from_numpy(tree.level.astype(np.int32)), persistent=False)
 
@@ -93,10 +94,9 @@ class SeaterModel(nn.Module):
             x = layer(x, bias)
         return x, pad_mask
 
-    @staticmethod
-    def _key_bias(pad_mask: Tensor) -> Tensor:
-        """[B, t] True-at-padding -> additive bias [B, 1, 1, t]."""
-        bias = torch.zeros(pad_mask.shape, dtype=torch.float32, device=pad_mask.device)
+    def _key_bias(self, pad_mask: Tensor) -> Tensor:
+        """[B, t] True-at-padding -> additive bias [B, 1, 1, t] (in the model's float type)."""
+        bias = torch.zeros(pad_mask.shape, dtype=self.tok_emb.weight.dtype, device=pad_mask.device)
         return bias.masked_fill(pad_mask, float("-inf"))[:, None, None, :]
 
     # ------------------------------------------------------------------ decoder (Eq. 3)
