@@ -135,7 +135,7 @@ class SynthSettings(Settings):
 class TreeSettings(Settings):
     """`seater build-tree`: the balanced k-ary item tree of SEATER_SPEC §1.
 
-    Example: ``TreeSettings(k=16)``
+    Example: ``TreeSettings(k=16)``; ``TreeSettings(k=8, kind="random")`` for the ablation.
     """
 
     k: int = Field(8, ge=2, description="Branching factor.")
@@ -145,11 +145,31 @@ class TreeSettings(Settings):
         "a group exceeds k (ablation); random: random balanced splits (ablation).",
     )
     exact_threshold: int = Field(
-        2048, ge=2, description="Nodes with at most this many items use exact constrained k-means."
+        0, ge=0, description="Nodes with at most this many items use exact constrained k-means "
+        "(k-means-constrained, ~7 ms a node of 93 items); 0: never. See seater_dist/tree/builder.py.",
     )
-    n_init: int = Field(1, ge=1, description="k-means restarts on every node.")
-    kmeans_iters: int = Field(20, ge=1, description="faiss k-means iterations on large nodes.")
-    refine_passes: int = Field(5, ge=0, description="Balanced refinement passes after the greedy assignment.")
+    large_node: int = Field(
+        100_000, ge=2, description="Nodes with more items are split alone (faiss k-means + balanced "
+        "Lloyd); smaller nodes are stacked and split together by the batched method.",
+    )
+    n_init: int = Field(1, ge=1, description="k-means restarts on every node (the best is kept).")
+    kmeans_iters: int = Field(10, ge=1, description="Unconstrained k-means iterations (faiss on large nodes).")
+    balanced_iters: int = Field(
+        10, ge=1, description="Lloyd iterations with the balanced assignment (stops early once no item moves)."
+    )
+    price_steps: int = Field(2, ge=1, description="Sinkhorn steps per temperature of the balanced assignment.")
+    max_points_per_centroid: int = Field(
+        65536, ge=39, description="faiss k-means trains on at most this many items per centroid."
+    )
+    task_items: int = Field(
+        0, ge=0, description="Items per Ray task when small nodes are packed together (0: about "
+        "level size / (4 x CPUs), between 20k and 400k).",
+    )
+    quality_sample_nodes: int = Field(
+        2, ge=0, description="Nodes per level also solved by exact constrained k-means, to report "
+        "our objective against it (only nodes of at most quality_sample_max_items items).",
+    )
+    quality_sample_max_items: int = Field(2000, ge=2)
     seed: int = 0
 
 
