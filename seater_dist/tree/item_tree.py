@@ -146,6 +146,7 @@ class ItemTree:
         parent_of_level: list[np.ndarray] = []  # per internal level: parent token of each new node
         prev_tokens = np.full(n, n, dtype=np.int64)  # BOS
         for lvl in range(internal_levels):
+            # prefix_key holds the dense rank of the item's prefix, so it never overflows however deep
             prefix_key = prefix_key * k + paths[:, lvl]
             uniq, inverse = np.unique(prefix_key, return_inverse=True)
             tokens = next_token + inverse
@@ -155,6 +156,7 @@ class ItemTree:
             codes[:, lvl] = tokens
             prev_tokens = tokens
             next_token += uniq.size
+            prefix_key = inverse.astype(np.int64)
         num_tokens = next_token
         parent = np.full(num_tokens, -1, dtype=np.int32)
         level = np.full(num_tokens, -1, dtype=np.int32)
@@ -193,6 +195,9 @@ class ItemTree:
                 raise TreeError(f"level {lvl + 1}: parent array disagrees with codes")
             if not np.all(self.level[col] == lvl + 1):
                 raise TreeError(f"level {lvl + 1}: level array disagrees with codes")
+        internal_level, internal_parent = self.level[n + 2 :], self.parent[n + 2 :]
+        if np.any(np.diff(internal_level) < 0) or np.any(np.diff(internal_parent) < 0):
+            raise TreeError("internal nodes must be numbered breadth-first (by level, then by parent)")
         if not np.array_equal(self.children, _children_table(self.parent, n, k)):
             raise TreeError("children table disagrees with parent array")
         used = np.unique(self.codes[:, :-1])
