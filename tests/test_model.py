@@ -226,3 +226,11 @@ def test_out_of_range_ids_fail_with_clear_errors():
         model.encode(torch.tensor([[0, tree.bos]]))
     with pytest.raises(ValueError, match="target holds ids outside 0..19"):
         model(torch.tensor([[0, 1]]), torch.tensor([20]))
+
+
+def test_ddp_skips_the_tree_buffers():
+    tree = random_balanced_tree(30, k=4)
+    model = SeaterModel(tree, tiny_settings())
+    assert set(model._ddp_params_and_buffers_to_ignore) == {name for name, _ in model.named_buffers()}
+    assert "child_table" in model._ddp_params_and_buffers_to_ignore
+    assert not any(n in model._ddp_params_and_buffers_to_ignore for n, _ in model.named_parameters())

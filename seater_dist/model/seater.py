@@ -58,6 +58,9 @@ class SeaterModel(nn.Module):
         self.w_s = nn.Parameter(nn.init.xavier_normal_(torch.empty(d, d)))  # Eq. 8 similarity (authors' init)
         self._register_tree(tree)
         self.rank_sampler = losses.PrefixNegativeSampler(tree)
+        # The tree buffers are identical on every worker and hundreds of MB at millions of items: DDP must not
+        # broadcast them every step (it reads this attribute when it wraps the module).
+        self._ddp_params_and_buffers_to_ignore = [name for name, _ in self.named_buffers()]
 
     def _register_tree(self, tree: ItemTree) -> None:
         # child_table[r] = children of token N + r, with -1 replaced by PAD (PAD is never a real child), so a
