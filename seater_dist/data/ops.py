@@ -22,7 +22,6 @@ SPLITS = ("train", "valid", "test")
 TRAIN_SCHEMA = pa.schema([("user_index", pa.int64()), ("items", pa.list_(pa.int32()))])
 EVAL_SCHEMA = pa.schema([("user_index", pa.int64()), ("history", pa.list_(pa.int32())),
                          ("ground_truth", pa.list_(pa.int32()))])
-SEQ_SCHEMA_ITEMS = pa.list_(pa.int32())
 
 
 def _np(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:

@@ -144,6 +144,7 @@ class _Result:
         self.rows_kept = 0
         self.kcore_rounds = 1
         self.blocks = 0
+        self.stage_seconds: dict[str, float] = {}
 
 
 def _kept_from_counts(counts: pa.Table, min_count: int) -> pa.Array:
@@ -165,12 +166,15 @@ class _Engine:
     def run(self) -> _Result:
         t = time.time()
         self.read_and_order()
+        self.r.stage_seconds["read_and_order"] = round(time.time() - t, 2)
         log.info("read %s valid rows from %d file(s) in %d chunk(s), ordered by user and time in %.1f s",
                  f"{self.r.valid_rows:,}", len(self.files), len(self.chunks), time.time() - t)
         if self.r.after_dedupe == 0:
             raise DataError(self._nothing_valid())
         t = time.time()
         counts = self.item_counts()
+        self.r.stage_seconds["item_counts"] = round(time.time() - t, 2)
+        t = time.time()
         kept = _kept_from_counts(counts, self.s.min_item_count)
         while True:
             seq_users, hist = self.sequences(kept)
@@ -181,6 +185,7 @@ class _Engine:
         self.r.kept_items, self.r.item_counts = kept, hist
         self.r.rows_with_kept_items = _rows_with_items(counts, kept)
         self.r.rows_kept = int(hist.sum())
+        self.r.stage_seconds["filters_and_sequences"] = round(time.time() - t, 2)
         log.info("filters kept %s users, %s items, %s interactions (%d round(s)) in %.1f s",
                  f"{len(seq_users):,}", f"{len(kept):,}", f"{self.r.rows_kept:,}", self.r.kcore_rounds,
                  time.time() - t)
@@ -194,6 +199,7 @@ class _Engine:
         self.r.user_split = ops.assign_splits(len(users), self.s.protocol, self.s.seed, self.s.split_ratio)
         t = time.time()
         self.write_splits()
+        self.r.stage_seconds["write_splits"] = round(time.time() - t, 2)
         log.info("wrote the %s splits in %.1f s", self.s.protocol, time.time() - t)
         return self.r
 
@@ -416,7 +422,7 @@ def _finish(s: PrepareSettings, files: list[str], tmp: Path, r: _Result, seconds
         "split_note": "comirec: users.split is train/valid/test (seeded user shuffle); loo: every user "
                       "is 'all' (train = s[:-2], valid = s[-2], test = s[-1])",
         "counts": counts, "kcore_rounds": r.kcore_rounds, "blocks": r.blocks,
-        "checksums": _checksums(tmp), "seconds": round(seconds, 2),
+        "checksums": _checksums(tmp), "stage_seconds": r.stage_seconds, "seconds": round(seconds, 2),
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return {"users": counts["users"], "items": counts["items"], "interactions": counts["interactions"],
