@@ -58,7 +58,7 @@ def evaluate(checkpoint: str | Path, dataset_path: str | Path, split: str = "tes
         _BatchScorer,
         fn_constructor_kwargs={"checkpoint": str(Path(checkpoint).resolve()), "ks": tuple(settings.ks),
                                "threads": max(1, round(cpus_per_actor))},
-        batch_size=settings.batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=concurrency),
+        batch_size=settings.batch_size, batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=concurrency),
         num_cpus=cpus_per_actor,
     )
     totals: dict[str, float] = {}
