@@ -63,7 +63,8 @@ class SparseTableDDP:
         table_param = f"{table_name}.weight"
         if _distributed():
             broadcast_parameters(model)  # the ignored table must start equal everywhere too
-            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, [table_param])
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                model, [table_param, *_ignored_by_submodules(model)])
             device_ids = [device] if device is not None and device.type == "cuda" else None
             self.ddp: nn.Module = nn.parallel.DistributedDataParallel(
                 model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
@@ -181,8 +182,19 @@ def _all_gather_rows(grad: torch.Tensor) -> tuple[torch.Tensor, int]:
     return summed, sent
 
 
+def _ignored_by_submodules(model: nn.Module) -> list[str]:
+    """Names (from ``model``) that submodules ask DDP to skip; DDP itself reads only the root's list."""
+    names = []
+    for prefix, module in model.named_modules():
+        if module is model:
+            continue
+        for name in getattr(module, "_ddp_params_and_buffers_to_ignore", ()):
+            names.append(f"{prefix}.{name}")
+    return names
+
+
 def broadcast_parameters(model: nn.Module) -> None:
-    """Copy rank 0's parameters and buffers to every worker."""
+    """Copy rank 0's parameters to every worker (buffers here are derived from the tree: equal already)."""
     with torch.no_grad():
-        for t in list(model.parameters()) + list(model.buffers()):
+        for t in model.parameters():
             dist.broadcast(t.data, src=0)
