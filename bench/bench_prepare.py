@@ -41,6 +41,7 @@ class TreeMemory:
         self.interval = interval
         self.peak_pss = self.peak_rss = 0
         self.peak_procs = 0
+        self._cpu: dict[int, float] = {}  # pid -> last seen user+system seconds
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -63,10 +64,17 @@ class TreeMemory:
                 info = p.memory_full_info()
                 pss += info.pss
                 rss += info.rss
+                cpu = p.cpu_times()
+                self._cpu[p.pid] = cpu.user + cpu.system
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
         self.peak_pss, self.peak_rss = max(self.peak_pss, pss), max(self.peak_rss, rss)
         self.peak_procs = max(self.peak_procs, len(procs))
+
+    @property
+    def cpu_seconds(self) -> float:
+        """CPU seconds of the tree (as last sampled per process: a lower bound on a loaded machine)."""
+        return sum(self._cpu.values())
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -87,7 +95,8 @@ def measure(step: str, args: list[str]) -> dict:
         raise SystemExit(f"bench step {step} failed with exit code {code}")
     inner = json.loads(out_json.read_text())
     out_json.unlink()
-    return {"step": step, "wall_s": round(wall, 1), "peak_pss_gib": round(mem.peak_pss / GIB, 2),
+    return {"step": step, "wall_s": round(wall, 1), "cpu_s": round(mem.cpu_seconds, 1),
+            "peak_pss_gib": round(mem.peak_pss / GIB, 2),
             "peak_rss_sum_gib": round(mem.peak_rss / GIB, 2), "peak_processes": mem.peak_procs, **inner}
 
 
@@ -144,12 +153,13 @@ def run_step(a: argparse.Namespace) -> dict:
 
 def _table(rows: list[dict]) -> str:
     peer = next((r for r in rows if r["step"] == "peer"), None)
-    lines = [f"{'step':<28} {'wall s':>9} {'peak PSS GiB':>13} {'sum RSS GiB':>12} {'time/peer':>10} {'mem/peer':>9}"]
+    lines = [f"{'step':<28} {'wall s':>9} {'CPU s':>9} {'peak PSS GiB':>13} {'sum RSS GiB':>12} {'time/peer':>10} "
+             f"{'mem/peer':>9}"]
     names = {"synth": "synth (Ray tasks)", "ray": "prepare (Ray Data)", "peer": "prepare (1 process, pyarrow)"}
     for r in rows:
         tr = f"{r['wall_s'] / peer['wall_s']:.2f}x" if peer and r["step"] != "synth" else "-"
         mr = f"{r['peak_pss_gib'] / peer['peak_pss_gib']:.2f}x" if peer and r["step"] != "synth" else "-"
-        lines.append(f"{names[r['step']]:<28} {r['wall_s']:>9,.1f} {r['peak_pss_gib']:>13.2f} "
+        lines.append(f"{names[r['step']]:<28} {r['wall_s']:>9,.1f} {r.get('cpu_s', 0):>9,.1f} {r['peak_pss_gib']:>13.2f} "
                      f"{r['peak_rss_sum_gib']:>12.2f} {tr:>10} {mr:>9}")
     return "\n".join(lines)
 
@@ -179,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     for step in ("ray",) + (() if a.no_peer else ("peer",)):
         rows.append(measure(step, common))
     by_step = {r["step"]: r for r in rows}
+    for step in ("ray", "peer"):
+        if step in by_step:
+            by_step[step]["stage_seconds"] = json.loads(
+                (a.work / f"dataset_{step}" / "manifest.json").read_text()).get("stage_seconds")
     same = None
     if "ray" in by_step and "peer" in by_step:
         ray_counts = json.loads((a.work / "dataset_ray" / "manifest.json").read_text())["counts"]

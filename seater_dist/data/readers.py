@@ -41,7 +41,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.fs as pafs
-import pyarrow.json as pjson
 import pyarrow.parquet as pq
 
 from seater_dist.data.errors import DataError
