@@ -183,7 +183,7 @@ def _cmd_train(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _best(result) -> dict[str, float]:
-    return {k.removeprefix("valid_"): v for k, v in result.best_metrics.items() if k.startswith("valid_")}
+    return {k.removeprefix("valid_"): v for k, v in result.best_metrics.items() if k.startswith("valid_") and "@" in k}
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> dict[str, Any]:
