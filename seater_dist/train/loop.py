@@ -10,6 +10,7 @@ stop early after ``patience`` epochs without improvement, and report a self-cont
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -69,6 +70,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     settings = TrainSettings.model_validate(config["train_settings"])
+    _quiet_report_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
@@ -132,6 +134,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                   f"{' (best)' if improved else ''}, {train_seconds:.0f} s, "
                   f"{record['samples_per_second']:,.0f} samples/s", flush=True)
         _report(task, model, trainer, state, record, improved, rank, config)
+
+
+def _quiet_report_logs() -> None:
+    """Ray Train logs every report's full metrics at INFO under a logger named by its file path (so
+    LoggingConfig does not reach it); our rank 0 prints one line per epoch instead."""
+    if os.environ.get("SEATER_VERBOSE"):
+        return
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # a Ray without Train V2 internals: keep its logs
+        pass
 
 
 def _everyone_has(flag: bool) -> bool:
