@@ -152,8 +152,11 @@ class TreeSettings(Settings):
         100_000, ge=2, description="Nodes with more items are split alone (faiss k-means + balanced "
         "Lloyd); smaller nodes are stacked and split together by the batched method.",
     )
-    n_init: int = Field(1, ge=1, description="k-means restarts on every node (the best is kept).")
-    kmeans_iters: int = Field(10, ge=1, description="Unconstrained k-means iterations (faiss on large nodes).")
+    n_init: int = Field(
+        5, ge=1, description="Restarts on every node, the best kept (measured: 1 restart is ~9% above exact "
+        "constrained k-means on skewed nodes, 5 restarts ~3%)."
+    )
+    kmeans_iters: int = Field(3, ge=1, description="Unconstrained k-means iterations before the balanced ones.")
     balanced_iters: int = Field(
         10, ge=1, description="Lloyd iterations with the balanced assignment (stops early once no item moves)."
     )

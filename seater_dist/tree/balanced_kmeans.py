@@ -42,12 +42,14 @@ class SplitResult:
     """Groups of one or many nodes' items, with the clustering objective (sum of squared distances).
 
     assign: int16 [B, n] group per item (-1 on padding); sse: float64 [B] of the balanced groups;
-    sse_unconstrained: float64 [B] of unconstrained k-means on the same node (nan if not run).
+    sse_unconstrained: float64 [B] of unconstrained k-means on the same node (nan if not run);
+    prices: float32 [B, k] the balanced assignment's final group prices (None if not priced).
     """
 
     assign: np.ndarray
     sse: np.ndarray
     sse_unconstrained: np.ndarray
+    prices: np.ndarray | None = None
 
 
 def limit_blas_threads(threads: int) -> None:
@@ -136,17 +138,30 @@ def split_batch(x: np.ndarray, n_real: np.ndarray, k: int, rng: np.random.Genera
 
 
 def split_large(x: np.ndarray, k: int, seed: int, kmeans_iters: int, balanced_iters: int, price_steps: int,
-                max_points_per_centroid: int, n_init: int = 1, threads: int = 1) -> SplitResult:
+                max_points_per_centroid: int, n_init: int = 1, threads: int = 1,
+                fit_items: int = 262_144) -> SplitResult:
     """Balanced k-means of one large node: faiss k-means centroids, then balanced Lloyd steps.
 
-    x: float32 [n, d] with n > k. Returns a SplitResult with B = 1.
+    x: float32 [n, d] with n > k. The balanced Lloyd steps run on a random sample of ``fit_items``
+    items (the centroids of 6.1M items are settled long before all of them are needed); then every
+    item is assigned once with the sample's prices, refined on all items, and repaired to exact sizes.
+    Returns a SplitResult with B = 1.
     """
-    import faiss
-
-    centers = _faiss_centers(x, k, seed, kmeans_iters, max_points_per_centroid, n_init, threads)
+    n = x.shape[0]
+    # faiss trains on a sample (max_points_per_centroid x k items), so 20 iterations cost little
+    centers = _faiss_centers(x, k, seed, max(kmeans_iters, 20), max_points_per_centroid, n_init, threads)
+    if n > fit_items:
+        rng = np.random.default_rng(seed)
+        sample = np.sort(rng.choice(n, fit_items, replace=False))
+        fit = balanced_lloyd(x[sample][None], np.array([fit_items]), centers[None], balanced_iters, price_steps)
+        centers = _centroids(x[sample][None], fit.assign.astype(np.int64), np.ones((1, fit_items), bool), k)[0]
+        prices = fit.prices
+        iters = 1
+    else:
+        prices, iters = None, balanced_iters
     # x is not centred here: at the root that would copy all N x d floats
-    return balanced_lloyd(x[None], np.array([x.shape[0]]), centers[None], balanced_iters, price_steps,
-                          record_unconstrained=True)
+    return balanced_lloyd(x[None], np.array([n]), centers[None], iters, price_steps, record_unconstrained=True,
+                          prices=prices)
 
 
 def plain_large(x: np.ndarray, k: int, seed: int, kmeans_iters: int, max_points_per_centroid: int,
@@ -196,7 +211,7 @@ def _faiss_centers(x: np.ndarray, k: int, seed: int, iters: int, max_points_per_
 
 # -------------------------------------------------------------------------------------------- Lloyd steps
 def balanced_lloyd(x: np.ndarray, n_real: np.ndarray, centers: np.ndarray, iters: int, price_steps: int,
-                   record_unconstrained: bool = False) -> SplitResult:
+                   record_unconstrained: bool = False, prices: np.ndarray | None = None) -> SplitResult:
     """Lloyd iterations whose assignment step is the priced, repaired balanced assignment.
 
     x float32 [B, n, d] (padded), n_real int [B], centers float32 [B, k, d]. Every iteration ends
@@ -207,14 +222,15 @@ def balanced_lloyd(x: np.ndarray, n_real: np.ndarray, centers: np.ndarray, iters
     k = centers.shape[1]
     valid = np.arange(n)[None, :] < n_real[:, None]  # [B, n]
     x2 = np.einsum("bnd,bnd->bn", x, x)
-    prices = np.zeros((bsz, k), dtype=np.float32)
+    warm = prices is not None
+    prices = np.zeros((bsz, k), dtype=np.float32) if prices is None else prices.astype(np.float32)
     sse_unc = np.full(bsz, np.nan)
     assign = np.zeros((bsz, n), dtype=np.int64)
     for it in range(max(1, iters)):
         dist = _sqdist(x, x2, centers)
         if it == 0 and record_unconstrained:
             sse_unc = np.where(valid, dist.min(2), 0.0).sum(1, dtype=np.float64)
-        stages = 6 if it == 0 else 1  # a cold start anneals from a high temperature, a warm one does not
+        stages = 6 if it == 0 and not warm else 1  # a cold start anneals from a high temperature
         prices = _update_prices(dist, valid, n_real, prices, stages, price_steps)
         adjusted = dist - prices[:, None, :]
         assign = adjusted.argmin(2)
@@ -226,7 +242,7 @@ def balanced_lloyd(x: np.ndarray, n_real: np.ndarray, centers: np.ndarray, iters
         centers = _centroids(x, assign, valid, k)
     sse = _sse(x, assign, valid, centers)
     out = np.where(valid, assign, -1).astype(np.int16)
-    return SplitResult(out, sse, sse_unc)
+    return SplitResult(out, sse, sse_unc, prices)
 
 
 def _update_prices(dist: np.ndarray, valid: np.ndarray, n_real: np.ndarray, prices: np.ndarray,
