@@ -14,7 +14,7 @@ from seater_dist.tree import ItemTree, TreeError, depth_for
 from seater_dist.tree.builder import build_tree
 from seater_dist.tree.synthetic import skewed_clustered_embeddings
 
-FAST = dict(quality_sample_nodes=0, kmeans_iters=3, balanced_iters=3)
+FAST = dict(quality_sample_nodes=0, kmeans_iters=3, balanced_iters=3, n_init=1)
 
 
 def _emb(n: int, d: int = 8, seed: int = 0) -> np.ndarray:
