@@ -56,8 +56,8 @@ class SplitResult:
     prices: np.ndarray | None = None
 
 
-def limit_blas_threads(threads: int) -> None:
-    """Set numpy's OpenBLAS thread count (best effort; no-op if the symbol is not found).
+def limit_blas_threads(threads: int) -> int | None:
+    """Set numpy's OpenBLAS thread count; returns the previous count (None if OpenBLAS is not found).
 
     The products here are small (k = 8..32 columns); OpenBLAS threads spinning against other busy
     processes made one node's split 10x slower on a shared 2-core machine, so tasks use one thread
@@ -68,17 +68,19 @@ def limit_blas_threads(threads: int) -> None:
     try:
         libs = {line.split()[-1] for line in open("/proc/self/maps") if "openblas" in line.lower()}
     except OSError:
-        return
+        return None
     for path in libs:
         try:
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
-                     "openblas_set_num_threads64_", "openblas_set_num_threads"):
-            if hasattr(lib, name):
-                getattr(lib, name)(int(max(1, threads)))
-                break
+        for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""), ("openblas", "64_"), ("openblas", "")):
+            setter, getter = f"{prefix}_set_num_threads{suffix}", f"{prefix}_get_num_threads{suffix}"
+            if hasattr(lib, setter) and hasattr(lib, getter):
+                previous = int(getattr(lib, getter)())
+                getattr(lib, setter)(int(max(1, threads)))
+                return previous
+    return None
 
 
 # -------------------------------------------------------------------------------------------- sizes

@@ -309,9 +309,17 @@ def _make_unit(method: str, order: np.ndarray, starts: np.ndarray, nodes: list[i
 # ============================================================================================ running
 def _run_unit(emb: np.ndarray, unit: _Unit, k: int, s_json: dict[str, Any]) -> _UnitResult:
     """Split every node of ``unit`` (runs in a Ray task or in-process)."""
+    previous = bk.limit_blas_threads(unit.cpus)
+    try:
+        return _split_unit(emb, unit, k, s_json)
+    finally:
+        if previous is not None:  # leave the caller's process (in-process runs) as it was
+            bk.limit_blas_threads(previous)
+
+
+def _split_unit(emb: np.ndarray, unit: _Unit, k: int, s_json: dict[str, Any]) -> _UnitResult:
     t = time.time()
     s = TreeSettings.model_validate(s_json)
-    bk.limit_blas_threads(unit.cpus)
     rng = np.random.default_rng(unit.seed)
     sizes = np.diff(unit.starts)
     branch = np.empty(unit.idx.size, dtype=np.int16)
