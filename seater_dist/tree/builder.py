@@ -341,7 +341,7 @@ def _split_unit(emb: np.ndarray, unit: _Unit, k: int, s_json: dict[str, Any]) ->
     elif unit.method == "exact":
         for j, (a, b) in enumerate(zip(unit.starts[:-1], unit.starts[1:])):
             labels, sse[j] = bk.split_exact(emb[np.sort(unit.idx[a:b])], k, unit.seed + j, s.n_init)
-            branch[a:b][np.argsort(np.argsort(unit.idx[a:b]))] = labels
+            branch[a:b][np.argsort(unit.idx[a:b])] = labels  # labels follow the sorted rows
     else:
         x = _stack(emb, unit)
         if unit.method == "plain":
