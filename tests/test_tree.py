@@ -205,3 +205,15 @@ def test_ray_path_puts_embeddings_once_and_builds_a_valid_tree(ray_session, monk
     assert tree.depth == depth_for(3000, 8)
     _check_structure(tree, 3000, 8)
     tree.validate(balanced=True)
+
+
+def test_exact_path_reproduces_exact_constrained_kmeans_groups() -> None:
+    from seater_dist.tree.balanced_kmeans import split_exact
+
+    emb = _emb(300, d=8, seed=4)
+    tree = build_tree(emb, 4, TreeSettings(k=4, exact_threshold=300, n_init=2, quality_sample_nodes=0), use_ray=False)
+    labels, sse = split_exact(emb, 4, seed=0, n_init=2)
+    assert tree.manifest["levels"][0]["objective"] == pytest.approx(sse / 300)
+    top = tree.codes[:, 0]
+    for token in np.unique(top):  # the level-1 nodes are exactly the exact solver's groups
+        assert np.unique(labels[top == token]).size == 1
