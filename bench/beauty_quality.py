@@ -116,10 +116,11 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary_path = out / "results.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     for protocol in ([args.only] if args.only else ["comirec", "loo"]):
-        previous = summary.get(protocol, {"metrics": {}, "seconds": {}})
         result = run_protocol(args.data, out, protocol, args.epochs, args.ablations, args.ce, args.workers)
+        # Re-read: another invocation (the other protocol) may have written meanwhile.
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        previous = summary.get(protocol, {"metrics": {}, "seconds": {}})
         result["metrics"] = {**previous["metrics"], **result["metrics"]}
         result["seconds"] = {**previous["seconds"], **result["seconds"]}
         summary[protocol] = result
