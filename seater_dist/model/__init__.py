@@ -1,1 +1,14 @@
-"""SEATER model, losses, constrained beam search, retriever; SASRec."""
+"""SEATER model, losses, constrained beam search, retriever; SASRec. Plain PyTorch, no Ray.
+
+* ``seater.SeaterModel(tree, settings, sparse_embedding=False)``: ``forward(history, target)`` ->
+  {"loss", "gen", "ali", "rank"}; ``encode``; ``beam_search(history, beam_size, top_n)``;
+  ``item_log_probs(history, items)`` (Eq. 1 in log space).
+* ``losses``: L_gen, L_ali (paper's exclusion rule), L_rank and its exact-prefix negative sampler.
+* ``beam_search.beam_search``: batched over users and beams, key/value cache, encoder once per user.
+* ``sasrec.SASRec(num_items, settings)`` and ``sasrec.topk_inner_product`` (faiss IndexFlatIP).
+* ``checkpoint.save_checkpoint`` / ``load_checkpoint``: the one checkpoint format.
+* ``retriever.SeaterRetriever.from_checkpoint(path).recommend(histories, top_n)``: raw ids in and out.
+* ``toy_trees.random_balanced_tree``: balanced trees without embeddings, for tests and benchmarks.
+
+Histories are int64 [B, t], oldest first, LEFT-padded with the tree's PAD token (SASRec: with num_items).
+"""
