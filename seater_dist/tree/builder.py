@@ -408,7 +408,7 @@ def _level_record(lvl: int, depth: int | None, sizes: np.ndarray, k: int, stats:
         "level": lvl + 1, "nodes": int(sizes.size), "node_items_min": int(sizes.min()),
         "node_items_max": int(sizes.max()), "clustered_nodes": int(stats["sizes"].size),
         "tasks": tasks, "seconds": round(seconds, 3),
-        "methods": {m: int((stats["method"] == m).sum()) for m in np.unique(stats["method"])},
+        "methods": {str(m): int((stats["method"] == m).sum()) for m in np.unique(stats["method"])},
     }
     if clustered:
         rec["objective"] = float(stats["sse"].sum() / clustered)
