@@ -86,6 +86,37 @@ def run_protocol(data: str, out: Path, protocol: str, epochs: int, ablations: bo
     return {"metrics": results, "seconds": seconds, "tree_depth": tree.depth, "ks": ks}
 
 
+def finalize_partial(out: Path, protocol: str) -> dict[str, Any]:
+    """For runs stopped before they finished (time budget): evaluate the best epoch reported so far.
+
+    Each epoch's Ray Train checkpoint holds the history up to that epoch; Ray keeps the best and the
+    latest, so the best-so-far checkpoint is always on disk.
+    """
+    from seater_dist.config import EvalSettings
+    from seater_dist.eval.offline import evaluate
+
+    root = out / protocol
+    ks = _ks(protocol)
+    found: dict[str, Any] = {}
+    for run in sorted(root.glob("*/ray_results/*")):
+        model_dir = run.parent.parent
+        if (model_dir / "best" / "manifest.json").exists():
+            continue
+        epochs = sorted(p for p in run.glob("epoch_*") if (p / "history.json").exists())
+        if not epochs:
+            continue
+        history = json.loads((epochs[-1] / "history.json").read_text())
+        best = max(history, key=lambda r: r["valid_recall@50"])
+        best_dir = run / f"epoch_{best['epoch']:04d}"
+        name = {"sasrec_sampled": "sasrec (sampled)", "sasrec_ce": "sasrec (ce)"}.get(
+            model_dir.name, model_dir.name.replace("_", " ").replace("wo", "w/o"))
+        metrics = evaluate(best_dir, root / "dataset", "test", EvalSettings(ks=ks), out=model_dir)
+        metrics["note"] = f"stopped after {len(history)} epochs (time budget); best epoch {best['epoch']}"
+        found[name] = metrics
+        print(f"{protocol}: {name}: {metrics['note']}", flush=True)
+    return found
+
+
 def table(protocol: str, res: dict[str, Any]) -> str:
     ks = res["ks"]
     cols = [f"{m}@{k}" for k in ks for m in ("recall", "ndcg")] + [f"hr@{k}" for k in ks if protocol == "comirec"]
@@ -108,6 +139,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--ablations", action="store_true", help="also train the three Table 4 ablations")
     p.add_argument("--ce", action="store_true", help="also train SASRec with full cross-entropy")
+    p.add_argument("--finalize", action="store_true",
+                   help="evaluate the best epoch so far of runs that were stopped early, and write the tables")
     args = p.parse_args()
 
     from seater_dist.ray_env import init_ray
@@ -116,6 +149,16 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary_path = out / "results.json"
+    if args.finalize:
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        for protocol in ([args.only] if args.only else ["comirec", "loo"]):
+            entry = summary.setdefault(protocol, {"metrics": {}, "seconds": {}, "ks": list(_ks(protocol))})
+            entry["metrics"].update(finalize_partial(out, protocol))
+        summary_path.write_text(json.dumps(summary, indent=2, default=str))
+        md = "\n\n".join(table(p, r) for p, r in summary.items())
+        (out / "results.md").write_text(md + "\n")
+        print("\n" + md, flush=True)
+        return
     for protocol in ([args.only] if args.only else ["comirec", "loo"]):
         result = run_protocol(args.data, out, protocol, args.epochs, args.ablations, args.ce, args.workers)
         # Re-read: another invocation (the other protocol) may have written meanwhile.
