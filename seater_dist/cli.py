@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -67,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--num-users", type=int)
     sp.add_argument("--num-items", type=int)
     sp.add_argument("--num-interactions", type=int)
+    sp.add_argument("--num-partitions", type=int, help="parquet files, one Ray task each")
 
     sp = add("prepare", "Read raw logs, filter, re-index and split them into a dataset/ directory.")
     sp.add_argument("--input", required=True, help="file or directory of raw logs")
@@ -143,7 +145,8 @@ def _cmd_synth(a: argparse.Namespace) -> dict[str, Any]:
     from seater_dist.data.synth import synthesize
 
     s = SynthSettings(preset=a.preset, out=a.out, seed=a.seed, num_users=a.num_users,
-                      num_items=a.num_items, num_interactions=a.num_interactions)
+                      num_items=a.num_items, num_interactions=a.num_interactions,
+                      num_partitions=a.num_partitions)
     return synthesize(s)
 
 
@@ -202,6 +205,9 @@ _NEEDS_RAY = {"synth", "prepare", "embed", "build-tree", "train", "evaluate", "r
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    # Our stages log their progress ("read 85,000,000 valid rows in 183 s") at INFO.
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("seater_dist").setLevel(logging.INFO)
     if not args.command:
         parser.print_help()
         return 0
