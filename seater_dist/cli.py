@@ -206,8 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     # Our stages log their progress ("read 85,000,000 valid rows in 183 s") at INFO.
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("seater_dist").setLevel(logging.INFO)
+    ours = logging.getLogger("seater_dist")
+    if not ours.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
     if not args.command:
         parser.print_help()
         return 0
