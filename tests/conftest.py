@@ -26,6 +26,17 @@ BEAUTY = Path(os.environ.get("SEATER_BEAUTY", SHARED_DATA / "beauty" / "Beauty.t
 ML100K = Path(os.environ.get("SEATER_ML100K", SHARED_DATA / "ml-100k" / "ml-100k.inter"))
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny tensors: one torch thread avoids oversubscribing a 2-core machine (restored afterwards)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A local 2-CPU Ray, started once for the whole session and shut down at its end."""

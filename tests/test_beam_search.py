@@ -12,13 +12,6 @@ from seater_dist.model.toy_trees import random_balanced_tree
 from seater_dist.tree.item_tree import ItemTree
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def make_model(tree: ItemTree, layers: int = 1, seed: int = 0) -> SeaterModel:
     torch.manual_seed(seed)

@@ -17,13 +17,6 @@ from seater_dist.model.toy_trees import random_balanced_tree
 from seater_dist.tree.item_tree import ItemTree
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def settings(**kw) -> SeaterSettings:
     return SeaterSettings(**{**dict(d_model=8, n_heads=2, ffn_dim=16, dropout=0.0, history_len=4), **kw})

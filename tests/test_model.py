@@ -12,14 +12,6 @@ from seater_dist.model.seater import SeaterModel
 from seater_dist.model.toy_trees import random_balanced_tree
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny tensors: one thread avoids oversubscription on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tiny_settings(**overrides) -> SeaterSettings:
     base = dict(d_model=16, n_heads=2, ffn_dim=32, dropout=0.0, history_len=6, beam_size=8)

@@ -15,13 +15,6 @@ from seater_dist.model.seater import SeaterModel
 from seater_dist.model.toy_trees import random_balanced_tree
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 N = 60
 

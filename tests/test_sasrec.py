@@ -11,13 +11,6 @@ from seater_dist.config import SasrecSettings
 from seater_dist.model.sasrec import SASRec, topk_inner_product
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def small(**kw) -> SasrecSettings:
     return SasrecSettings(**{**dict(d_model=16, n_heads=2, num_blocks=2, dropout=0.0, max_len=8, num_negatives=20), **kw})

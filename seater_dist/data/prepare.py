@@ -28,7 +28,6 @@ the tests' cross-check.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -45,6 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from seater_dist.artifacts import replace_dir, sha256_file
 from seater_dist.config import PrepareSettings
 from seater_dist.data import ops
 from seater_dist.data.errors import DataError
@@ -90,7 +90,7 @@ def _run(settings: PrepareSettings, engine: str) -> dict[str, Any]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _commit(tmp, Path(settings.out))
+    replace_dir(tmp, Path(settings.out))
     return summary
 
 
@@ -117,17 +117,6 @@ def _is_dataset(path: Path) -> bool:
         return json.loads((path / "manifest.json").read_text()).get("artifact") == "dataset"
     except (OSError, ValueError):
         return False
-
-
-def _commit(tmp: Path, out: Path) -> None:
-    """Replace ``out`` by the finished ``tmp`` (rename: readers never see half a dataset)."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 class _Result:
@@ -435,9 +424,5 @@ def _finish(s: PrepareSettings, files: list[str], tmp: Path, r: _Result, seconds
 def _checksums(root: Path) -> dict[str, str]:
     sums = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != "manifest.json"):
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        sums[str(path.relative_to(root))] = h.hexdigest()
+        sums[str(path.relative_to(root))] = sha256_file(path)
     return sums

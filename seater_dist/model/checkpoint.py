@@ -17,7 +17,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from seater_dist.artifacts import replace_dir, sha256_file, to_jsonable
 from seater_dist.config import SeaterSettings
 from seater_dist.model.seater import SeaterModel
 from seater_dist.tree.item_tree import ItemTree
@@ -77,11 +77,11 @@ def save_checkpoint(
             "num_tokens": tree.num_tokens,
             "k": tree.k,
             "depth": tree.depth,
-            "checksums": {name: _sha256(tmp / name) for name in _FILES},
+            "checksums": {name: sha256_file(tmp / name) for name in _FILES},
             "extra": extra or {},
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=_jsonable))
-        _replace_dir(tmp, path)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=to_jsonable))
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -101,7 +101,7 @@ def load_checkpoint(
     for name, want in manifest["checksums"].items():
         if not (path / name).exists():
             raise CheckpointError(f"{path / name}: missing from the checkpoint")
-        if _sha256(path / name) != want:
+        if sha256_file(path / name) != want:
             raise CheckpointError(f"{path / name}: checksum mismatch (file changed since the checkpoint was written)")
     settings = SeaterSettings.model_validate(json.loads((path / "settings.json").read_text()))
     tree = ItemTree.load(path / "tree", validate=validate_tree)
@@ -141,29 +141,3 @@ def read_item_ids(path: Path, num_items: int) -> np.ndarray:
     ids[index] = table.column("item_id").to_numpy(zero_copy_only=False)
     return ids
 
-
-def _replace_dir(tmp: Path, path: Path) -> None:
-    if path.exists():
-        old = path.with_name(f".{path.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(path)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from seater_dist.artifacts import replace_dir
 from seater_dist.config import SasrecSettings, SeaterSettings, TrainSettings
 from seater_dist.train.loop import train_loop_per_worker
 
@@ -121,9 +122,4 @@ def _copy_atomically(checkpoint, dest: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     with checkpoint.as_directory() as src:
         shutil.copytree(src, tmp)
-    old = dest.with_name(f".{dest.name}.old")
-    if dest.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        dest.rename(old)
-    tmp.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, dest)

@@ -27,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -37,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from seater_dist.artifacts import replace_dir, sha256_file, to_jsonable
 
 SCHEMA_VERSION = 1
 _ARRAYS = ("codes", "children", "parent", "level")
@@ -247,7 +248,7 @@ class ItemTree:
             checksums = {}
             for name in _ARRAYS:
                 np.save(tmp / f"{name}.npy", getattr(self, name))
-                checksums[f"{name}.npy"] = _sha256(tmp / f"{name}.npy")
+                checksums[f"{name}.npy"] = sha256_file(tmp / f"{name}.npy")
             manifest = {
                 **self.manifest,
                 **(extra_manifest or {}),
@@ -259,15 +260,8 @@ class ItemTree:
                 "num_tokens": self.num_tokens,
                 "checksums": checksums,
             }
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=_jsonable))
-            if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                path.rename(old)
-                tmp.rename(path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(path)
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=to_jsonable))
+            replace_dir(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -288,7 +282,7 @@ class ItemTree:
             if not f.exists():
                 raise TreeError(f"{path}: missing {name}.npy")
             want = manifest.get("checksums", {}).get(f"{name}.npy")
-            if want and _sha256(f) != want:
+            if want and sha256_file(f) != want:
                 raise TreeError(f"{f}: checksum mismatch (file changed since the tree was written)")
             arrays[name] = np.load(f)
         tree = cls(int(manifest["num_items"]), int(manifest["k"]), int(manifest["depth"]), manifest=manifest, **arrays)
@@ -311,19 +305,3 @@ def _children_table(parent: np.ndarray, num_items: int, k: int) -> np.ndarray:
         raise TreeError(f"a node has more than k={k} children")
     table[par - num_items, slot] = child
     return table
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
