@@ -100,18 +100,20 @@ def finalize_partial(out: Path, protocol: str) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for run in sorted(root.glob("*/ray_results/*")):
         model_dir = run.parent.parent
-        if (model_dir / "best" / "manifest.json").exists():
-            continue
         epochs = sorted(p for p in run.glob("epoch_*") if (p / "history.json").exists())
         if not epochs:
             continue
         history = json.loads((epochs[-1] / "history.json").read_text())
         best = max(history, key=lambda r: r["valid_recall@50"])
         best_dir = run / f"epoch_{best['epoch']:04d}"
+        if (model_dir / "best" / "manifest.json").exists():  # finished: its own best copy
+            best_dir = model_dir / "best"
         name = {"sasrec_sampled": "sasrec (sampled)", "sasrec_ce": "sasrec (ce)"}.get(
             model_dir.name, model_dir.name.replace("_", " ").replace("wo", "w/o"))
         metrics = evaluate(best_dir, root / "dataset", "test", EvalSettings(ks=ks), out=model_dir)
-        metrics["note"] = f"stopped after {len(history)} epochs (time budget); best epoch {best['epoch']}"
+        finished = best_dir == model_dir / "best"
+        metrics["note"] = (f"{len(history)} epochs, best epoch {best['epoch']}"
+                           + ("" if finished else " (stopped by the session's time budget)"))
         found[name] = metrics
         print(f"{protocol}: {name}: {metrics['note']}", flush=True)
     return found
