@@ -25,7 +25,7 @@ demo: install
 	$(BIN)/seater demo --out runs/demo
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=10 tests
 
 bench: install
 	$(BIN)/python -m bench.run_all
