@@ -84,7 +84,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     step_module.to(device)
     state = EarlyStopping(settings.patience)
     trainer = SparseTableDDP(step_module, f"model.{task.table_name}", lr=settings.lr,
-                             weight_decay=settings.weight_decay, device=device)
+                             weight_decay=settings.weight_decay, device=device,
+                             find_unused_parameters=task.has_unused_parameters)
     resumed_from = _restore(model, trainer, state)
 
     valid_histories, valid_truth = _validation_slice(config, rank, world)

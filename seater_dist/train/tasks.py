@@ -24,6 +24,7 @@ from seater_dist.eval.ranking import sasrec_topk, seater_topk
 class Task(Protocol):
     name: str
     table_name: str  # the big embedding table, kept out of DDP
+    has_unused_parameters: bool  # some parameter gets no gradient (an ablation switched a loss off)
 
     def build_model(self) -> nn.Module: ...
 
@@ -47,6 +48,11 @@ class SeaterTask:
 
     name = "seater"
     table_name = "tok_emb"
+
+    @property
+    def has_unused_parameters(self) -> bool:
+        """W_s learns only through L_rank: without it DDP must look for unused parameters."""
+        return not self.settings.use_ranking
 
     def __init__(self, tree_path: str, dataset_path: str, settings: dict[str, Any]) -> None:
         from seater_dist.tree import ItemTree
@@ -92,6 +98,7 @@ class SasrecTask:
 
     name = "sasrec"
     table_name = "item_emb"
+    has_unused_parameters = False
 
     def __init__(self, num_items: int, dataset_path: str, settings: dict[str, Any]) -> None:
         self.num_items = num_items
