@@ -61,6 +61,7 @@ class SeaterTask:
         self.dataset_path = dataset_path
         self.settings = SeaterSettings.model_validate(settings)
         self.tree = ItemTree.load(tree_path)
+        self._item_ids: np.ndarray | None = None
 
     def build_model(self) -> nn.Module:
         from seater_dist.model.seater import SeaterModel
@@ -86,8 +87,9 @@ class SeaterTask:
         from seater_dist.data.dataset import load_dataset
         from seater_dist.model.checkpoint import save_checkpoint
 
-        item_ids = load_dataset(self.dataset_path).item_ids
-        save_checkpoint(path, model, self.settings, self.tree, item_ids, extra=extra)
+        if self._item_ids is None:  # read once: millions of raw ids at Micro-Video scale
+            self._item_ids = load_dataset(self.dataset_path).item_ids
+        save_checkpoint(path, model, self.settings, self.tree, self._item_ids, extra=extra)
 
     def load_weights(self, model: nn.Module, path: Path) -> None:
         model.load_state_dict(torch.load(Path(path) / "model.pt", map_location="cpu", weights_only=True))
