@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from seater_dist.config import PrepareSettings, RunSettings, SynthSettings, TrainSettings
+from seater_dist.config import PrepareSettings, RunSettings, SynthSettings
 
 DEMO_CONFIG: dict[str, Any] = {
     # Sized for a 2-core laptop: the whole demo (synth, prepare, SASRec, tree, SEATER, evaluation)
@@ -234,4 +234,4 @@ CLI_COMMANDS = {
     "demo": _cmd_demo,
 }
 
-__all__ = ["run_pipeline", "results_table", "plot_training", "CLI_COMMANDS", "TrainSettings"]
+__all__ = ["run_pipeline", "results_table", "plot_training", "CLI_COMMANDS"]
