@@ -31,7 +31,7 @@ def _ks(protocol: str) -> tuple[int, ...]:
 
 
 def run_protocol(data: str, out: Path, protocol: str, epochs: int, ablations: bool, ce: bool,
-                 workers: int) -> dict[str, Any]:
+                 workers: int, resume: bool = False) -> dict[str, Any]:
     import numpy as np
 
     from seater_dist.config import EvalSettings, PrepareSettings, SasrecSettings, SeaterSettings, TrainSettings, TreeSettings
@@ -80,7 +80,8 @@ def run_protocol(data: str, out: Path, protocol: str, epochs: int, ablations: bo
         if not (ckpt / "best" / "manifest.json").exists():
             print(f"== {protocol}: training {name}", flush=True)
             timed(name, lambda: train_seater(root / "dataset", root / "tree", ckpt, train,
-                                             SeaterSettings(**overrides), ks=ks))
+                                             SeaterSettings(**overrides), ks=ks,
+                                             resume=resume and (ckpt / "ray_results").exists()))
         results[name] = evaluate(ckpt / "best", root / "dataset", "test", EvalSettings(ks=ks), out=ckpt)
         results[name]["train_history_epochs"] = len(json.loads((ckpt / "history.json").read_text()))
     return {"metrics": results, "seconds": seconds, "tree_depth": tree.depth, "ks": ks}
@@ -138,6 +139,8 @@ def main() -> None:
     p.add_argument("--out", default="runs/beauty")
     p.add_argument("--only", choices=["comirec", "loo"])
     p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--resume", action="store_true",
+                   help="continue SEATER runs stopped before they finished (e.g. with more --epochs)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--ablations", action="store_true", help="also train the three Table 4 ablations")
     p.add_argument("--ce", action="store_true", help="also train SASRec with full cross-entropy")
@@ -162,7 +165,8 @@ def main() -> None:
         print("\n" + md, flush=True)
         return
     for protocol in ([args.only] if args.only else ["comirec", "loo"]):
-        result = run_protocol(args.data, out, protocol, args.epochs, args.ablations, args.ce, args.workers)
+        result = run_protocol(args.data, out, protocol, args.epochs, args.ablations, args.ce, args.workers,
+                              args.resume)
         # Re-read: another invocation (the other protocol) may have written meanwhile.
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
         previous = summary.get(protocol, {"metrics": {}, "seconds": {}})
