@@ -12,14 +12,15 @@ ceil(n/k) <= k^(h-1) items, which fit in h-1 levels.
 
 How a node is split (measured on skewed clustered embeddings, bench/bench_tree.py):
 
-* ``n > settings.large_node``: alone, faiss k-means centroids then balanced Lloyd iterations
-  (``balanced_kmeans.split_large``); the root of 6.1M items is one such task with every CPU.
-* ``n <= settings.exact_threshold``: exact constrained k-means (k-means-constrained), one node at a time.
-  Off by default: at 6.1M items and k = 16 the last split level has 65,536 nodes of 93 items,
-  ~7 ms each exactly (~460 CPU-seconds, most of the 10-minute budget on 2 cores), against a few
-  seconds for the whole level batched.
-* otherwise: nodes of a level (their sizes differ by at most one) are stacked into padded arrays and
-  split together (``balanced_kmeans.split_batch``), packed into tasks of ``task_items`` items.
+* ``n > settings.large_node``: alone, faiss k-means centroids then balanced Lloyd iterations with an
+  approximate (Sinkhorn-priced, greedily repaired) assignment (``balanced_kmeans.split_large``);
+  the root of 6.1M items is one such task with every CPU.
+* ``n <= settings.exact_threshold``: k-means-constrained itself, one node at a time (off by default:
+  same problem as below, 3-10x slower per node).
+* otherwise: exact constrained k-means (``balanced_kmeans.split_batch``: the optimal balanced
+  assignment by one min-cost flow per node, restarted from random items); the nodes of a level
+  (their sizes differ by at most one) are stacked into padded arrays so that distances and centroids
+  are batched, and packed into tasks of ``task_items`` items.
 
 With Ray initialised, the embeddings go to the object store once (``ray.put``) and each task gets
 the index array of its nodes' items; otherwise (or with ``use_ray=False``) the same work runs in
