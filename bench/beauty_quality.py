@@ -30,8 +30,8 @@ def _ks(protocol: str) -> tuple[int, ...]:
     return (5, 10, 20, 50) if protocol == "loo" else (20, 50)
 
 
-def run_protocol(data: str, out: Path, protocol: str, epochs: int, ablations: bool, ce: bool,
-                 workers: int, resume: bool = False) -> dict[str, Any]:
+def run_protocol(data: str, out: Path, protocol: str, epochs: int, ablations: bool | str, ce: bool,
+                 workers: int, resume: bool = False, ablation_epochs: int | None = None) -> dict[str, Any]:
     import numpy as np
 
     from seater_dist.config import EvalSettings, PrepareSettings, SasrecSettings, SeaterSettings, TrainSettings, TreeSettings
@@ -74,12 +74,14 @@ def run_protocol(data: str, out: Path, protocol: str, epochs: int, ablations: bo
     print(f"== {protocol}: tree over {tree.num_items:,} items, k = 8, depth {tree.depth}", flush=True)
 
     for name, overrides in ABLATIONS.items():
-        if name != "seater" and not ablations:
+        if (name != "seater" and not ablations) or (name == "seater" and ablations == "only"):
             continue
         ckpt = root / name.replace(" ", "_").replace("/", "")
         if not (ckpt / "best" / "manifest.json").exists():
             print(f"== {protocol}: training {name}", flush=True)
-            timed(name, lambda: train_seater(root / "dataset", root / "tree", ckpt, train,
+            budget = train if name == "seater" or not ablation_epochs else train.model_copy(
+                update={"epochs": ablation_epochs})
+            timed(name, lambda: train_seater(root / "dataset", root / "tree", ckpt, budget,
                                              SeaterSettings(**overrides), ks=ks,
                                              resume=resume and (ckpt / "ray_results").exists()))
         results[name] = evaluate(ckpt / "best", root / "dataset", "test", EvalSettings(ks=ks), out=ckpt)
@@ -142,7 +144,13 @@ def main() -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue SEATER runs stopped before they finished (e.g. with more --epochs)")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--ablations", action="store_true", help="also train the three Table 4 ablations")
+    p.add_argument("--ablations", action="store_const", const=True, default=False,
+                   help="also train the three Table 4 ablations")
+    p.add_argument("--ablations-only", dest="ablations", action="store_const", const="only",
+                   help="train the three ablations, not the full model")
+    p.add_argument("--ablation-epochs", type=int, default=None,
+                   help="epoch budget of each ablation (default: --epochs); compare with the full model's "
+                        "validation curve at the same epoch")
     p.add_argument("--ce", action="store_true", help="also train SASRec with full cross-entropy")
     p.add_argument("--finalize", action="store_true",
                    help="evaluate the best epoch so far of runs that were stopped early, and write the tables")
@@ -166,7 +174,7 @@ def main() -> None:
         return
     for protocol in ([args.only] if args.only else ["comirec", "loo"]):
         result = run_protocol(args.data, out, protocol, args.epochs, args.ablations, args.ce, args.workers,
-                              args.resume)
+                              args.resume, args.ablation_epochs)
         # Re-read: another invocation (the other protocol) may have written meanwhile.
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
         previous = summary.get(protocol, {"metrics": {}, "seconds": {}})
