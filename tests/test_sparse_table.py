@@ -14,13 +14,19 @@ from seater_dist.train.sparse_table import SparseTableDDP
 
 
 class Toy(nn.Module):
-    def __init__(self, n: int, d: int = 8) -> None:
+    """full_softmax: the table is also the output layer of a softmax over every row (SASRec with full
+    cross-entropy), so its gradient arrives dense."""
+
+    def __init__(self, n: int, d: int = 8, full_softmax: bool = False) -> None:
         super().__init__()
         self.emb = nn.Embedding(n, d, sparse=True)
         self.proj = nn.Linear(d, d)
+        self.full_softmax = full_softmax
 
     def forward(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.proj(self.emb(idx))
+        if self.full_softmax:
+            return {"loss": nn.functional.cross_entropy(x @ self.emb.weight.T, idx.flip(0))}
         return {"loss": (x * self.emb(idx.flip(0))).sum(-1).pow(2).mean()}
 
 
@@ -29,14 +35,14 @@ def _batch(rank: int, step: int, n: int) -> torch.Tensor:
     return torch.randint(0, min(n, 40), (16,), generator=g)
 
 
-def _worker(rank: int, world: int, port: int, n: int, steps: int, queue) -> None:
+def _worker(rank: int, world: int, port: int, n: int, steps: int, queue, full_softmax: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(rank)  # different init on purpose: the wrapper must broadcast rank 0's
-    model = Toy(n)
+    model = Toy(n, full_softmax=full_softmax)
     trainer = SparseTableDDP(model, "emb", lr=1e-2, weight_decay=1e-4)
     # Reference gradient of step 0: average of every rank's dense gradient, computed locally.
-    ref = Toy(n)
+    ref = Toy(n, full_softmax=full_softmax)
     ref.load_state_dict(model.state_dict())
     ref.emb.sparse = False
     dense = torch.zeros_like(ref.emb.weight)
@@ -57,13 +63,13 @@ def _worker(rank: int, world: int, port: int, n: int, steps: int, queue) -> None
     dist.destroy_process_group()
 
 
-def _run(n: int, steps: int = 5, world: int = 2):
+def _run(n: int, steps: int = 5, world: int = 2, full_softmax: bool = False):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, n, steps, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, n, steps, queue, full_softmax)) for r in range(world)]
     for p in procs:
         p.start()
     results = sorted(queue.get(timeout=120) for _ in procs)
@@ -94,3 +100,12 @@ def test_bytes_sent_do_not_grow_with_table_size(small_and_large):
     bytes_small, bytes_large = small[0][3], large[0][3]
     assert bytes_small == bytes_large  # same batches touch the same rows
     assert max(bytes_large) < 200_000 * 8 * 4 / 100  # far below a dense all-reduce of the table
+
+
+def test_a_dense_table_gradient_is_averaged_once_and_kept_in_sync() -> None:
+    """A loss that touches every row (full softmax) gives a dense gradient: it is all-reduced as is."""
+    results = _run(n=300, full_softmax=True)
+    (_, err_a, a, bytes_a), (_, err_b, b, _) = results
+    assert err_a < 1e-5 and err_b < 1e-5
+    assert a == b
+    assert bytes_a[0] == 300 * 8 * 4  # one dense all-reduce of the table, no second (row) exchange

@@ -97,13 +97,14 @@ class SparseTableDDP:
                                            torch.zeros((0, weight.shape[1]), dtype=weight.dtype, device=weight.device),
                                            weight.shape, check_invariants=False)
         table_bytes = 0
-        if not grad.is_sparse:
+        if not grad.is_sparse:  # a loss touched every row (e.g. SASRec's full softmax): all-reduce it densely
             if _distributed():
                 dist.all_reduce(grad)
                 grad /= dist.get_world_size()
                 table_bytes = grad.numel() * grad.element_size()
-            rows = torch.flatnonzero(grad.abs().sum(1))
-            grad = torch.sparse_coo_tensor(rows[None], grad[rows], weight.shape, check_invariants=False)
+            rows = torch.nonzero(grad.abs().sum(1)).flatten()
+            weight.grad = torch.sparse_coo_tensor(rows[None], grad[rows], weight.shape).coalesce()  # SparseAdam
+            return table_bytes, int(rows.numel())
         grad = grad.coalesce()
         if _distributed():
             grad, table_bytes = _all_gather_rows(grad)
