@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 _DAMPING = 0.5
+_PROBE_ITERS = 5  # Lloyd iterations of every restart before only the best one continues
 
 
 @dataclass
@@ -118,8 +119,9 @@ def split_batch(x: np.ndarray, n_real: np.ndarray, k: int, rng: np.random.Genera
 
     x: float32 [B, n, d], node b's items in rows 0..n_real[b]-1 (the rest is padding);
     n_real: int [B], every entry > k. Each restart seeds k random items of the node and runs
-    ``balanced_iters`` Lloyd steps with the optimal balanced assignment; the best restart is kept per
-    node. Then ``kmeans_iters`` unconstrained Lloyd steps from the kept centres give the unconstrained
+    _PROBE_ITERS Lloyd steps with the optimal balanced assignment; the best restart of every node then
+    runs on to ``balanced_iters`` steps (30% faster than running every restart to the end at 20k items,
+    k = 8; with 3 probe steps instead of 5, one test node landed 9.8% above k-means-constrained). Then ``kmeans_iters`` unconstrained Lloyd steps from the kept centres give the unconstrained
     k-means objective that the manifest reports next to ours. ``price_steps`` is unused (exact path).
 
     Why random items and not k-means++ (measured on skewed nodes of 2,500 and 312 items, k = 8,
@@ -134,8 +136,9 @@ def split_batch(x: np.ndarray, n_real: np.ndarray, k: int, rng: np.random.Genera
     x = x - _masked_mean(x, n_real)[:, None, :]  # centre each node: smaller norms, exacter float32 distances
     valid = np.arange(x.shape[1])[None, :] < n_real[:, None]
     best: SplitResult | None = None
-    for _ in range(n_init):
-        res = balanced_lloyd(x, n_real, _random_items(x, n_real, k, rng), balanced_iters, 0, exact=True)
+    probe = min(balanced_iters, _PROBE_ITERS) if n_init > 1 else balanced_iters
+    for _ in range(n_init):  # short runs pick each node's basin ...
+        res = balanced_lloyd(x, n_real, _random_items(x, n_real, k, rng), probe, 0, exact=True)
         if best is None:
             best = res
         else:
@@ -144,6 +147,12 @@ def split_batch(x: np.ndarray, n_real: np.ndarray, k: int, rng: np.random.Genera
             best.sse[better] = res.sse[better]
     assert best is not None
     centers = _centroids(x, np.maximum(best.assign, 0).astype(np.int64), valid, k)
+    if probe < balanced_iters:  # ... and only the best one runs on to convergence
+        res = balanced_lloyd(x, n_real, centers, balanced_iters - probe, 0, exact=True)
+        better = res.sse <= best.sse
+        best.assign[better] = res.assign[better]
+        best.sse[better] = res.sse[better]
+        centers = _centroids(x, np.maximum(best.assign, 0).astype(np.int64), valid, k)
     _, best.sse_unconstrained = _lloyd(x, n_real, centers, kmeans_iters)
     return best
 
