@@ -15,9 +15,6 @@ _LOCAL_ENV = {
 }
 
 
-_started: dict[str, str] = {}  # the address of the local cluster this process started
-
-
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> None:
     """Join the cluster at ``address`` (or RAY_ADDRESS), else start a local Ray on 127.0.0.1.
 
@@ -40,16 +37,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
         logging.getLogger("ray.train").setLevel(logging.WARNING)
         kwargs.setdefault("logging_config", ray.LoggingConfig(log_level="WARNING"))
     address = address or os.environ.get("RAY_ADDRESS")
-    if address and address == _started.get("address"):  # our own local cluster, shut down since: start anew
-        address = None
-        del os.environ["RAY_ADDRESS"]
     if address:
         ray.init(address=address, log_to_driver=True, **kwargs)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private loopback cluster needs no token
         ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=True,
                  dashboard_host="127.0.0.1", log_to_driver=True, **kwargs)
-        # Ray Train's placement-group monitor looks the cluster up by address; with another local
-        # cluster on the same machine it fails with "multiple active Ray instances" unless told ours.
-        port = ray.get_runtime_context().gcs_address.rsplit(":", 1)[1]
-        _started["address"] = os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
