@@ -24,6 +24,8 @@ ABLATIONS = {
     "seater w/o L_ali": {"use_alignment": False},
     "seater w/o both": {"use_ranking": False, "use_alignment": False},
 }
+# Not in the paper: the token table's init scale (the spec's N(0, 1) against SASRec's N(0, 1/d)).
+VARIANTS = {"seater init std 0.125": {"embedding_init_std": 0.125}}
 
 
 def _ks(protocol: str) -> tuple[int, ...]:
@@ -31,7 +33,8 @@ def _ks(protocol: str) -> tuple[int, ...]:
 
 
 def run_protocol(data: str, out: Path, protocol: str, epochs: int, ablations: bool | str, ce: bool,
-                 workers: int, resume: bool = False, ablation_epochs: int | None = None) -> dict[str, Any]:
+                 workers: int, resume: bool = False, ablation_epochs: int | None = None,
+                 variants: list[str] | None = None) -> dict[str, Any]:
     import numpy as np
 
     from seater_dist.config import EvalSettings, PrepareSettings, SasrecSettings, SeaterSettings, TrainSettings, TreeSettings
@@ -73,10 +76,16 @@ def run_protocol(data: str, out: Path, protocol: str, epochs: int, ablations: bo
     tree = ItemTree.load(root / "tree")
     print(f"== {protocol}: tree over {tree.num_items:,} items, k = 8, depth {tree.depth}", flush=True)
 
-    for name, overrides in ABLATIONS.items():
-        if (name != "seater" and not ablations) or (name == "seater" and ablations == "only"):
+    models = {**ABLATIONS, **VARIANTS}
+    for name, overrides in models.items():
+        wanted = {"seater"} | (set(ABLATIONS) if ablations else set())
+        if ablations == "only":
+            wanted -= {"seater"}
+        if variants is not None:
+            wanted = set(variants)
+        if name not in wanted:
             continue
-        ckpt = root / name.replace(" ", "_").replace("/", "")
+        ckpt = root / name.replace(" ", "_").replace("/", "").replace(".", "")
         if not (ckpt / "best" / "manifest.json").exists():
             print(f"== {protocol}: training {name}", flush=True)
             budget = train if name == "seater" or not ablation_epochs else train.model_copy(
@@ -152,6 +161,9 @@ def main() -> None:
                    help="epoch budget of each ablation (default: --epochs); compare with the full model's "
                         "validation curve at the same epoch")
     p.add_argument("--ce", action="store_true", help="also train SASRec with full cross-entropy")
+    p.add_argument("--seater-models", default=None,
+                   help="comma-separated SEATER models to train instead (names: "
+                        + ", ".join(repr(n) for n in [*ABLATIONS, *VARIANTS]) + "); others use --ablation-epochs")
     p.add_argument("--finalize", action="store_true",
                    help="evaluate the best epoch so far of runs that were stopped early, and write the tables")
     args = p.parse_args()
@@ -174,7 +186,8 @@ def main() -> None:
         return
     for protocol in ([args.only] if args.only else ["comirec", "loo"]):
         result = run_protocol(args.data, out, protocol, args.epochs, args.ablations, args.ce, args.workers,
-                              args.resume, args.ablation_epochs)
+                              args.resume, args.ablation_epochs,
+                              args.seater_models.split(",") if args.seater_models else None)
         # Re-read: another invocation (the other protocol) may have written meanwhile.
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
         previous = summary.get(protocol, {"metrics": {}, "seconds": {}})

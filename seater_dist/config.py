@@ -206,6 +206,10 @@ class SeaterSettings(Settings):
     beta: float = Field(0.001, ge=0, description="L_rank adaptive margin scale.")
     num_rank_negatives: int = Field(4, ge=1, description="q: negatives per positive identifier.")
     beam_size: int = Field(50, ge=1)
+    embedding_init_std: float = Field(
+        1.0, gt=0, description="Std of the token table's normal init: 1.0 as in the authors' code (SEATER_SPEC "
+        "§2; the paper is silent). Rows move ~lr per Adam step, so at 1.0 rarely seen items learn slowly.",
+    )
 
     def model_post_init(self, context: Any) -> None:
         if self.d_model % self.n_heads:

@@ -49,7 +49,7 @@ class SeaterModel(nn.Module):
         self.bos, self.pad = tree.bos, tree.pad
         d = settings.d_model
         self.tok_emb = nn.Embedding(tree.num_tokens, d, sparse=sparse_embedding)
-        nn.init.normal_(self.tok_emb.weight, 0.0, 1.0)
+        nn.init.normal_(self.tok_emb.weight, 0.0, settings.embedding_init_std)
         self.enc_pos = nn.Embedding(settings.history_len, d)
         self.dec_pos = nn.Embedding(tree.depth, d)
         layer_args = (d, settings.n_heads, settings.ffn_dim, settings.dropout)
