@@ -131,6 +131,27 @@ def finalize_partial(out: Path, protocol: str) -> dict[str, Any]:
     return found
 
 
+def curves(out: Path, protocol: str, epochs: int = 6) -> str:
+    """Validation Recall@50 of every model over its first ``epochs`` epochs (and its best), from the
+    histories on disk: the ablations and variants ran on a short budget, so compare them with the full
+    model at the same epoch."""
+    rows = []
+    for model_dir in sorted((out / protocol).iterdir()):
+        hist_files = sorted(model_dir.glob("ray_results/*/epoch_*/history.json"))
+        history_path = model_dir / "history.json" if (model_dir / "history.json").exists() else (
+            hist_files[-1] if hist_files else None)
+        if history_path is None:
+            continue
+        history = json.loads(history_path.read_text())
+        values = [f"{r['valid_recall@50']:.4f}" for r in history[:epochs]] + [""] * max(0, epochs - len(history))
+        best = max(history, key=lambda r: r["valid_recall@50"])
+        rows.append(f"| {model_dir.name} | " + " | ".join(values)
+                    + f" | {best['valid_recall@50']:.4f} (epoch {best['epoch']} of {len(history)}) |")
+    head = "| model | " + " | ".join(f"epoch {e}" for e in range(epochs)) + " | best |"
+    return "\n".join([f"#### {protocol}: validation Recall@50 per epoch", "", head,
+                      "|---|" + "---|" * (epochs + 1), *rows])
+
+
 def table(protocol: str, res: dict[str, Any]) -> str:
     ks = res["ks"]
     cols = [f"{m}@{k}" for k in ks for m in ("recall", "ndcg")] + [f"hr@{k}" for k in ks if protocol == "comirec"]
@@ -180,7 +201,7 @@ def main() -> None:
             entry = summary.setdefault(protocol, {"metrics": {}, "seconds": {}, "ks": list(_ks(protocol))})
             entry["metrics"].update(finalize_partial(out, protocol))
         summary_path.write_text(json.dumps(summary, indent=2, default=str))
-        md = "\n\n".join(table(p, r) for p, r in summary.items())
+        md = "\n\n".join(table(p, r) + "\n\n" + curves(out, p) for p, r in summary.items())
         (out / "results.md").write_text(md + "\n")
         print("\n" + md, flush=True)
         return
@@ -195,7 +216,7 @@ def main() -> None:
         result["seconds"] = {**previous["seconds"], **result["seconds"]}
         summary[protocol] = result
         summary_path.write_text(json.dumps(summary, indent=2, default=str))
-        md = "\n\n".join(table(p, r) for p, r in summary.items())
+        md = "\n\n".join(table(p, r) + "\n\n" + curves(out, p) for p, r in summary.items())
         (out / "results.md").write_text(md + "\n")
         print("\n" + md, flush=True)
 
