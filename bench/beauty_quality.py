@@ -137,12 +137,11 @@ def curves(out: Path, protocol: str, epochs: int = 6) -> str:
     model at the same epoch."""
     rows = []
     for model_dir in sorted((out / protocol).iterdir()):
-        hist_files = sorted(model_dir.glob("ray_results/*/epoch_*/history.json"))
-        history_path = model_dir / "history.json" if (model_dir / "history.json").exists() else (
-            hist_files[-1] if hist_files else None)
-        if history_path is None:
+        found = [model_dir / "history.json", *sorted(model_dir.glob("ray_results/*/epoch_*/history.json"))]
+        histories = [json.loads(p.read_text()) for p in found if p.exists()]
+        if not histories:
             continue
-        history = json.loads(history_path.read_text())
+        history = max(histories, key=len)  # a run resumed with more epochs has the longer one
         values = [f"{r['valid_recall@50']:.4f}" for r in history[:epochs]] + [""] * max(0, epochs - len(history))
         best = max(history, key=lambda r: r["valid_recall@50"])
         rows.append(f"| {model_dir.name} | " + " | ".join(values)
