@@ -80,7 +80,7 @@ def _worker(rank: int, world: int, port: int, num_items: int, steps: int, global
             return m(batch["history"], batch["target"])
 
     module = LossModule(_Task(), model)
-    trainer = SparseTableDDP(module, "model.tok_emb", lr=1e-3, weight_decay=1e-5)
+    trainer = SparseTableDDP(module, "model.tok_emb", lr=1e-3, weight_decay=1e-5, find_unused_parameters=False)
     batches = _batches(steps, global_batch // world, 20, tree.pad, rank)
     times, sent, rows = [], [], []
     for i, (history, target) in enumerate(batches):
