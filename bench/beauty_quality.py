@@ -28,6 +28,11 @@ ABLATIONS = {
 VARIANTS = {"seater init std 0.125": {"embedding_init_std": 0.125}}
 
 
+def _dir_name(model: str) -> str:
+    """Directory of a SEATER variant's run: "seater w/o L_ali" -> "seater_wo_L_ali"."""
+    return model.replace(" ", "_").replace("/", "").replace(".", "")
+
+
 def _ks(protocol: str) -> tuple[int, ...]:
     return (5, 10, 20, 50) if protocol == "loo" else (20, 50)
 
@@ -85,7 +90,7 @@ def run_protocol(data: str, out: Path, protocol: str, epochs: int, ablations: bo
             wanted = set(variants)
         if name not in wanted:
             continue
-        ckpt = root / name.replace(" ", "_").replace("/", "").replace(".", "")
+        ckpt = root / _dir_name(name)
         if not (ckpt / "best" / "manifest.json").exists():
             print(f"== {protocol}: training {name}", flush=True)
             budget = train if name == "seater" or not ablation_epochs else train.model_copy(
@@ -120,8 +125,9 @@ def finalize_partial(out: Path, protocol: str) -> dict[str, Any]:
         best_dir = run / f"epoch_{best['epoch']:04d}"
         if (model_dir / "best" / "manifest.json").exists():  # finished: its own best copy
             best_dir = model_dir / "best"
-        name = {"sasrec_sampled": "sasrec (sampled)", "sasrec_ce": "sasrec (ce)"}.get(
-            model_dir.name, model_dir.name.replace("_", " ").replace("wo", "w/o"))
+        names = {_dir_name(n): n for n in [*ABLATIONS, *VARIANTS]}
+        name = {"sasrec_sampled": "sasrec (sampled)", "sasrec_ce": "sasrec (ce)", **names}.get(
+            model_dir.name, model_dir.name)
         metrics = evaluate(best_dir, root / "dataset", "test", EvalSettings(ks=ks), out=model_dir)
         finished = best_dir == model_dir / "best"
         metrics["note"] = (f"{len(history)} epochs, best epoch {best['epoch']}"
