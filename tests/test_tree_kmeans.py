@@ -68,7 +68,7 @@ def test_batched_split_stays_within_5_percent_of_exact_constrained_kmeans() -> N
     k, n = 8, 160
     x = _skewed_nodes(6, n)
     res = bk.split_batch(x, np.full(6, n), k, np.random.default_rng(0), s.kmeans_iters, s.balanced_iters,
-                         s.price_steps, s.n_init)
+                         s.n_init)
     exact = np.array([bk.split_exact(x[b], k, seed=b, n_init=10)[1] for b in range(6)])
     for b in range(6):
         assert _sizes_ok(res.assign[b].astype(np.int64), n, k)
@@ -86,7 +86,7 @@ def test_large_split_is_exactly_balanced_and_close_to_the_batched_method() -> No
     assert _sizes_ok(large.assign[0].astype(np.int64), 3000, 16)
     assert large.sse[0] == pytest.approx(bk.sse_of(x, large.assign[0].astype(np.int64)), rel=1e-3)
     batch = bk.split_batch(x[None], np.array([3000]), 16, np.random.default_rng(0), s.kmeans_iters,
-                           s.balanced_iters, s.price_steps, s.n_init)
+                           s.balanced_iters, s.n_init)
     # one faiss-initialised balanced run against 5 batched restarts (measured 1.07-1.12x)
     assert large.sse[0] <= 1.15 * batch.sse[0]
 

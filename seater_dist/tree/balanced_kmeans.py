@@ -114,15 +114,16 @@ def sse_of(x: np.ndarray, labels: np.ndarray) -> float:
 
 # -------------------------------------------------------------------------------------------- batched
 def split_batch(x: np.ndarray, n_real: np.ndarray, k: int, rng: np.random.Generator, kmeans_iters: int,
-                balanced_iters: int, price_steps: int, n_init: int = 1) -> SplitResult:
+                balanced_iters: int, n_init: int = 1) -> SplitResult:
     """Balanced k-means of B nodes at once: exact constrained k-means, restarted n_init times.
 
     x: float32 [B, n, d], node b's items in rows 0..n_real[b]-1 (the rest is padding);
     n_real: int [B], every entry > k. Each restart seeds k random items of the node and runs
     _PROBE_ITERS Lloyd steps with the optimal balanced assignment; the best restart of every node then
     runs on to ``balanced_iters`` steps (30% faster than running every restart to the end at 20k items,
-    k = 8; with 3 probe steps instead of 5, one test node landed 9.8% above k-means-constrained). Then ``kmeans_iters`` unconstrained Lloyd steps from the kept centres give the unconstrained
-    k-means objective that the manifest reports next to ours. ``price_steps`` is unused (exact path).
+    k = 8; with 3 probe steps instead of 5, one test node landed 9.8% above k-means-constrained).
+    Then ``kmeans_iters`` unconstrained Lloyd steps from the kept centres give the unconstrained
+    k-means objective that the manifest reports next to ours.
 
     Why random items and not k-means++ (measured on skewed nodes of 2,500 and 312 items, k = 8,
     against k-means-constrained with n_init 10): seeds drawn by mass land several in each big dense
@@ -131,7 +132,6 @@ def split_batch(x: np.ndarray, n_real: np.ndarray, k: int, rng: np.random.Genera
     against 1.043/1.318 (k-means++ then 3 unconstrained steps) at 2,500 items; 1.001/1.006 against
     0.998/0.999 at 312 items.
     """
-    del price_steps
     n_real = np.asarray(n_real, dtype=np.int64)
     x = x - _masked_mean(x, n_real)[:, None, :]  # centre each node: smaller norms, exacter float32 distances
     valid = np.arange(x.shape[1])[None, :] < n_real[:, None]
@@ -373,7 +373,9 @@ def _assign_min_cost_flow(dist: np.ndarray, n_real: int) -> np.ndarray:
     flow.add_arcs_with_capacity_and_unit_cost(np.repeat(items, k), n_real + np.tile(np.arange(k), n_real),
                                               np.ones(n_real * k, dtype=np.int64), cost.ravel())
     groups = n_real + np.arange(k)
-    big = np.full(k, -(2 * 10**9 + 1) * 2, dtype=np.int64)
+    # A unit through a mandatory arc must outweigh any rerouting of items it forces: such a path moves
+    # at most k - 1 items, each changing the cost by at most 1e9.
+    big = np.full(k, -(k + 1) * 10**9, dtype=np.int64)
     flow.add_arcs_with_capacity_and_unit_cost(groups, np.full(k, sink), np.full(k, n_real // k), big)
     flow.add_arcs_with_capacity_and_unit_cost(groups, np.full(k, sink), np.ones(k, dtype=np.int64),
                                               np.zeros(k, dtype=np.int64))

@@ -348,7 +348,7 @@ def _split_unit(emb: np.ndarray, unit: _Unit, k: int, s_json: dict[str, Any]) ->
         if unit.method == "plain":
             res = bk.plain_batch(x, sizes, k, rng, s.kmeans_iters, s.n_init)
         else:
-            res = bk.split_batch(x, sizes, k, rng, s.kmeans_iters, s.balanced_iters, s.price_steps, s.n_init)
+            res = bk.split_batch(x, sizes, k, rng, s.kmeans_iters, s.balanced_iters, s.n_init)
         valid = np.arange(x.shape[1])[None, :] < sizes[:, None]
         branch[:] = res.assign[valid]
         sse[:], sse_unc[:] = res.sse, res.sse_unconstrained
