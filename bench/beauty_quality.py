@@ -37,7 +37,7 @@ def _ks(protocol: str) -> tuple[int, ...]:
     return (5, 10, 20, 50) if protocol == "loo" else (20, 50)
 
 
-def run_protocol(data: str, out: Path, protocol: str, epochs: int, ablations: bool | str, ce: bool,
+def run_protocol(data: str, out: Path, protocol: str, epochs: int, ablations: bool, ce: bool,
                  workers: int, resume: bool = False, ablation_epochs: int | None = None,
                  variants: list[str] | None = None) -> dict[str, Any]:
     import numpy as np
@@ -81,13 +81,8 @@ def run_protocol(data: str, out: Path, protocol: str, epochs: int, ablations: bo
     tree = ItemTree.load(root / "tree")
     print(f"== {protocol}: tree over {tree.num_items:,} items, k = 8, depth {tree.depth}", flush=True)
 
-    models = {**ABLATIONS, **VARIANTS}
-    for name, overrides in models.items():
-        wanted = {"seater"} | (set(ABLATIONS) if ablations else set())
-        if ablations == "only":
-            wanted -= {"seater"}
-        if variants is not None:
-            wanted = set(variants)
+    wanted = set(variants) if variants is not None else {"seater"} | (set(ABLATIONS) if ablations else set())
+    for name, overrides in {**ABLATIONS, **VARIANTS}.items():
         if name not in wanted:
             continue
         ckpt = root / _dir_name(name)
@@ -179,17 +174,15 @@ def main() -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue SEATER runs stopped before they finished (e.g. with more --epochs)")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--ablations", action="store_const", const=True, default=False,
-                   help="also train the three Table 4 ablations")
-    p.add_argument("--ablations-only", dest="ablations", action="store_const", const="only",
-                   help="train the three ablations, not the full model")
+    p.add_argument("--ablations", action="store_true", help="also train the three Table 4 ablations")
     p.add_argument("--ablation-epochs", type=int, default=None,
                    help="epoch budget of each ablation (default: --epochs); compare with the full model's "
                         "validation curve at the same epoch")
     p.add_argument("--ce", action="store_true", help="also train SASRec with full cross-entropy")
     p.add_argument("--seater-models", default=None,
-                   help="comma-separated SEATER models to train instead (names: "
-                        + ", ".join(repr(n) for n in [*ABLATIONS, *VARIANTS]) + "); others use --ablation-epochs")
+                   help="comma-separated SEATER models to train instead, e.g. only the ablations (names: "
+                        + ", ".join(repr(n) for n in [*ABLATIONS, *VARIANTS]) + "); all but 'seater' use "
+                        "--ablation-epochs")
     p.add_argument("--finalize", action="store_true",
                    help="evaluate the best epoch so far of runs that were stopped early, and write the tables")
     args = p.parse_args()
