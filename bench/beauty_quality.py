@@ -26,6 +26,19 @@ ABLATIONS = {
 }
 # Not in the paper: the token table's init scale (the spec's N(0, 1) against SASRec's N(0, 1/d)).
 VARIANTS = {"seater init std 0.125": {"embedding_init_std": 0.125}}
+# The paper's tuning grid (§5.1), one factor at a time around "seater init std 0.125" (λa = λr = 0.05,
+# β = 1e-3, L2 = 1e-5, k = 8): λ in [0.01, 0.09] step 0.02, β in {1e-2, 1e-3, 1e-4}, L2 in
+# {1e-4, ..., 1e-7}, k in {2, ..., 32}. Keys: SeaterSettings overrides, plus "weight_decay" (TrainSettings)
+# and "k" (the tree). Points are picked on validation Recall@50 only; they get no test evaluation.
+_GRID_BASE = {"embedding_init_std": 0.125}
+GRID = {  # in the order they run: the ends of each range first
+    **{f"grid lambda {v}": {**_GRID_BASE, "lambda_ali": v, "lambda_rank": v} for v in (0.01, 0.09)},
+    **{f"grid beta {v:g}": {**_GRID_BASE, "beta": v} for v in (1e-2, 1e-4)},
+    **{f"grid l2 {v:g}": {**_GRID_BASE, "weight_decay": v} for v in (1e-4, 1e-6)},
+    **{f"grid k {v}": {**_GRID_BASE, "k": v} for v in (4, 16)},
+    **{f"grid lambda {v}": {**_GRID_BASE, "lambda_ali": v, "lambda_rank": v} for v in (0.03, 0.07)},
+    "grid l2 1e-07": {**_GRID_BASE, "weight_decay": 1e-7},
+}
 
 
 def _dir_name(model: str) -> str:
@@ -74,25 +87,35 @@ def run_protocol(data: str, out: Path, protocol: str, epochs: int, ablations: bo
             timed(name, lambda: train_sasrec(root / "dataset", ckpt, train, SasrecSettings(loss=loss), ks=ks))
         results[name] = evaluate(ckpt / "best", root / "dataset", "test", EvalSettings(ks=ks), out=ckpt)
 
-    if not (root / "tree" / "manifest.json").exists():
-        emb = np.load(root / "sasrec_sampled" / "item_embeddings.npy")
-        tree = timed("build-tree", lambda: build_tree(emb, 8, settings=TreeSettings(k=8)))
-        tree.save(root / "tree")
-    tree = ItemTree.load(root / "tree")
+    def tree_dir(k: int) -> Path:
+        """The k-ary tree over the SASRec (sampled) embeddings, built once per k."""
+        path = root / ("tree" if k == 8 else f"tree_k{k}")
+        if not (path / "manifest.json").exists():
+            emb = np.load(root / "sasrec_sampled" / "item_embeddings.npy")
+            built = timed(f"build-tree k={k}", lambda: build_tree(emb, k, settings=TreeSettings(k=k)))
+            built.save(path)
+        return path
+
+    tree = ItemTree.load(tree_dir(8))
     print(f"== {protocol}: tree over {tree.num_items:,} items, k = 8, depth {tree.depth}", flush=True)
 
     wanted = set(variants) if variants is not None else {"seater"} | (set(ABLATIONS) if ablations else set())
-    for name, overrides in {**ABLATIONS, **VARIANTS}.items():
+    for name, overrides in {**ABLATIONS, **VARIANTS, **GRID}.items():
         if name not in wanted:
             continue
+        model = {key: v for key, v in overrides.items() if key not in ("weight_decay", "k")}
+        budget = train if name == "seater" or not ablation_epochs else train.model_copy(
+            update={"epochs": ablation_epochs})
+        if "weight_decay" in overrides:
+            budget = budget.model_copy(update={"weight_decay": overrides["weight_decay"]})
         ckpt = root / _dir_name(name)
         if not (ckpt / "best" / "manifest.json").exists():
             print(f"== {protocol}: training {name}", flush=True)
-            budget = train if name == "seater" or not ablation_epochs else train.model_copy(
-                update={"epochs": ablation_epochs})
-            timed(name, lambda: train_seater(root / "dataset", root / "tree", ckpt, budget,
-                                             SeaterSettings(**overrides), ks=ks,
+            timed(name, lambda: train_seater(root / "dataset", tree_dir(overrides.get("k", 8)), ckpt, budget,
+                                             SeaterSettings(**model), ks=ks,
                                              resume=resume and (ckpt / "ray_results").exists()))
+        if name in GRID:  # tuning runs are compared on validation only (see curves())
+            continue
         results[name] = evaluate(ckpt / "best", root / "dataset", "test", EvalSettings(ks=ks), out=ckpt)
         results[name]["train_history_epochs"] = len(json.loads((ckpt / "history.json").read_text()))
     return {"metrics": results, "seconds": seconds, "tree_depth": tree.depth, "ks": ks}
@@ -112,6 +135,8 @@ def finalize_partial(out: Path, protocol: str) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for run in sorted(root.glob("*/ray_results/*")):
         model_dir = run.parent.parent
+        if model_dir.name.startswith("grid_"):  # tuning runs: validation only
+            continue
         epochs = sorted(p for p in run.glob("epoch_*") if (p / "history.json").exists())
         if not epochs:
             continue
@@ -179,6 +204,9 @@ def main() -> None:
                    help="epoch budget of each ablation (default: --epochs); compare with the full model's "
                         "validation curve at the same epoch")
     p.add_argument("--ce", action="store_true", help="also train SASRec with full cross-entropy")
+    p.add_argument("--grid", action="store_true",
+                   help="train the paper's tuning grid (one factor at a time, --ablation-epochs each) instead; "
+                        "compare the points on validation Recall@50 in results.md")
     p.add_argument("--seater-models", default=None,
                    help="comma-separated SEATER models to train instead, e.g. only the ablations (names: "
                         + ", ".join(repr(n) for n in [*ABLATIONS, *VARIANTS]) + "); all but 'seater' use "
@@ -206,6 +234,7 @@ def main() -> None:
     for protocol in ([args.only] if args.only else ["comirec", "loo"]):
         result = run_protocol(args.data, out, protocol, args.epochs, args.ablations, args.ce, args.workers,
                               args.resume, args.ablation_epochs,
+                              list(GRID) if args.grid else
                               args.seater_models.split(",") if args.seater_models else None)
         # Re-read: another invocation (the other protocol) may have written meanwhile.
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}

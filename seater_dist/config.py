@@ -170,7 +170,7 @@ class TreeSettings(Settings):
     )
     task_items: int = Field(
         0, ge=0, description="Items per Ray task when small nodes are packed together (0: about "
-        "level size / (4 x CPUs), between 20k and 400k).",
+        "level size / (4 x CPUs), between 2k and 400k).",
     )
     quality_sample_nodes: int = Field(
         2, ge=0, description="Nodes per level also solved by exact constrained k-means, to report "

@@ -91,19 +91,70 @@ def test_large_split_is_exactly_balanced_and_close_to_the_batched_method() -> No
     assert large.sse[0] <= 1.15 * batch.sse[0]
 
 
-@pytest.mark.parametrize("n, k", [(9, 8), (39, 8), (93, 16), (101, 4), (64, 2)])
-def test_min_cost_flow_assignment_is_optimal(n: int, k: int) -> None:
-    """Against scipy's Hungarian solver on the slot expansion: group j has floor(n/k)+1 slots, the
-    first floor(n/k) of which carry a bonus large enough that they are always filled."""
+def _hungarian_optimum(dist: np.ndarray) -> float:
+    """Reference: scipy's Hungarian solver on the slot expansion (group j has floor(n/k)+1 slots, the
+    first floor(n/k) of which carry a bonus large enough that they are always filled)."""
     from scipy.optimize import linear_sum_assignment
 
-    rng = np.random.default_rng(n * k)
-    dist = (rng.random((n, k)) + 3 * rng.random((1, k))).astype(np.float32)  # skewed: some groups cheap
-    ours = bk._assign_min_cost_flow(np.vstack([dist, np.zeros((3, k), np.float32)]), n)  # with padding rows
-    assert _sizes_ok(ours[:n], n, k)
+    n, k = dist.shape
     lo = n // k
     slots = np.repeat(dist.astype(np.float64), lo + 1, axis=1)
     slots[:, np.tile(np.arange(lo + 1) < lo, k)] -= 2 * n * float(dist.max()) + 1
     rows, cols = linear_sum_assignment(slots)
-    best = dist[rows, cols // (lo + 1)].sum()
-    assert dist[np.arange(n), ours[:n]].sum() == pytest.approx(best, rel=1e-6)
+    return float(dist[rows, cols // (lo + 1)].sum())
+
+
+def _skewed_dist(n: int, k: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.random((n, k)) + 3 * rng.random((1, k))).astype(np.float32)  # some groups cheap for all
+
+
+@pytest.mark.parametrize("n, k", [(9, 8), (39, 8), (93, 16), (101, 4), (64, 2), (300, 8), (500, 16)])
+def test_every_exact_assignment_route_is_optimal(n: int, k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Hungarian (small nodes), full min-cost-flow and warm restricted-flow routes all reach the
+    optimum, and the warm route really solves a smaller flow."""
+    dist = _skewed_dist(n, k, n * k)
+    best = _hungarian_optimum(dist)
+    padded = np.vstack([dist, np.zeros((3, k), np.float32)])  # padding rows must be ignored
+    cold, prices = bk._assign_exact(padded, n)
+    assert _sizes_ok(cold[:n], n, k) and (cold[n:] == 0).all()
+    assert dist[np.arange(n), cold[:n]].sum() == pytest.approx(best, rel=1e-6)
+    full = bk._min_cost_flow(dist.astype(np.float64), np.full(k, n // k), np.ones(k, dtype=np.int64))
+    assert dist[np.arange(n), full].sum() == pytest.approx(best, rel=1e-6)
+    if n <= bk._LSA_MAX:
+        return
+    # warm: prices certified on a slightly different problem (the previous Lloyd step)
+    previous = dist + 0.01 * np.random.default_rng(1).random(dist.shape).astype(np.float32)
+    p0 = bk._dual_prices(previous.astype(np.float64), bk._assign_exact(previous, n)[0])
+    assert p0 is not None
+    flow_rows = []
+    real_flow = bk._min_cost_flow
+    monkeypatch.setattr(bk, "_min_cost_flow", lambda c, m, o: flow_rows.append(c.shape[0]) or real_flow(c, m, o))
+    warm, warm_prices = bk._assign_exact(padded, n, p0, moved=0.01)
+    assert dist[np.arange(n), warm[:n]].sum() == pytest.approx(best, rel=1e-6) and _sizes_ok(warm[:n], n, k)
+    assert flow_rows and flow_rows[0] < n / 2
+    assert warm_prices is not None
+
+
+@pytest.mark.parametrize("n, k", [(200, 8), (500, 16), (150, 2)])
+def test_dual_prices_certify_optimal_assignments_only(n: int, k: int) -> None:
+    """Prices exist exactly for optimal assignments; under them each item's group is its cheapest."""
+    d = _skewed_dist(n, k, 7 * n + k).astype(np.float64)
+    optimal = bk._min_cost_flow(d, np.full(k, n // k), np.ones(k, dtype=np.int64))
+    prices = bk._dual_prices(d, optimal)
+    assert prices is not None
+    adjusted = d - prices
+    assert np.allclose(adjusted[np.arange(n), optimal], adjusted.min(1), atol=1e-9 * d.max())
+    worse = optimal.copy()  # swap two items of different groups: same sizes, higher cost
+    i = int(np.argmax(optimal != optimal[0]))
+    worse[0], worse[i] = optimal[i], optimal[0]
+    if d[np.arange(n), worse].sum() > d[np.arange(n), optimal].sum() + 1e-9:
+        assert bk._dual_prices(d, worse) is None
+    moved = optimal.copy()  # a group with floor(n/k)+1 hands an item to one with floor(n/k): not optimal
+    sizes = np.bincount(optimal, minlength=k)
+    if (sizes == n // k + 1).any() and (sizes == n // k).any():
+        src, dst = int(np.argmax(sizes == n // k + 1)), int(np.argmax(sizes == n // k))
+        item = np.flatnonzero(optimal == src)[0]
+        moved[item] = dst
+        if d[item, dst] > d[item, src] + 1e-9:
+            assert bk._dual_prices(d, moved) is None

@@ -157,7 +157,7 @@ def _balanced_paths(runner: "_Runner", n: int, k: int, s: TreeSettings) -> tuple
     depth = depth_for(n, k)
     paths = np.zeros((n, depth - 1), dtype=np.int16)
     node = np.zeros(n, dtype=np.int64)
-    levels = []
+    levels, checks = [], []
     for lvl in range(depth - 1):
         t = time.time()
         order, starts, sizes = _group_nodes(node)
@@ -167,13 +167,16 @@ def _balanced_paths(runner: "_Runner", n: int, k: int, s: TreeSettings) -> tuple
         units = _plan_units(order, starts, sizes, k, s, runner.cpus, mode="balanced", level=lvl)
         results = runner.run(units, k, s)
         stats = _collect(units, results, branch)
-        samples = _sample_exact(runner, units, results, k, s, lvl)
+        # The quality check runs beside the next levels (on Ray it fills CPUs a single big node leaves idle).
+        checks.append(_submit_exact_check(runner, units, results, k, s, lvl))
         paths[:, lvl] = branch
         node = node * k + branch
-        rec = _level_record(lvl, depth, sizes, k, stats, samples, time.time() - t, len(units))
+        rec = _level_record(lvl, depth, sizes, k, stats, time.time() - t, len(units))
         levels.append(rec)
         log.info("built level %d/%d: %s nodes in %.1f s (objective %.3fx unconstrained k-means)", lvl + 1,
                  depth - 1, f"{sizes.size:,}", rec["seconds"], rec.get("ratio_vs_unconstrained") or float("nan"))
+    for rec, check in zip(levels, checks):
+        _attach_exact_check(rec, runner, *check)
     return paths, levels
 
 
@@ -207,7 +210,7 @@ def _unbalanced_paths(runner: "_Runner", n: int, k: int, s: TreeSettings) -> tup
         stats = _collect(units, results, branch)
         columns.append(np.where(done_at >= 0, 0, branch).astype(np.int16))
         node = np.unique(node * k + branch, return_inverse=True)[1]  # dense ids: no overflow however deep
-        levels.append(_level_record(lvl, None, sizes[big], k, stats, [], time.time() - t, len(units)))
+        levels.append(_level_record(lvl, None, sizes[big], k, stats, time.time() - t, len(units)))
         log.info("built level %d: %s nodes split by plain k-means in %.1f s", lvl + 1, f"{int(big.sum()):,}",
                  time.time() - t)
         lvl += 1
@@ -275,7 +278,7 @@ def _plan_units(order: np.ndarray, starts: np.ndarray, sizes: np.ndarray, k: int
     if need.size == 0:
         return []
     level_items = int(sizes[need].sum())
-    target = s.task_items or int(np.clip(level_items // (4 * cpus), 20_000, 400_000))
+    target = s.task_items or int(np.clip(level_items // (4 * cpus), 2_000, 400_000))
     units: list[_Unit] = []
     large = need[sizes[need] > s.large_node]
     exact = need[(sizes[need] <= s.exact_threshold) & (sizes[need] <= s.large_node)]
@@ -384,9 +387,10 @@ def _collect(units: list[_Unit], results: list[_UnitResult], branch: np.ndarray)
             "method": np.concatenate(method)}
 
 
-def _sample_exact(runner: "_Runner", units: list[_Unit], results: list[_UnitResult], k: int, s: TreeSettings,
-                  level: int) -> list[dict]:
-    """Solve up to ``quality_sample_nodes`` batched nodes of this level exactly; compare objectives."""
+def _submit_exact_check(runner: "_Runner", units: list[_Unit], results: list[_UnitResult], k: int,
+                        s: TreeSettings, level: int) -> tuple[list[float], list[np.ndarray], Any]:
+    """Start solving up to ``quality_sample_nodes`` batched nodes of this level with exact constrained
+    k-means. -> (our objectives, the nodes' items, the pending solves for :func:`_attach_exact_check`)."""
     picks = []
     for unit, res in zip(units, results):
         if unit.method != "batch":
@@ -394,15 +398,23 @@ def _sample_exact(runner: "_Runner", units: list[_Unit], results: list[_UnitResu
         for j, (a, b) in enumerate(zip(unit.starts[:-1], unit.starts[1:])):
             if b - a <= s.quality_sample_max_items and len(picks) < s.quality_sample_nodes:
                 picks.append((unit.idx[a:b], float(res.sse[j])))
-    out = []
-    for (idx, ours), (exact_sse, secs) in zip(picks, runner.exact([p[0] for p in picks], k, s.seed + level)):
-        out.append({"items": int(idx.size), "ours": ours, "exact": exact_sse, "ratio": ours / exact_sse,
-                    "exact_seconds": round(secs, 3)})
-    return out
+    nodes = [p[0] for p in picks]
+    return [p[1] for p in picks], nodes, runner.exact_submit(nodes, k, s.seed + level)
+
+
+def _attach_exact_check(rec: dict[str, Any], runner: "_Runner", ours: list[float], nodes: list[np.ndarray],
+                        pending: Any) -> None:
+    """Add the exact-versus-ours comparison of one level to its record."""
+    samples = [{"items": int(idx.size), "ours": o, "exact": exact_sse, "ratio": o / exact_sse,
+                "exact_seconds": round(secs, 3)}
+               for o, idx, (exact_sse, secs) in zip(ours, nodes, runner.exact_wait(pending))]
+    if samples:
+        rec["exact_samples"] = samples
+        rec["ratio_vs_exact"] = float(np.mean([x["ratio"] for x in samples]))
 
 
 def _level_record(lvl: int, depth: int | None, sizes: np.ndarray, k: int, stats: dict[str, np.ndarray],
-                  samples: list[dict], seconds: float, tasks: int) -> dict[str, Any]:
+                  seconds: float, tasks: int) -> dict[str, Any]:
     """What the manifest keeps about one split level (objectives are mean squared distances)."""
     clustered = stats["sizes"].sum()
     rec: dict[str, Any] = {
@@ -418,9 +430,6 @@ def _level_record(lvl: int, depth: int | None, sizes: np.ndarray, k: int, stats:
         if ok.any():
             rec["objective_unconstrained"] = float(unc[ok].sum() / stats["sizes"][ok].sum())
             rec["ratio_vs_unconstrained"] = float(stats["sse"][ok].sum() / unc[ok].sum())
-    if samples:
-        rec["exact_samples"] = samples
-        rec["ratio_vs_exact"] = float(np.mean([x["ratio"] for x in samples]))
     return rec
 
 
@@ -459,12 +468,18 @@ class _Runner:
             refs.append(self.remote.options(num_cpus=u.cpus).remote(self.ref, u, k, s_json))
         return ray.get(refs)
 
-    def exact(self, idx_list: list[np.ndarray], k: int, seed: int) -> list[tuple[float, float]]:
+    def exact_submit(self, idx_list: list[np.ndarray], k: int, seed: int) -> list[Any]:
+        """Exact constrained k-means of each node: Ray futures, or the results in-process."""
         if not self.ray:
             return [_exact_node(self.emb, idx, k, seed) for idx in idx_list]
+        return [self.remote_exact.remote(self.ref, idx, k, seed) for idx in idx_list]
+
+    def exact_wait(self, pending: list[Any]) -> list[tuple[float, float]]:
+        if not self.ray or not pending:
+            return pending
         import ray
 
-        return ray.get([self.remote_exact.remote(self.ref, idx, k, seed) for idx in idx_list])
+        return ray.get(pending)
 
     def close(self) -> None:
         self.ref = None
