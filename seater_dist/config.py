@@ -161,7 +161,9 @@ class TreeSettings(Settings):
         "the others they give the unconstrained objective reported next to ours.",
     )
     balanced_iters: int = Field(
-        10, ge=1, description="Lloyd iterations with the balanced assignment (stops early once no item moves)."
+        10, ge=1, description="Lloyd iterations with the balanced assignment (a node stops once no item moves). "
+        "At 20k items, k = 8, over 8 seeds: worst objective 560.6 with 10, 550.3 with 20, 546.2 with 40, for "
+        "+26% / +36% CPU (the later steps are cheap warm-started flows).",
     )
     price_steps: int = Field(2, ge=1, description="Sinkhorn steps per temperature of the approximate balanced "
                              "assignment used on nodes above large_node.")

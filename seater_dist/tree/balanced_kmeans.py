@@ -39,7 +39,9 @@ import numpy as np
 _DAMPING = 0.5
 _PROBE_ITERS = 5  # Lloyd iterations of every restart before only the best one continues
 _PROBE_SAMPLE = 1024  # restarts of bigger nodes probe on this many random items
+_SAMPLED_RESTARTS = 1  # restarts on a sample are cheap: n_init x this many
 _LSA_MAX = 128  # nodes up to this size get the Hungarian method instead of a min-cost flow
+_WARM_MAX = 1 / 4  # largest share of a node a warm attempt frees (doubling from 3x the share that moved)
 _WARM_MIN = 1000  # below, a full flow (<= 1 ms) costs little more than a warm attempt that may fail
 
 
@@ -147,7 +149,7 @@ def split_batch(x: np.ndarray, n_real: np.ndarray, k: int, rng: np.random.Genera
     px, pn = _random_rows(x, n_real, _PROBE_SAMPLE, rng) if sampled else (x, n_real)
     best: SplitResult | None = None
     probe = min(balanced_iters, _PROBE_ITERS) if n_init > 1 else balanced_iters
-    for _ in range(n_init):  # short runs pick each node's basin ...
+    for _ in range(n_init * (_SAMPLED_RESTARTS if sampled else 1)):  # short runs pick each node's basin ...
         res = balanced_lloyd(px, pn, _random_items(px, pn, k, rng), probe, 0, exact=True)
         if best is None:
             best = res
@@ -412,12 +414,13 @@ def _assign_exact(dist: np.ndarray, n_real: int, prices: np.ndarray | None = Non
     d = np.maximum(dist[:n_real].astype(np.float64), 0.0)
     out = np.zeros(dist.shape[0], dtype=np.int64)
     fraction = max(1 / 16, 3 * moved)
-    if prices is not None and fraction <= 1 / 4 and n_real >= _WARM_MIN:
+    while prices is not None and fraction <= _WARM_MAX and n_real >= _WARM_MIN:
         assign = _assign_restricted(d, prices, fraction)
         certified = _dual_prices(d, assign)
         if certified is not None:
             out[:n_real] = assign
             return out, certified
+        fraction *= 2
     out[:n_real] = _min_cost_flow(d, np.full(k, n_real // k), np.ones(k, dtype=np.int64))
     return out, _dual_prices(d, out[:n_real]) if n_real >= _WARM_MIN else None
 

@@ -33,7 +33,7 @@ import hashlib
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -358,6 +358,21 @@ def _split_unit(emb: np.ndarray, unit: _Unit, k: int, s_json: dict[str, Any]) ->
     return _UnitResult(branch, sse, sse_unc, time.time() - t)
 
 
+def _best_per_node(unit: _Unit, results: list[_UnitResult]) -> _UnitResult:
+    """Combine runs of the same unit from different seeds: every node keeps its lowest-objective split."""
+    if len(results) == 1:
+        return results[0]
+    first = results[0]  # arrays from the object store are read-only
+    best = _UnitResult(first.branch.copy(), first.sse.copy(), first.sse_unconstrained.copy(), first.seconds)
+    for other in results[1:]:
+        for j in np.flatnonzero(other.sse < best.sse):
+            a, b = unit.starts[j], unit.starts[j + 1]
+            best.branch[a:b] = other.branch[a:b]
+            best.sse[j], best.sse_unconstrained[j] = other.sse[j], other.sse_unconstrained[j]
+    best.seconds = max(r.seconds for r in results)
+    return best
+
+
 def _stack(emb: np.ndarray, unit: _Unit) -> np.ndarray:
     """The unit's nodes as a padded float32 [B, n_max, d] array (rows in the unit's idx order)."""
     sizes = np.diff(unit.starts)
@@ -462,11 +477,16 @@ class _Runner:
             return out
         import ray
 
+        # Fewer batched tasks than CPUs (the top levels of a small tree): the idle CPUs run the same
+        # nodes from other seeds, and each node keeps its best split. Free in wall time, and it evens
+        # out the unlucky restarts that a single big node is most exposed to.
+        replicas = self.cpus // len(units) if units and all(u.method == "batch" for u in units) else 1
         refs = []
         for u in units:
             u.cpus = min(u.cpus, self.node_cpus)
-            refs.append(self.remote.options(num_cpus=u.cpus).remote(self.ref, u, k, s_json))
-        return ray.get(refs)
+            refs.append([self.remote.options(num_cpus=u.cpus).remote(self.ref, replace(u, seed=u.seed + 104_729 * r),
+                                                                    k, s_json) for r in range(max(1, replicas))])
+        return [_best_per_node(u, ray.get(r)) for u, r in zip(units, refs)]
 
     def exact_submit(self, idx_list: list[np.ndarray], k: int, seed: int) -> list[Any]:
         """Exact constrained k-means of each node: Ray futures, or the results in-process."""
