@@ -42,6 +42,7 @@ _PROBE_SAMPLE = 1024  # restarts of bigger nodes probe on this many random items
 _SAMPLED_RESTARTS = 1  # restarts on a sample are cheap: n_init x this many
 _LSA_MAX = 128  # nodes up to this size get the Hungarian method instead of a min-cost flow
 _WARM_MAX = 1 / 4  # largest share of a node a warm attempt frees (doubling from 3x the share that moved)
+_WARM_MOVED = 1 / 12  # warm attempts only once at most this share of the node moved at the last step
 _WARM_MIN = 1000  # below, a full flow (<= 1 ms) costs little more than a warm attempt that may fail
 
 
@@ -413,7 +414,7 @@ def _assign_exact(dist: np.ndarray, n_real: int, prices: np.ndarray | None = Non
     k = dist.shape[1]
     d = np.maximum(dist[:n_real].astype(np.float64), 0.0)
     out = np.zeros(dist.shape[0], dtype=np.int64)
-    fraction = max(1 / 16, 3 * moved)
+    fraction = max(1 / 16, 3 * moved) if moved <= _WARM_MOVED else 1.0
     while prices is not None and fraction <= _WARM_MAX and n_real >= _WARM_MIN:
         assign = _assign_restricted(d, prices, fraction)
         certified = _dual_prices(d, assign)
