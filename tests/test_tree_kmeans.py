@@ -79,6 +79,17 @@ def test_batched_split_stays_within_5_percent_of_exact_constrained_kmeans() -> N
     assert (res.sse_unconstrained < res.sse).all()
 
 
+def test_sampled_restarts_stay_within_5_percent_of_exact_constrained_kmeans() -> None:
+    """Nodes above _PROBE_SAMPLE items pick their restart on a sample: the same quality bar."""
+    s = TreeSettings()
+    n = bk._PROBE_SAMPLE + 476
+    x = _skewed_nodes(2, n)
+    res = bk.split_batch(x, np.full(2, n), 8, np.random.default_rng(2), s.kmeans_iters, s.balanced_iters, s.n_init)
+    exact = np.array([bk.split_exact(x[b], 8, seed=b, n_init=10)[1] for b in range(2)])
+    assert all(_sizes_ok(res.assign[b].astype(np.int64), n, 8) for b in range(2))
+    assert (res.sse / exact).max() <= 1.05, res.sse / exact
+
+
 def test_large_split_is_exactly_balanced_and_close_to_the_batched_method() -> None:
     x = skewed_clustered_embeddings(3000, 16, seed=2)
     s = TreeSettings()
