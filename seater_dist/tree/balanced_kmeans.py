@@ -184,10 +184,8 @@ def _random_rows(x: np.ndarray, n_real: np.ndarray, m: int, rng: np.random.Gener
 
 
 def _random_items(x: np.ndarray, n_real: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k distinct random items of every node as centres. x [B, n, d] -> float32 [B, k, d]."""
-    pick = np.argsort(rng.random((x.shape[0], x.shape[1])) + (np.arange(x.shape[1])[None, :] >= n_real[:, None]),
-                      axis=1)[:, :k]  # padding sorts last
-    return np.take_along_axis(x, pick[..., None], axis=1).astype(np.float32)
+    """k distinct random items of every node (n_real > k) as centres. x [B, n, d] -> float32 [B, k, d]."""
+    return _random_rows(x, n_real, k, rng)[0].astype(np.float32)
 
 
 def split_large(x: np.ndarray, k: int, seed: int, kmeans_iters: int, balanced_iters: int, price_steps: int,
