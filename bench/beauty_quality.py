@@ -4,6 +4,7 @@ plus the paper's Table 4 ablations, all trained and evaluated the same way on th
     python -m bench.beauty_quality --data ../shared/data/beauty/Beauty.txt --out runs/beauty
     python -m bench.beauty_quality ... --only comirec            # one protocol
     python -m bench.beauty_quality ... --ablations --ce          # add the ablations and SASRec with full CE
+    python -m bench.beauty_quality ... --only comirec --grid --ablation-epochs 5   # the paper's tuning grid
 
 Every stage is skipped when its artifact already exists, so an interrupted run continues where it
 stopped. Results: OUT/results.json and OUT/results.md (one row per model, relative gain over SASRec).
