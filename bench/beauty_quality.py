@@ -158,17 +158,23 @@ def finalize_partial(out: Path, protocol: str) -> dict[str, Any]:
     return found
 
 
+def _longest_history(model_dir: Path) -> list[dict[str, Any]]:
+    """A run's per-epoch records: its final history.json or its checkpoints' (a run resumed with more
+    epochs has the longer one); [] if it has none."""
+    found = [model_dir / "history.json", *sorted(model_dir.glob("ray_results/*/epoch_*/history.json"))]
+    histories = [json.loads(p.read_text()) for p in found if p.exists()]
+    return max(histories, key=len) if histories else []
+
+
 def curves(out: Path, protocol: str, epochs: int = 6) -> str:
     """Validation Recall@50 of every model over its first ``epochs`` epochs (and its best), from the
     histories on disk: the ablations and variants ran on a short budget, so compare them with the full
     model at the same epoch."""
     rows = []
     for model_dir in sorted((out / protocol).iterdir()):
-        found = [model_dir / "history.json", *sorted(model_dir.glob("ray_results/*/epoch_*/history.json"))]
-        histories = [json.loads(p.read_text()) for p in found if p.exists()]
-        if not histories:
+        history = _longest_history(model_dir)
+        if not history:
             continue
-        history = max(histories, key=len)  # a run resumed with more epochs has the longer one
         values = [f"{r['valid_recall@50']:.4f}" for r in history[:epochs]] + [""] * max(0, epochs - len(history))
         best = max(history, key=lambda r: r["valid_recall@50"])
         rows.append(f"| {model_dir.name} | " + " | ".join(values)
@@ -181,16 +187,10 @@ def curves(out: Path, protocol: str, epochs: int = 6) -> str:
 def grid_table(out: Path, protocol: str) -> str:
     """The tuning grid against its centre ("seater init std 0.125") at the grid's epoch budget:
     validation Recall@50 of each point's last epoch, and the centre's at the same epoch."""
-    def history(name: str) -> list[dict[str, Any]]:
-        found = [out / protocol / _dir_name(name) / "history.json",
-                 *sorted((out / protocol / _dir_name(name)).glob("ray_results/*/epoch_*/history.json"))]
-        histories = [json.loads(p.read_text()) for p in found if p.exists()]
-        return max(histories, key=len) if histories else []
-
-    centre = history("seater init std 0.125")
+    centre = _longest_history(out / protocol / _dir_name("seater init std 0.125"))
     rows = []
     for name, overrides in GRID.items():
-        h = history(name)
+        h = _longest_history(out / protocol / _dir_name(name))
         if not h or len(centre) < len(h):
             continue
         last, ref = h[-1]["valid_recall@50"], centre[len(h) - 1]["valid_recall@50"]

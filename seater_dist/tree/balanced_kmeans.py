@@ -268,7 +268,7 @@ def balanced_lloyd(x: np.ndarray, n_real: np.ndarray, centers: np.ndarray, iters
     """Lloyd iterations whose assignment step is balanced.
 
     x float32 [B, n, d] (padded), n_real int [B], centers float32 [B, k, d]. Every iteration ends
-    exactly balanced. ``exact``: the optimal assignment for the centres, one min-cost flow per node
+    exactly balanced. ``exact``: the optimal assignment for the centres, node by node
     (:func:`_assign_exact`), i.e. exact constrained k-means. Otherwise Sinkhorn prices and
     the greedy :func:`_repair` (for single nodes of millions of items, where a flow over n x k arcs
     would not fit and the prices leave a tiny fraction of the items to repair).
@@ -285,7 +285,7 @@ def balanced_lloyd(x: np.ndarray, n_real: np.ndarray, centers: np.ndarray, iters
     # exact route: each node's certifying prices, for a warm start (given ones: a guess, see split_batch)
     duals: list[np.ndarray | None] = [None if not warm or np.isnan(p).any() else p.astype(np.float64)
                                       for p in prices]
-    moved = np.full(bsz, 1 / 12 if warm else 1.0)  # fraction of each node's items that changed group last step
+    moved = np.full(bsz, _WARM_MOVED if warm else 1.0)  # share of each node's items that changed group last step
     assign = None
     for it in range(max(1, iters)):
         dist = _sqdist(x, x2, centers)
@@ -307,7 +307,7 @@ def balanced_lloyd(x: np.ndarray, n_real: np.ndarray, centers: np.ndarray, iters
             moved = ((new != assign) & valid).sum(1) / n_real
         if exact:  # a full flow's result is priced only if the next step may start warm from it
             for b in np.flatnonzero(fresh_full & (moved <= _WARM_MOVED) & (n_real >= _WARM_MIN)):
-                duals[b] = _dual_prices(np.maximum(dist[b, : n_real[b]].astype(np.float64), 0.0), new[b, : n_real[b]])
+                duals[b] = _dual_prices(_node_costs(dist[b], int(n_real[b])), new[b, : n_real[b]])
         assign = new
         if converged:  # the groups did not change: later iterations would repeat this one
             break
@@ -416,7 +416,7 @@ def _assign_exact(dist: np.ndarray, n_real: int, prices: np.ndarray | None = Non
     if n_real <= _LSA_MAX:
         return _assign_lsa(dist, n_real), None
     k = dist.shape[1]
-    d = np.maximum(dist[:n_real].astype(np.float64), 0.0)
+    d = _node_costs(dist, n_real)
     out = np.zeros(dist.shape[0], dtype=np.int64)
     fraction = max(1 / 16, 3 * moved) if moved <= _WARM_MOVED else 1.0
     while prices is not None and fraction <= _WARM_MAX and n_real >= _WARM_MIN:
@@ -430,6 +430,12 @@ def _assign_exact(dist: np.ndarray, n_real: int, prices: np.ndarray | None = Non
     return out, None  # balanced_lloyd prices it only if the next step may start warm
 
 
+def _node_costs(dist: np.ndarray, n_real: int) -> np.ndarray:
+    """One node's assignment costs: float32 [n, k] squared distances (padded) -> float64 [n_real, k] >= 0
+    (float32 rounding can leave tiny negatives)."""
+    return np.maximum(dist[:n_real].astype(np.float64), 0.0)
+
+
 def _assign_lsa(dist: np.ndarray, n_real: int) -> np.ndarray:
     """Optimal balanced assignment of a small node by the Hungarian method: group j owns floor(n/k)
     mandatory slots (a bonus larger than any rerouting forces them full) and one optional slot.
@@ -438,7 +444,7 @@ def _assign_lsa(dist: np.ndarray, n_real: int) -> np.ndarray:
 
     k = dist.shape[1]
     lo = n_real // k
-    d = np.maximum(dist[:n_real].astype(np.float64), 0.0)
+    d = _node_costs(dist, n_real)
     slot_group = np.repeat(np.arange(k), lo + 1)
     cost = d[:, slot_group]
     mandatory = np.tile(np.r_[np.ones(lo, dtype=bool), False], k)
