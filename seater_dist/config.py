@@ -153,9 +153,9 @@ class TreeSettings(Settings):
         "Lloyd); smaller nodes are stacked and split together by the batched method.",
     )
     n_init: int = Field(
-        3, ge=1, description="Restarts on every node, the best kept; nodes above 1,024 items run 4x as many on a "
-        "1,024-item sample. Worst node against k-means-constrained with 10 restarts (skewed nodes of 1,500 and "
-        "2,500 items, 4 seeds): 1.052 with 3 restarts on every item, 1.002 with 12 on a sample."
+        3, ge=1, description="Restarts on every node, the best kept; nodes above 512 items run 5x as many on a "
+        "512-item sample. Worst node against k-means-constrained with 10 restarts (skewed nodes of 700 to 5,000 "
+        "items, 32 per size): 1.037 (see seater_dist/tree/balanced_kmeans.py)."
     )
     kmeans_iters: int = Field(
         3, ge=1, description="Unconstrained Lloyd iterations: faiss k-means on large nodes runs at least 20; on "

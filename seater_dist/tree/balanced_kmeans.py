@@ -7,9 +7,10 @@ Three ways, all returning each item's group index (int [n]):
   it 7 ms at n = 93, 0.18 s at n = 1,489, 26 s at n = 20,000 with 10 restarts.
 * :func:`split_batch` — our method for nodes up to ``large_node`` items: the same exact constrained
   k-means (Lloyd steps whose assignment is the optimal balanced one, :func:`_assign_exact`), restarted
-  from random items, the restarts of nodes above _PROBE_SAMPLE items probing on a sample; the centroid
-  and distance steps of all the nodes of a task are batched numpy operations. CPU per node at k = 8
-  (skewed data, one thread): 1.6 ms at n = 39, 14 ms at 312, 89 ms at 2,500, 0.41 s at 20,000.
+  from random items, the restarts of nodes above _PROBE_SAMPLE items probing on a sample and the
+  kept one refined on growing samples; the centroid and distance steps of all the nodes of a task are
+  batched numpy operations. CPU per node at k = 8 (skewed data, one thread): 1.1 ms at n = 39,
+  17 ms at 312, 145 ms at 2,500, 0.53 s at 20,000.
 * :func:`split_large` — one node of millions of items: faiss k-means for the centroids, then balanced
   Lloyd steps whose assignment uses annealed Sinkhorn prices and a greedy repair (linear in n; a
   flow over 6.1M x k arcs would not fit in the budget).
@@ -26,20 +27,25 @@ centroids (1.3-1.7x unconstrained), Jacobi/coordinate-ascent prices (5-12% above
 batched successive-shortest-path solver on the k-group graph (exact, but 2.5x slower than one
 min-cost flow per node at n = 93, and hopeless at n = 20,000).
 
-Quality (tests/test_tree_kmeans.py, bench/bench_tree.py): with 3 restarts, ~0.6% above
-k-means-constrained with 10 restarts on skewed nodes of 2,500 items, ~0.1% at 312 items.
+Quality (tests/test_tree_kmeans.py, bench/bench_tree.py; against k-means-constrained with 10 restarts on
+skewed nodes): on average between 1.6% below and 0.6% above it from 312 to 5,000 items; single nodes
+stray further: the worst of 128 nodes of 312 items (3 restarts, no sampling) was 7.8% above, the worst
+of 32 at each size from 700 to 5,000 items 3.7% above (see :func:`split_batch`).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 _DAMPING = 0.5
 _PROBE_ITERS = 5  # Lloyd iterations of every restart before only the best one continues
-_PROBE_SAMPLE = 1024  # restarts of bigger nodes probe on this many random items
-_SAMPLED_RESTARTS = 4  # restarts on a sample are cheap: n_init x this many (worst node 1.043 -> 1.002 of k-means-constrained)
+_PROBE_SAMPLE = 512  # restarts of bigger nodes probe on this many random items
+_STAGE_GROWTH = 4  # after the probes, bigger nodes refine on samples this much larger at each stage
+_SAMPLED_RESTARTS = 5  # restarts on a sample are cheap: n_init x this many (see split_batch)
 _LSA_MAX = 128  # nodes up to this size get the Hungarian method instead of a min-cost flow
 _WARM_MAX = 1 / 4  # largest share of a node a warm attempt frees (doubling from 3x the share that moved)
 _WARM_MOVED = 1 / 12  # warm attempts only once at most this share of the node moved at the last step
@@ -68,6 +74,19 @@ def limit_blas_threads(threads: int) -> int | None:
     processes made one node's split 10x slower on a shared 2-core machine, so tasks use one thread
     per CPU they were given.
     """
+    controls = _openblas_thread_controls()
+    if controls is None:
+        return None
+    setter, getter = controls
+    previous = int(getter())
+    setter(int(max(1, threads)))
+    return previous
+
+
+@functools.cache
+def _openblas_thread_controls() -> tuple[Any, Any] | None:
+    """(set_num_threads, get_num_threads) of the OpenBLAS loaded in this process, looked up once
+    (reading /proc/self/maps costs 3 ms, once per Ray task otherwise)."""
     import ctypes
 
     try:
@@ -82,9 +101,7 @@ def limit_blas_threads(threads: int) -> int | None:
         for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""), ("openblas", "64_"), ("openblas", "")):
             setter, getter = f"{prefix}_set_num_threads{suffix}", f"{prefix}_get_num_threads{suffix}"
             if hasattr(lib, setter) and hasattr(lib, getter):
-                previous = int(getattr(lib, getter)())
-                getattr(lib, setter)(int(max(1, threads)))
-                return previous
+                return getattr(lib, setter), getattr(lib, getter)
     return None
 
 
@@ -130,10 +147,23 @@ def split_batch(x: np.ndarray, n_real: np.ndarray, k: int, rng: np.random.Genera
     runs on to ``balanced_iters`` steps (30% faster than running every restart to the end at 20k items,
     k = 8; with 3 probe steps instead of 5, one test node landed 9.8% above k-means-constrained).
     Nodes above _PROBE_SAMPLE items probe on that many random items, with _SAMPLED_RESTARTS x n_init
-    restarts since each costs a few ms, then run ``balanced_iters`` steps over all of them from the kept
-    centres, warm-started with the sample's prices. Measured on skewed nodes of 1,500 and 2,500 items
-    (k = 8, 4 seeds, against k-means-constrained with n_init 10): worst node 1.052 with 3 restarts on
-    every item, 1.043 with 3 on a sample, 1.025 with 9, 1.002 with 12.
+    restarts since each costs a few ms; the kept centres then run ``balanced_iters`` steps on random
+    samples 4x larger (:func:`_stage_samples`) and finally on every item, each stage's first step
+    compared with the previous stage's prices so that the next steps can start warm. Each stage moves
+    fewer items, so the full-size flows are few and mostly warm: the 20,000-item root takes 0.53 s
+    against 0.99 s with one 1,024-item probe stage and then every item.
+    Measured on skewed nodes of 700 to 5,000 items (k = 8, 8 nodes x 4 seeds per size, 4 x 4 at 5,000;
+    against k-means-constrained with n_init 10; one thread):
+
+    =====================  ==========  ===========  ==============  ==================
+    probes                 worst node  mean         ms per 2,500    ms per 1,500
+    =====================  ==========  ===========  ==============  ==================
+    12 on 1,024 items      1.053 [1]_  0.984-1.011  214             198
+    12 on 512 items        1.049       0.986-1.002  121             104
+    15 on 512 (default)    1.037       0.984-1.001  145             126
+    =====================  ==========  ===========  ==============  ==================
+
+    .. [1] at 700 items, below that sample size: 3 restarts on every item.
     Then ``kmeans_iters`` unconstrained Lloyd steps from the kept centres give the unconstrained
     k-means objective that the manifest reports next to ours.
 
@@ -162,8 +192,14 @@ def split_batch(x: np.ndarray, n_real: np.ndarray, k: int, rng: np.random.Genera
             best.prices[better] = res.prices[better]
     assert best is not None
     centers = _centroids(px, np.maximum(best.assign, 0).astype(np.int64), np.arange(px.shape[1]) < pn[:, None], k)
-    if sampled:  # ... the kept centres, found on a sample, run on over every item
-        best = balanced_lloyd(x, n_real, centers, balanced_iters, 0, exact=True, prices=best.prices)
+    if sampled:  # ... the kept centres, found on a sample, run on over larger samples, then every item
+        prices = best.prices
+        for m in _stage_samples(int(n_real.max())):
+            sx, sn = _random_rows(x, n_real, m, rng)
+            stage = balanced_lloyd(sx, sn, centers, balanced_iters, 0, exact=True, prices=prices)
+            centers = _centroids(sx, np.maximum(stage.assign, 0).astype(np.int64), np.arange(sx.shape[1]) < sn[:, None], k)
+            prices = stage.prices
+        best = balanced_lloyd(x, n_real, centers, balanced_iters, 0, exact=True, prices=prices)
         centers = _centroids(x, np.maximum(best.assign, 0).astype(np.int64), valid, k)
     elif probe < balanced_iters:  # ... and only the best one runs on to convergence
         res = balanced_lloyd(x, n_real, centers, balanced_iters - probe, 0, exact=True)
@@ -173,6 +209,15 @@ def split_batch(x: np.ndarray, n_real: np.ndarray, k: int, rng: np.random.Genera
         centers = _centroids(x, np.maximum(best.assign, 0).astype(np.int64), valid, k)
     _, best.sse_unconstrained = _lloyd(x, n_real, centers, kmeans_iters)
     return best
+
+
+def _stage_samples(n: int) -> list[int]:
+    """Sample sizes between the probes (_PROBE_SAMPLE items) and all n items: _STAGE_GROWTH x larger
+    each, up to n / 2 (20,000 items: 2,048 and 8,192; 2,500 items: none)."""
+    sizes = [_PROBE_SAMPLE * _STAGE_GROWTH]
+    while 2 * sizes[-1] * _STAGE_GROWTH <= n:
+        sizes.append(sizes[-1] * _STAGE_GROWTH)
+    return [m for m in sizes if 2 * m <= n]
 
 
 def _random_rows(x: np.ndarray, n_real: np.ndarray, m: int, rng: np.random.Generator
@@ -274,6 +319,9 @@ def balanced_lloyd(x: np.ndarray, n_real: np.ndarray, centers: np.ndarray, iters
     would not fit and the prices leave a tiny fraction of the items to repair).
     With ``record_unconstrained`` the first distance matrix also gives the unconstrained objective
     of the initial centers (used for faiss-initialised large nodes).
+    prices float [B, k] (nan: none): group prices from an earlier fit, e.g. on a sample. The Sinkhorn route
+    starts from them; the exact route counts how many items step 1 moves away from their cheapest group
+    under them (0 without), which decides whether step 2 may start warm.
     """
     bsz, n, _ = x.shape
     k = centers.shape[1]
@@ -282,17 +330,18 @@ def balanced_lloyd(x: np.ndarray, n_real: np.ndarray, centers: np.ndarray, iters
     warm = prices is not None
     prices = np.zeros((bsz, k), dtype=np.float32) if prices is None else prices.astype(np.float32)
     sse_unc = np.full(bsz, np.nan)
-    # exact route: each node's certifying prices, for a warm start (given ones: a guess, see split_batch)
-    duals: list[np.ndarray | None] = [None if not warm or np.isnan(p).any() else p.astype(np.float64)
-                                      for p in prices]
-    moved = np.full(bsz, _WARM_MOVED if warm else 1.0)  # share of each node's items that changed group last step
+    # exact route: each node's prices certified at its last step (None: not priced), for a warm start
+    duals: list[np.ndarray | None] = [None] * bsz
+    moved = np.ones(bsz)  # share of each node's items that changed group at the last step
     assign = None
     for it in range(max(1, iters)):
         dist = _sqdist(x, x2, centers)
         if it == 0 and record_unconstrained:
             sse_unc = np.where(valid, dist.min(2), 0.0).sum(1, dtype=np.float64)
         if exact:
-            new = np.empty((bsz, n), dtype=np.int64) if assign is None else assign.copy()
+            if it == 0:  # step 1 is measured against each item's cheapest group under the given prices (if any)
+                assign = (dist - np.nan_to_num(prices)[:, None, :]).argmin(2)
+            new = assign.copy()
             fresh_full = np.zeros(bsz, dtype=bool)  # nodes whose assignment came from a full flow this step
             for b in np.flatnonzero(moved > 0):  # a node whose groups did not change keeps its centres
                 new[b], duals[b] = _assign_exact(dist[b], int(n_real[b]), duals[b], float(moved[b]))
@@ -302,7 +351,7 @@ def balanced_lloyd(x: np.ndarray, n_real: np.ndarray, centers: np.ndarray, iters
             prices = _update_prices(dist, valid, n_real, prices, stages, price_steps)
             adjusted = dist - prices[:, None, :]
             new = _repair(adjusted, adjusted.argmin(2), valid, n_real, k)
-        converged = assign is not None and np.array_equal(new, assign)
+        converged = it > 0 and np.array_equal(new, assign)
         if assign is not None:
             moved = ((new != assign) & valid).sum(1) / n_real
         if exact:  # a full flow's result is priced only if the next step may start warm from it
@@ -443,16 +492,21 @@ def _assign_lsa(dist: np.ndarray, n_real: int) -> np.ndarray:
     from scipy.optimize import linear_sum_assignment
 
     k = dist.shape[1]
-    lo = n_real // k
     d = _node_costs(dist, n_real)
-    slot_group = np.repeat(np.arange(k), lo + 1)
+    slot_group, mandatory = _lsa_slots(n_real, k)
     cost = d[:, slot_group]
-    mandatory = np.tile(np.r_[np.ones(lo, dtype=bool), False], k)
     cost[:, mandatory] -= (k + 1) * (float(d.max()) + 1.0)
     rows, slots = linear_sum_assignment(cost)
     out = np.zeros(dist.shape[0], dtype=np.int64)
     out[rows] = slot_group[slots]
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _lsa_slots(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The slots of :func:`_assign_lsa`: group int [k (floor(n/k)+1)] of each slot, and whether it is mandatory."""
+    lo = n // k
+    return np.repeat(np.arange(k), lo + 1), np.tile(np.r_[np.ones(lo, dtype=bool), False], k)
 
 
 def _assign_restricted(d: np.ndarray, prices: np.ndarray, fraction: float) -> np.ndarray:
