@@ -90,6 +90,19 @@ def test_sampled_restarts_stay_within_5_percent_of_exact_constrained_kmeans() ->
     assert (res.sse / exact).max() <= 1.05, res.sse / exact
 
 
+def test_staged_refinement_stays_within_5_percent_of_exact_constrained_kmeans() -> None:
+    """Nodes of at least 2 x 4 x _PROBE_SAMPLE items refine the probes' centres on a larger sample first."""
+    s = TreeSettings()
+    n = 2 * 4 * bk._PROBE_SAMPLE + 300
+    assert bk._stage_samples(n) == [4 * bk._PROBE_SAMPLE]
+    x = _skewed_nodes(1, n)
+    res = bk.split_batch(x, np.array([n]), 8, np.random.default_rng(3), s.kmeans_iters, s.balanced_iters, s.n_init)
+    exact = bk.split_exact(x[0], 8, seed=0, n_init=10)[1]
+    assert _sizes_ok(res.assign[0].astype(np.int64), n, 8)
+    assert res.sse[0] == pytest.approx(bk.sse_of(x[0], res.assign[0].astype(np.int64)), rel=1e-3)
+    assert res.sse[0] / exact <= 1.05, res.sse[0] / exact
+
+
 def test_large_split_is_exactly_balanced_and_close_to_the_batched_method() -> None:
     x = skewed_clustered_embeddings(3000, 16, seed=2)
     s = TreeSettings()
