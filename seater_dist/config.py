@@ -154,8 +154,8 @@ class TreeSettings(Settings):
     )
     n_init: int = Field(
         3, ge=1, description="Restarts on every node, the best kept; nodes above 512 items run 5x as many on a "
-        "512-item sample. Worst node against k-means-constrained with 10 restarts (skewed nodes of 700 to 5,000 "
-        "items, 32 per size): 1.037 (see seater_dist/tree/balanced_kmeans.py)."
+        "512-item sample. Worst node against k-means-constrained with 10 restarts (skewed nodes of 700 to 2,500 "
+        "items, 32 per size): 1.028; at 312 items 1.122 (see seater_dist/tree/balanced_kmeans.py)."
     )
     kmeans_iters: int = Field(
         3, ge=1, description="Unconstrained Lloyd iterations: faiss k-means on large nodes runs at least 20; on "
