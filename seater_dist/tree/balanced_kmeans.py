@@ -41,7 +41,7 @@ k-means-constrained, n_init 10 (other   1.003   1.115       1 / 128
 seeds)
 =====================================  ======  ==========  =============
 
-From 700 to 5,000 items (sampled probes) the worst of 32 nodes per size was 3.7% above (see
+From 700 to 2,500 items (sampled probes) the worst of 32 nodes per size was 2.8% above (see
 :func:`split_batch`). The default keeps 3 restarts: 10 would double the CPU of the 312-item level.
 """
 
@@ -55,7 +55,7 @@ import numpy as np
 
 _DAMPING = 0.5
 _PROBE_ITERS = 5  # Lloyd iterations of every restart before only the best one continues
-_SAMPLED_PROBE_ITERS = 3  # the same on a sample, where 5x as many restarts run (5 steps: 35% more CPU, same quality)
+_SAMPLED_PROBE_ITERS = 3  # the same on a sample, where 5x as many restarts run (5 steps: +50% CPU at 2,500 items, same quality)
 _PROBE_SAMPLE = 512  # restarts of bigger nodes probe on this many random items
 _STAGE_GROWTH = 4  # after the probes, bigger nodes refine on samples this much larger at each stage
 _SAMPLED_RESTARTS = 5  # restarts on a sample are cheap: n_init x this many (see split_batch)
@@ -160,11 +160,11 @@ def split_batch(x: np.ndarray, n_real: np.ndarray, k: int, rng: np.random.Genera
     runs on to ``balanced_iters`` steps (30% faster than running every restart to the end at 20k items,
     k = 8; with 3 probe steps instead of 5, one test node landed 9.8% above k-means-constrained).
     Nodes above _PROBE_SAMPLE items probe on that many random items, with _SAMPLED_RESTARTS x n_init
-    restarts of _SAMPLED_PROBE_ITERS steps since each costs a few ms; the kept centres then run ``balanced_iters`` steps on random
-    samples 4x larger (:func:`_stage_samples`) and finally on every item, each stage's first step
-    compared with the previous stage's prices so that the next steps can start warm. Each stage moves
-    fewer items, so the full-size flows are few and mostly warm: the 20,000-item root takes 0.47 s
-    against 0.99 s with one 1,024-item probe stage and then every item.
+    restarts of _SAMPLED_PROBE_ITERS steps, since each costs a few ms; the kept centres then run
+    ``balanced_iters`` steps on random samples 4x larger (:func:`_stage_samples`) and finally on every
+    item, each stage's first step compared with the previous stage's prices so that the next steps can
+    start warm. Each stage moves fewer items, so the full-size flows are few and mostly warm: the
+    20,000-item root takes 0.47 s against 0.99 s with one 1,024-item probe stage and then every item.
     Measured on skewed nodes of 700 to 5,000 items (k = 8, 8 nodes x 4 seeds per size, 4 x 4 at 5,000;
     against k-means-constrained with n_init 10; one thread):
 
@@ -229,10 +229,11 @@ def split_batch(x: np.ndarray, n_real: np.ndarray, k: int, rng: np.random.Genera
 def _stage_samples(n: int) -> list[int]:
     """Sample sizes between the probes (_PROBE_SAMPLE items) and all n items: _STAGE_GROWTH x larger
     each, up to n / 2 (20,000 items: 2,048 and 8,192; 2,500 items: none)."""
-    sizes = [_PROBE_SAMPLE * _STAGE_GROWTH]
-    while 2 * sizes[-1] * _STAGE_GROWTH <= n:
-        sizes.append(sizes[-1] * _STAGE_GROWTH)
-    return [m for m in sizes if 2 * m <= n]
+    sizes, m = [], _PROBE_SAMPLE * _STAGE_GROWTH
+    while 2 * m <= n:
+        sizes.append(m)
+        m *= _STAGE_GROWTH
+    return sizes
 
 
 def _random_rows(x: np.ndarray, n_real: np.ndarray, m: int, rng: np.random.Generator
