@@ -71,13 +71,22 @@ class SplitResult:
 
     assign: int16 [B, n] group per item (-1 on padding); sse: float64 [B] of the balanced groups;
     sse_unconstrained: float64 [B] of unconstrained k-means on the same node (nan if not run);
-    prices: float32 [B, k] the balanced assignment's final group prices (None if not priced).
+    prices: float32 [B, k] the balanced assignment's final group prices (None if not priced);
+    centers: float32 [B, k, d] the groups' means (None if not kept).
     """
 
     assign: np.ndarray
     sse: np.ndarray
     sse_unconstrained: np.ndarray
     prices: np.ndarray | None = None
+    centers: np.ndarray | None = None
+
+    def keep_better(self, other: "SplitResult", better: np.ndarray) -> None:
+        """Take ``other``'s split for the nodes where ``better`` (bool [B]) is set."""
+        for name in ("assign", "sse", "prices", "centers"):
+            mine = getattr(self, name)
+            if mine is not None:
+                mine[better] = getattr(other, name)[better]
 
 
 def limit_blas_threads(threads: int) -> int | None:
@@ -191,7 +200,6 @@ def split_batch(x: np.ndarray, n_real: np.ndarray, k: int, rng: np.random.Genera
     """
     n_real = np.asarray(n_real, dtype=np.int64)
     x = x - _masked_mean(x, n_real)[:, None, :]  # centre each node: smaller norms, exacter float32 distances
-    valid = np.arange(x.shape[1])[None, :] < n_real[:, None]
     sampled = n_init > 1 and int(n_real.max()) > _PROBE_SAMPLE
     px, pn = _random_rows(x, n_real, _PROBE_SAMPLE, rng) if sampled else (x, n_real)
     best: SplitResult | None = None
@@ -201,28 +209,17 @@ def split_batch(x: np.ndarray, n_real: np.ndarray, k: int, rng: np.random.Genera
         if best is None:
             best = res
         else:
-            better = res.sse < best.sse
-            best.assign[better] = res.assign[better]
-            best.sse[better] = res.sse[better]
-            best.prices[better] = res.prices[better]
+            best.keep_better(res, res.sse < best.sse)
     assert best is not None
-    centers = _centroids(px, np.maximum(best.assign, 0).astype(np.int64), np.arange(px.shape[1]) < pn[:, None], k)
     if sampled:  # ... the kept centres, found on a sample, run on over larger samples, then every item
-        prices = best.prices
         for m in _stage_samples(int(n_real.max())):
             sx, sn = _random_rows(x, n_real, m, rng)
-            stage = balanced_lloyd(sx, sn, centers, balanced_iters, 0, exact=True, prices=prices)
-            centers = _centroids(sx, np.maximum(stage.assign, 0).astype(np.int64), np.arange(sx.shape[1]) < sn[:, None], k)
-            prices = stage.prices
-        best = balanced_lloyd(x, n_real, centers, balanced_iters, 0, exact=True, prices=prices)
-        centers = _centroids(x, np.maximum(best.assign, 0).astype(np.int64), valid, k)
+            best = balanced_lloyd(sx, sn, best.centers, balanced_iters, 0, exact=True, prices=best.prices)
+        best = balanced_lloyd(x, n_real, best.centers, balanced_iters, 0, exact=True, prices=best.prices)
     elif probe < balanced_iters:  # ... and only the best one runs on to convergence
-        res = balanced_lloyd(x, n_real, centers, balanced_iters - probe, 0, exact=True)
-        better = res.sse <= best.sse
-        best.assign[better] = res.assign[better]
-        best.sse[better] = res.sse[better]
-        centers = _centroids(x, np.maximum(best.assign, 0).astype(np.int64), valid, k)
-    _, best.sse_unconstrained = _lloyd(x, n_real, centers, kmeans_iters)
+        res = balanced_lloyd(x, n_real, best.centers, balanced_iters - probe, 0, exact=True)
+        best.keep_better(res, res.sse <= best.sse)
+    _, best.sse_unconstrained = _lloyd(x, n_real, best.centers, kmeans_iters)
     return best
 
 
@@ -267,8 +264,7 @@ def split_large(x: np.ndarray, k: int, seed: int, kmeans_iters: int, balanced_it
         sample = np.sort(rng.choice(n, fit_items, replace=False))
         fit = balanced_lloyd(x[sample][None], np.array([fit_items]), centers[None], balanced_iters, price_steps,
                              exact=False)
-        centers = _centroids(x[sample][None], fit.assign.astype(np.int64), np.ones((1, fit_items), bool), k)[0]
-        prices = fit.prices
+        centers, prices = fit.centers[0], fit.prices
         iters = 1
     else:
         prices, iters = None, balanced_iters
@@ -381,7 +377,7 @@ def balanced_lloyd(x: np.ndarray, n_real: np.ndarray, centers: np.ndarray, iters
     out = np.where(valid, assign, -1).astype(np.int16)
     if exact:
         prices = np.stack([np.full(k, np.nan) if p is None else p for p in duals]).astype(np.float32)
-    return SplitResult(out, sse, sse_unc, prices)
+    return SplitResult(out, sse, sse_unc, prices, centers)
 
 
 def _update_prices(dist: np.ndarray, valid: np.ndarray, n_real: np.ndarray, prices: np.ndarray,
