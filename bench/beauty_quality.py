@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from seater_dist.config import metric_cutoffs
+
 ABLATIONS = {
     "seater": {},
     "seater w/o L_rank": {"use_ranking": False},
@@ -47,10 +49,6 @@ def _dir_name(model: str) -> str:
     return model.replace(" ", "_").replace("/", "").replace(".", "")
 
 
-def _ks(protocol: str) -> tuple[int, ...]:
-    return (5, 10, 20, 50) if protocol == "loo" else (20, 50)
-
-
 def run_protocol(data: str, out: Path, protocol: str, epochs: int, ablations: bool, ce: bool,
                  workers: int, resume: bool = False, ablation_epochs: int | None = None,
                  variants: list[str] | None = None) -> dict[str, Any]:
@@ -64,7 +62,7 @@ def run_protocol(data: str, out: Path, protocol: str, epochs: int, ablations: bo
     from seater_dist.tree.builder import build_tree
 
     root = out / protocol
-    ks = _ks(protocol)
+    ks = metric_cutoffs(protocol)
     # loo validates on every user (22k): a fixed sample of 5,000 keeps validation to seconds per epoch.
     train = TrainSettings(workers=workers, epochs=epochs, patience=4,
                           max_valid_users=5000 if protocol == "loo" else None)
@@ -85,15 +83,15 @@ def run_protocol(data: str, out: Path, protocol: str, epochs: int, ablations: bo
         ckpt = root / f"sasrec_{loss}"
         if not (ckpt / "best" / "manifest.json").exists():
             print(f"== {protocol}: training {name}", flush=True)
-            timed(name, lambda: train_sasrec(root / "dataset", ckpt, train, SasrecSettings(loss=loss), ks=ks))
-        results[name] = evaluate(ckpt / "best", root / "dataset", "test", EvalSettings(ks=ks), out=ckpt)
+            timed(name, lambda: train_sasrec(root / "dataset", ckpt, train, SasrecSettings(loss=loss)))
+        results[name] = evaluate(ckpt / "best", root / "dataset", "test", EvalSettings(), out=ckpt).to_dict()
 
     def tree_dir(k: int) -> Path:
         """The k-ary tree over the SASRec (sampled) embeddings, built once per k."""
         path = root / ("tree" if k == 8 else f"tree_k{k}")
         if not (path / "manifest.json").exists():
             emb = np.load(root / "sasrec_sampled" / "item_embeddings.npy")
-            built = timed(f"build-tree k={k}", lambda: build_tree(emb, k, settings=TreeSettings(k=k)))
+            built = timed(f"build-tree k={k}", lambda: build_tree(emb, TreeSettings(k=k)))
             built.save(path)
         return path
 
@@ -113,11 +111,11 @@ def run_protocol(data: str, out: Path, protocol: str, epochs: int, ablations: bo
         if not (ckpt / "best" / "manifest.json").exists():
             print(f"== {protocol}: training {name}", flush=True)
             timed(name, lambda: train_seater(root / "dataset", tree_dir(overrides.get("k", 8)), ckpt, budget,
-                                             SeaterSettings(**model), ks=ks,
+                                             SeaterSettings(**model),
                                              resume=resume and (ckpt / "ray_results").exists()))
         if name in GRID:  # tuning runs are compared on validation only (see curves())
             continue
-        results[name] = evaluate(ckpt / "best", root / "dataset", "test", EvalSettings(ks=ks), out=ckpt)
+        results[name] = evaluate(ckpt / "best", root / "dataset", "test", EvalSettings(), out=ckpt).to_dict()
         results[name]["train_history_epochs"] = len(json.loads((ckpt / "history.json").read_text()))
     return {"metrics": results, "seconds": seconds, "tree_depth": tree.depth, "ks": ks}
 
@@ -132,7 +130,6 @@ def finalize_partial(out: Path, protocol: str) -> dict[str, Any]:
     from seater_dist.eval.offline import evaluate
 
     root = out / protocol
-    ks = _ks(protocol)
     found: dict[str, Any] = {}
     for run in sorted(root.glob("*/ray_results/*")):
         model_dir = run.parent.parent
@@ -149,7 +146,7 @@ def finalize_partial(out: Path, protocol: str) -> dict[str, Any]:
         names = {_dir_name(n): n for n in [*ABLATIONS, *VARIANTS]}
         name = {"sasrec_sampled": "sasrec (sampled)", "sasrec_ce": "sasrec (ce)", **names}.get(
             model_dir.name, model_dir.name)
-        metrics = evaluate(best_dir, root / "dataset", "test", EvalSettings(ks=ks), out=model_dir)
+        metrics = evaluate(best_dir, root / "dataset", "test", EvalSettings(), out=model_dir).to_dict()
         finished = best_dir == model_dir / "best"
         metrics["note"] = (f"{len(history)} epochs, best epoch {best['epoch']}"
                            + ("" if finished else " (stopped by the session's time budget)"))
@@ -251,7 +248,7 @@ def main() -> None:
     if args.finalize:
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
         for protocol in ([args.only] if args.only else ["comirec", "loo"]):
-            entry = summary.setdefault(protocol, {"metrics": {}, "seconds": {}, "ks": list(_ks(protocol))})
+            entry = summary.setdefault(protocol, {"metrics": {}, "seconds": {}, "ks": list(metric_cutoffs(protocol))})
             entry["metrics"].update(finalize_partial(out, protocol))
         summary_path.write_text(json.dumps(summary, indent=2, default=str))
         md = "\n\n".join(table(p, r) + "\n\n" + curves(out, p) + "\n\n" + grid_table(out, p)

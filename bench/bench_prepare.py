@@ -18,6 +18,7 @@ Goal: the Ray prepare within 15 minutes and 12 GiB. Results: bench/results/bench
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -143,7 +144,7 @@ def run_step(a: argparse.Namespace) -> dict:
             from seater_dist.data.prepare import prepare_local
 
             summary = prepare_local(settings)
-    return {"inner_s": round(time.time() - t0, 1), "summary": summary}
+    return {"inner_s": round(time.time() - t0, 1), "summary": dataclasses.asdict(summary)}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Ray Job: the whole SEATER pipeline at Micro-Video scale (or a laptop-sized rehearsal).
+r"""Ray Job: the whole SEATER pipeline at Micro-Video scale (or a laptop-sized rehearsal).
 
     ray job submit --working-dir . -- python jobs/train_microvideo.py --preset local
     ray job submit --working-dir . -- python jobs/train_microvideo.py --preset microvideo \
@@ -6,8 +6,11 @@
 
 Stages, as `seater run`: synth (the paper's industrial shape: 0.75M users, 6.1M items, 85M interactions)
 -> prepare -> embed (SASRec) -> build-tree -> train (SEATER) -> evaluate -> report.
-`--out` must be storage every node sees (NFS / a mounted bucket); `--storage` is Ray Train's
-checkpoint storage (any pyarrow.fs URI). Re-submitting with `--resume` continues training.
+
+Flags: `--preset` (microvideo or local), `--out` (every stage's artifact; storage every node sees: NFS or
+a mounted bucket), `--storage` (Ray Train's checkpoint storage, any pyarrow.fs URI), `--resume`
+(re-submitted: keep the stages that finished under --out, continue an interrupted training run from
+its last epoch), `--address` (default: the cluster the job was submitted to).
 """
 
 from __future__ import annotations
@@ -49,10 +52,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="local")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="local",
+                   help="microvideo: the paper's industrial shape on a GPU cluster; local: the same on 2 CPUs")
     p.add_argument("--out", default="runs/job", help="shared directory for every stage's artifact")
     p.add_argument("--storage", help="Ray Train storage path or URI (default: OUT/<stage>/ray_results)")
-    p.add_argument("--address", default=None, help="default: the cluster the job was submitted to")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the stages that finished under --out; continue an interrupted training run")
+    p.add_argument("--address", default=None, help="Ray address (default: the cluster the job was submitted to)")
     args = p.parse_args(argv)
 
     from seater_dist.data.synth import synthesize
@@ -61,15 +67,20 @@ def main(argv: list[str] | None = None) -> int:
 
     init_ray(args.address)  # RAY_ADDRESS is set by `ray job submit`; else a local Ray
     preset = PRESETS[args.preset]
-    settings = RunSettings.model_validate(preset["run"])
+    run = preset["run"]
     if args.storage:
-        settings.train.storage_path = f"{args.storage.rstrip('/')}/seater"
-        settings.sasrec_train.storage_path = f"{args.storage.rstrip('/')}/sasrec"
+        storage = args.storage.rstrip("/")
+        run = {**run, "train": {**run.get("train", {}), "storage_path": f"{storage}/seater"},
+               "sasrec_train": {**run.get("sasrec_train", {}), "storage_path": f"{storage}/sasrec"}}
+    settings = RunSettings.model_validate(run)
     out = Path(args.out)
     synth_dir = out / "synth"
-    print(f"synth: preset {preset['synth']} -> {synth_dir}", flush=True)
-    synthesize(SynthSettings(preset=preset["synth"], out=str(synth_dir)))
-    run_pipeline(str(synth_dir), "interactions", "comirec", out, settings)
+    if args.resume and (synth_dir / "manifest.json").exists():
+        print(f"synth: kept {synth_dir} (--resume)", flush=True)
+    else:
+        print(f"synth: preset {preset['synth']} -> {synth_dir}", flush=True)
+        synthesize(SynthSettings(preset=preset["synth"], out=str(synth_dir)))
+    run_pipeline(str(synth_dir), "interactions", "comirec", out, settings, resume=args.resume)
     return 0
 
 

@@ -2,47 +2,67 @@
 
 Every command takes --address (or RAY_ADDRESS) to use a running Ray cluster, else starts a local one,
 prints progress, ends with a one-screen summary, and exits != 0 with a one-line reason on bad input.
+Each handler turns flags into a settings model, calls one library function, and returns that function's
+typed result for the summary.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import logging
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from seater_dist.config import SettingsError
+from seater_dist.config import RunSettings, SettingsError
+from seater_dist.formats import FORMAT_NAMES, FORMATS, PROTOCOL_NAMES, PROTOCOLS
 
 EPILOG = """\
 Start here:
-  seater demo --out runs/demo                      # synthetic data, every stage, about 10 minutes
+  seater demo --out runs/demo                      # synthetic data, every stage, about 5 minutes on 2 cores
   seater run --input Beauty.txt --format sequences --protocol comirec --out runs/beauty
 Use a cluster:  seater run ... --address ray://head:10001   (or export RAY_ADDRESS)
+Settings: every stage's settings live in one YAML file (--config), one section per stage; see docs/.
 """
 
 EXAMPLES: dict[str, str] = {
     "synth": "  seater synth --preset small --out runs/synth_small\n"
-    "  seater synth --preset microvideo --out s3://bucket/microvideo --address auto",
+    "  seater synth --preset microvideo --out /mnt/shared/microvideo --address auto",
     "prepare": "  seater prepare --input Beauty.txt --format sequences --protocol comirec --out runs/beauty/dataset\n"
     "  seater prepare --input ml-100k.inter --format movielens --protocol loo --out runs/ml/dataset\n"
     "  seater prepare --input logs.parquet --format interactions --user-column uid --item-column vid "
     "--time-column ts --out runs/mine/dataset",
     "embed": "  seater embed --data runs/beauty/dataset --out runs/beauty/sasrec",
     "build-tree": "  seater build-tree --embeddings runs/beauty/sasrec/item_embeddings.npy --k 8 --out runs/beauty/tree",
-    "train": "  seater train --data runs/beauty/dataset --tree runs/beauty/tree --out runs/beauty/seater --workers 2",
-    "evaluate": "  seater evaluate --checkpoint runs/beauty/seater/best --data runs/beauty/dataset --split test",
+    "train": "  seater train --data runs/beauty/dataset --tree runs/beauty/tree --out runs/beauty/seater --workers 2\n"
+    "  seater train --data runs/beauty/dataset --tree runs/beauty/tree --out runs/beauty/seater --resume",
+    "evaluate": "  seater evaluate --checkpoint runs/beauty/seater/best --data runs/beauty/dataset --split test\n"
+    "  seater evaluate --checkpoint runs/beauty/sasrec/best --data runs/beauty/dataset --split test",
     "recommend": "  seater recommend --checkpoint runs/beauty/seater/best --history 12 873 9 --top-n 10",
     "run": "  seater run --input Beauty.txt --format sequences --protocol comirec --out runs/beauty\n"
     "  seater run --input Beauty.txt --format sequences --protocol loo --out runs/beauty_loo --config run.yaml",
     "demo": "  seater demo --out runs/demo",
 }
 
+# Commands that start or join Ray before running.
+_NEEDS_RAY = {"synth", "prepare", "embed", "build-tree", "train", "evaluate", "run", "demo"}
+
 
 class CliError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
+
+
+# ------------------------------------------------------------------------------------------ the parser
+
+
+def _formats_help() -> str:
+    return "input format: " + "; ".join(f"{f.name}: {f.description}" for f in FORMATS.values()).replace("%", "%%")
+
+
+def _protocol_help() -> str:
+    return "evaluation protocol: " + "; ".join(f"{k}: {v}" for k, v in PROTOCOLS.items()).replace("%", "%%")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,78 +75,220 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    def add(name: str, help_: str) -> argparse.ArgumentParser:
+    def add(name: str, help_: str, handler: Callable[[argparse.Namespace], Any]) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_, epilog="examples:\n" + EXAMPLES[name],
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-        sp.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
+        sp.set_defaults(handler=handler)
+        if name in _NEEDS_RAY:
+            sp.add_argument("--address", default=None,
+                            help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
         return sp
 
-    sp = add("synth", "Generate synthetic interactions with planted structure (partitioned parquet).")
-    sp.add_argument("--preset", choices=["tiny", "small", "microvideo"], default="small")
-    sp.add_argument("--out", required=True)
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--num-users", type=int)
-    sp.add_argument("--num-items", type=int)
-    sp.add_argument("--num-interactions", type=int)
+    def config(sp: argparse.ArgumentParser, sections: str) -> None:
+        sp.add_argument("--config", help=f"YAML settings file; this command reads its {sections} section(s) "
+                        "(a misspelt or invalid field fails before any work starts)")
+
+    def workers(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--workers", type=int, help="Ray Train workers (default: the config's, else 2)")
+
+    sp = add("synth", "Generate synthetic interactions with planted structure (partitioned parquet).", _cmd_synth)
+    sp.add_argument("--preset", choices=["tiny", "small", "microvideo"], default="small",
+                    help="size: tiny (tests), small (the demo), microvideo (0.75M users, 6.1M items, 85M rows)")
+    sp.add_argument("--out", required=True, help="output directory of parquet parts")
+    sp.add_argument("--seed", type=int, default=0, help="generator seed (same seed, same data)")
+    sp.add_argument("--num-users", type=int, help="override the preset's user count")
+    sp.add_argument("--num-items", type=int, help="override the preset's item count")
+    sp.add_argument("--num-interactions", type=int, help="override the preset's interaction count")
     sp.add_argument("--num-partitions", type=int, help="parquet files, one Ray task each")
 
-    sp = add("prepare", "Read raw logs, filter, re-index and split them into a dataset/ directory.")
-    sp.add_argument("--input", required=True, help="file or directory of raw logs")
-    sp.add_argument("--format", required=True, choices=["sequences", "interactions", "movielens", "amazon", "yelp", "mind"])
-    sp.add_argument("--protocol", choices=["comirec", "loo"], default="comirec")
-    sp.add_argument("--out", required=True)
-    sp.add_argument("--min-user-count", type=int, default=5)
-    sp.add_argument("--min-item-count", type=int, default=5)
-    sp.add_argument("--k-core", action="store_true", help="iterate the filters to a true k-core")
-    sp.add_argument("--duplicates", choices=["keep", "drop_exact", "drop_consecutive"], default="keep")
-    sp.add_argument("--user-column")
-    sp.add_argument("--item-column")
-    sp.add_argument("--time-column")
-    sp.add_argument("--seed", type=int, default=0)
+    sp = add("prepare", "Read raw logs, filter, re-index and split them into a dataset/ directory.", _cmd_prepare)
+    _input_flags(sp)
+    sp.add_argument("--out", required=True, help="the dataset/ directory to write (replaced if it is one)")
+    sp.add_argument("--min-user-count", type=int, default=5, help="drop users with fewer interactions (default 5)")
+    sp.add_argument("--min-item-count", type=int, default=5, help="drop items with fewer interactions (default 5)")
+    sp.add_argument("--k-core", action="store_true", help="iterate the two filters until both hold (a true k-core)")
+    sp.add_argument("--duplicates", choices=["keep", "drop_exact", "drop_consecutive"], default="keep",
+                    help="repeated (user, item) events: keep them, drop exact repeats (same timestamp), or drop "
+                    "an event that repeats the user's previous item")
+    sp.add_argument("--user-column", help="interactions: the user column (default user_id)")
+    sp.add_argument("--item-column", help="interactions: the item column (default item_id)")
+    sp.add_argument("--time-column", help="interactions: the timestamp column (default timestamp)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the comirec user split (default 0)")
 
-    sp = add("embed", "Train SASRec (Ray Train) and write the item embeddings the tree is built from.")
-    sp.add_argument("--data", required=True)
-    sp.add_argument("--out", required=True)
-    sp.add_argument("--workers", type=int)
-    sp.add_argument("--config", help="YAML with `sasrec:` and `sasrec_train:` sections")
+    sp = add("embed", "Train SASRec (Ray Train) and write the item embeddings the tree is built from.", _cmd_embed)
+    sp.add_argument("--data", required=True, help="a dataset/ directory (from `seater prepare`)")
+    sp.add_argument("--out", required=True, help="output directory: best/ checkpoint, item_embeddings.npy, history.json")
+    workers(sp)
+    config(sp, "`sasrec:` and `sasrec_train:`")
 
-    sp = add("build-tree", "Build the balanced k-ary item tree from item embeddings (Ray tasks per level).")
-    sp.add_argument("--embeddings", required=True, help=".npy float32 [N, d]")
-    sp.add_argument("--k", type=int, required=True)
-    sp.add_argument("--out", required=True)
-    sp.add_argument("--kind", choices=["balanced", "unbalanced", "random"], default="balanced")
-    sp.add_argument("--config", help="YAML with a `tree:` section")
+    sp = add("build-tree", "Build the balanced k-ary item tree from item embeddings (Ray tasks per level).",
+             _cmd_build_tree)
+    sp.add_argument("--embeddings", required=True, help=".npy float32 [N, d], one row per item (from `seater embed`)")
+    sp.add_argument("--k", type=int, required=True, help="branching factor (8 for ~40k items, 16 for 300k+)")
+    sp.add_argument("--out", required=True, help="the tree/ directory to write (replaced only if it is a tree)")
+    sp.add_argument("--kind", choices=["balanced", "unbalanced", "random"], default="balanced",
+                    help="balanced: constrained k-means (SEATER); unbalanced / random: the paper's ablations")
+    config(sp, "`tree:`")
 
-    sp = add("train", "Train SEATER with Ray Train (DDP), validating with beam search every epoch.")
-    sp.add_argument("--data", required=True)
-    sp.add_argument("--tree", required=True)
-    sp.add_argument("--out", required=True)
-    sp.add_argument("--workers", type=int)
-    sp.add_argument("--config", help="YAML with `seater:` and `train:` sections")
-    sp.add_argument("--resume", action="store_true", help="continue from the last checkpoint under --out")
+    sp = add("train", "Train SEATER with Ray Train (DDP), validating with beam search every epoch.", _cmd_train)
+    sp.add_argument("--data", required=True, help="a dataset/ directory (from `seater prepare`)")
+    sp.add_argument("--tree", required=True, help="a tree/ directory (from `seater build-tree`)")
+    sp.add_argument("--out", required=True, help="output directory: best/ checkpoint, history.json, ray_results/")
+    workers(sp)
+    config(sp, "`seater:` and `train:`")
+    sp.add_argument("--resume", action="store_true",
+                    help="continue the stopped run under --out from its last epoch (an error if there is none)")
 
-    sp = add("evaluate", "Evaluate a checkpoint on the valid or test users (Ray Data batch inference).")
-    sp.add_argument("--checkpoint", required=True)
-    sp.add_argument("--data", required=True)
-    sp.add_argument("--split", choices=["valid", "test"], default="test")
+    sp = add("evaluate", "Evaluate a SEATER or SASRec checkpoint on the valid or test users (Ray Data).",
+             _cmd_evaluate)
+    sp.add_argument("--checkpoint", required=True, help="a checkpoint directory (e.g. OUT/best of train or embed)")
+    sp.add_argument("--data", required=True, help="the dataset/ directory the checkpoint was trained on")
+    sp.add_argument("--split", choices=["valid", "test"], default="test", help="which users (default test)")
     sp.add_argument("--out", help="where to write metrics.json (default: beside the checkpoint)")
+    config(sp, "`eval:`")
 
-    sp = add("recommend", "Recommend items for one history from a checkpoint (raw item ids).")
-    sp.add_argument("--checkpoint", required=True)
+    sp = add("recommend", "Recommend items for one history from a SEATER checkpoint (raw item ids).", _cmd_recommend)
+    sp.add_argument("--checkpoint", required=True, help="a SEATER checkpoint directory")
     sp.add_argument("--history", nargs="+", required=True, help="raw item ids, oldest first")
-    sp.add_argument("--top-n", type=int, default=10)
+    sp.add_argument("--top-n", type=int, default=10, help="how many items (1..beam size, default 10)")
 
-    for name, help_ in (("run", "Run every stage: prepare, embed, build-tree, train, evaluate, report."),
-                        ("demo", "Run every stage on a built-in synthetic dataset (the `small` preset).")):
-        sp = add(name, help_)
-        if name == "run":
-            sp.add_argument("--input", required=True)
-            sp.add_argument("--format", required=True, choices=["sequences", "interactions", "movielens", "amazon", "yelp", "mind"])
-            sp.add_argument("--protocol", choices=["comirec", "loo"], default="comirec")
-        sp.add_argument("--out", required=True)
-        sp.add_argument("--config", help="YAML with one section per stage (see seater_dist/config.py)")
-        sp.add_argument("--workers", type=int)
+    sp = add("run", "Run every stage: prepare, embed, build-tree, train, evaluate, report.", _cmd_run)
+    _input_flags(sp)
+    sp.add_argument("--out", required=True, help="directory for every stage's artifact and report.json")
+    config(sp, "every stage's")
+    workers(sp)
+
+    sp = add("demo", "Run every stage on a built-in synthetic dataset (the `small` preset), about 5 minutes.",
+             _cmd_demo)
+    sp.add_argument("--out", required=True, help="directory for every stage's artifact and report.json")
+    config(sp, "every stage's (on top of the demo's short epoch budgets)")
+    workers(sp)
     return p
+
+
+def _input_flags(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--input", required=True, help="file or directory of raw logs (local path or pyarrow.fs URI)")
+    sp.add_argument("--format", required=True, choices=FORMAT_NAMES, help=_formats_help())
+    sp.add_argument("--protocol", choices=PROTOCOL_NAMES, default="comirec", help=_protocol_help())
+
+
+# ------------------------------------------------------------------------------------------ handlers
+
+
+def _run_settings(path: str | None) -> RunSettings:
+    return RunSettings.from_file(path) if path else RunSettings()
+
+
+def _cmd_synth(a: argparse.Namespace) -> Any:
+    from seater_dist.config import SynthSettings
+    from seater_dist.data.synth import synthesize
+
+    return synthesize(SynthSettings.build(preset=a.preset, out=a.out, seed=a.seed, num_users=a.num_users,
+                                          num_items=a.num_items, num_interactions=a.num_interactions,
+                                          num_partitions=a.num_partitions))
+
+
+def _cmd_prepare(a: argparse.Namespace) -> Any:
+    from seater_dist.config import PrepareSettings
+    from seater_dist.data.prepare import prepare
+
+    return prepare(PrepareSettings.build(
+        input=a.input, format=a.format, protocol=a.protocol, out=a.out, min_user_count=a.min_user_count,
+        min_item_count=a.min_item_count, k_core=a.k_core, duplicates=a.duplicates, user_column=a.user_column,
+        item_column=a.item_column, time_column=a.time_column, seed=a.seed))
+
+
+def _cmd_embed(a: argparse.Namespace) -> Any:
+    from seater_dist.pipeline import with_workers
+    from seater_dist.train.trainer import train_sasrec
+
+    s = with_workers(_run_settings(a.config), a.workers)
+    result = train_sasrec(a.data, a.out, s.sasrec_train, s.sasrec)
+    return {**_train_summary(result), "embeddings": str(Path(a.out) / "item_embeddings.npy")}
+
+
+def _cmd_build_tree(a: argparse.Namespace) -> Any:
+    import numpy as np
+
+    from seater_dist.artifacts import check_replaceable
+    from seater_dist.tree.builder import build_tree
+
+    settings = _run_settings(a.config).tree.model_copy(update={"k": a.k, "kind": a.kind})
+    settings = type(settings).model_validate(settings.model_dump())  # validate the flags' values too
+    path = Path(a.embeddings)
+    if not path.is_file():
+        raise CliError(f"{path}: embeddings file not found")
+    check_replaceable(a.out, "tree")
+    try:
+        emb = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise CliError(f"{path}: not a .npy array file ({' '.join(str(err).split())})") from None
+    t0 = time.time()
+    tree = build_tree(emb, settings)
+    tree.save(a.out)
+    return {"items": tree.num_items, "k": tree.k, "depth": tree.depth, "tokens": tree.num_tokens,
+            "seconds": round(time.time() - t0, 1), "out": a.out}
+
+
+def _cmd_train(a: argparse.Namespace) -> Any:
+    from seater_dist.pipeline import with_workers
+    from seater_dist.train.trainer import train_seater
+
+    s = with_workers(_run_settings(a.config), a.workers)
+    return _train_summary(train_seater(a.data, a.tree, a.out, s.train, s.seater, resume=a.resume))
+
+
+def _train_summary(result: Any) -> dict[str, Any]:
+    best = {k.removeprefix("valid_"): v for k, v in result.best_metrics.items() if k.startswith("valid_") and "@" in k}
+    return {"best epoch": result.best_epoch, **best, "checkpoint": str(result.best_checkpoint)}
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> Any:
+    from seater_dist.eval.offline import evaluate
+
+    result = evaluate(a.checkpoint, a.data, a.split, _run_settings(a.config).eval, out=a.out)
+    return {**result.metrics, "model": result.model, "users": result.users, "seconds": result.seconds}
+
+
+def _cmd_recommend(a: argparse.Namespace) -> Any:
+    from seater_dist.model.retriever import SeaterRetriever
+
+    result = SeaterRetriever.from_checkpoint(a.checkpoint).recommend([a.history], top_n=a.top_n)[0]
+    for rank, (item, score) in enumerate(zip(result["items"], result["scores"]), start=1):
+        print(f"{rank:>3}. {item}  {score:.4f}")
+    ignored = result["ignored"]
+    return {"ignored (unknown ids)": ", ".join(repr(str(i)) for i in ignored) if ignored else "none"}
+
+
+def _cmd_run(a: argparse.Namespace) -> Any:
+    from seater_dist.pipeline import run_pipeline, with_workers
+
+    settings = with_workers(_run_settings(a.config), a.workers)
+    report = run_pipeline(a.input, a.format, a.protocol, a.out, settings)
+    return {"seconds": sum(report.seconds.values()), "report": str(Path(a.out) / "report.json")}
+
+
+def _cmd_demo(a: argparse.Namespace) -> Any:
+    from seater_dist.pipeline import demo_settings, run_demo, with_workers
+
+    settings = with_workers(demo_settings(RunSettings.from_file(a.config) if a.config else None), a.workers)
+    report = run_demo(a.out, settings)
+    return {"seconds": sum(report.seconds.values()), "report": str(Path(a.out) / "report.json")}
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def _summary_rows(result: Any) -> dict[str, Any]:
+    """A stage's result as summary rows: dataclass fields, nested mappings as "field: key"."""
+    fields = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else dict(result)
+    rows: dict[str, Any] = {}
+    for key, value in fields.items():
+        if isinstance(value, dict):
+            rows.update({f"{key}: {k}": v for k, v in value.items()})
+        else:
+            rows[key.replace("_", " ")] = value
+    return rows
 
 
 def _print_summary(title: str, rows: dict[str, Any]) -> None:
@@ -135,71 +297,9 @@ def _print_summary(title: str, rows: dict[str, Any]) -> None:
     for key, value in rows.items():
         if isinstance(value, float):
             value = f"{value:,.4f}"
-        elif isinstance(value, int):
+        elif isinstance(value, int) and not isinstance(value, bool):
             value = f"{value:,}"
         print(f"  {key:<{width}}  {value}")
-
-
-def _cmd_synth(a: argparse.Namespace) -> dict[str, Any]:
-    from seater_dist.config import SynthSettings
-    from seater_dist.data.synth import synthesize
-
-    s = SynthSettings(preset=a.preset, out=a.out, seed=a.seed, num_users=a.num_users,
-                      num_items=a.num_items, num_interactions=a.num_interactions,
-                      num_partitions=a.num_partitions)
-    return synthesize(s)
-
-
-def _cmd_prepare(a: argparse.Namespace) -> dict[str, Any]:
-    from seater_dist.config import PrepareSettings
-    from seater_dist.data.prepare import prepare
-
-    s = PrepareSettings(input=a.input, format=a.format, protocol=a.protocol, out=a.out,
-                        min_user_count=a.min_user_count, min_item_count=a.min_item_count, k_core=a.k_core,
-                        duplicates=a.duplicates, user_column=a.user_column, item_column=a.item_column,
-                        time_column=a.time_column, seed=a.seed)
-    return prepare(s)
-
-
-def _cmd_build_tree(a: argparse.Namespace) -> dict[str, Any]:
-    import numpy as np
-
-    from seater_dist.config import RunSettings, TreeSettings
-    from seater_dist.tree.builder import build_tree
-
-    base = RunSettings.from_file(a.config).tree if a.config else TreeSettings()
-    s = base.model_copy(update={"k": a.k, "kind": a.kind})
-    path = Path(a.embeddings)
-    if not path.exists():
-        raise CliError(f"{path}: embeddings file not found")
-    emb = np.load(path, mmap_mode="r")
-    t0 = time.time()
-    tree = build_tree(emb, s.k, settings=s)
-    tree.save(a.out)
-    return {"items": tree.num_items, "k": tree.k, "depth": tree.depth, "tokens": tree.num_tokens,
-            "seconds": round(time.time() - t0, 1), "out": a.out}
-
-
-def _cmd_not_ready(a: argparse.Namespace) -> dict[str, Any]:
-    raise CliError(f"`seater {a.command}` is not available in this build yet")
-
-
-def _dispatch(command: str) -> Callable[[argparse.Namespace], dict[str, Any]]:
-    table: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
-        "synth": _cmd_synth,
-        "prepare": _cmd_prepare,
-        "build-tree": _cmd_build_tree,
-    }
-    try:
-        from seater_dist import pipeline  # the Ray Train / evaluation stages
-
-        table.update(pipeline.CLI_COMMANDS)
-    except ImportError:
-        pass
-    return table.get(command, _cmd_not_ready)
-
-
-_NEEDS_RAY = {"synth", "prepare", "embed", "build-tree", "train", "evaluate", "run", "demo"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,28 +317,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if getattr(args, "config", None):  # fail on a bad settings file before starting Ray
-            from seater_dist.config import RunSettings
-
             RunSettings.from_file(args.config)
         if args.command in _NEEDS_RAY:
             from seater_dist.ray_env import init_ray
 
             init_ray(args.address)
         t0 = time.time()
-        summary = _dispatch(args.command)(args)
-        if summary:
-            _print_summary(f"seater {args.command} done in {time.time() - t0:,.1f} s", summary)
+        result = args.handler(args)
+        if result:
+            _print_summary(f"seater {args.command} done in {time.time() - t0:,.1f} s", _summary_rows(result))
         return 0
     except (CliError, SettingsError, FileNotFoundError, ValueError) as err:
-        print(f"seater {args.command}: error: {err}", file=sys.stderr)
+        print(f"seater {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"seater {args.command}: interrupted", file=sys.stderr)
         return 130
-
-
-def dump_json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Each stage has one settings model. A run's config file holds one section per stage:
 
     # run.yaml
-    prepare: {min_user_count: 5, min_item_count: 5, protocol: comirec}
+    prepare: {min_user_count: 5, min_item_count: 5}
     tree: {k: 8}
     seater: {lambda_ali: 0.05, lambda_rank: 0.05}
     train: {epochs: 30, workers: 2}
@@ -14,16 +14,22 @@ Load it with ``RunSettings.from_file("run.yaml")``; a typo or a bad value fails 
     Traceback (most recent call last):
     ...
     seater_dist.config.SettingsError: tree.kk: Extra inputs are not permitted
+
+Models are values: a stage that changes a setting works on ``model_copy(update=...)``, never on the
+caller's object.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from seater_dist.formats import FORMAT_NAMES, METRICS, PROTOCOL_KS, PROTOCOL_NAMES
 
 
 class SettingsError(ValueError):
@@ -43,15 +49,20 @@ class Settings(BaseModel):
             raise SettingsError(_describe(err, cls.__name__)) from None
 
     @classmethod
+    def build(cls, **fields: Any):
+        """Construct from keyword fields with the same one-line errors as :meth:`model_validate`."""
+        return cls.model_validate(fields)
+
+    @classmethod
     def from_file(cls, path: str | Path):
         """Load from a YAML or JSON file; errors name the file and the field."""
         path = Path(path)
-        if not path.exists():
+        if not path.is_file():
             raise SettingsError(f"{path}: settings file not found")
         try:
             raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise SettingsError(f"{path}: not valid YAML/JSON ({err})") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise SettingsError(f"{path}: not valid YAML/JSON ({' '.join(str(err).split())})") from None
         if not isinstance(raw, dict):
             raise SettingsError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
         try:
@@ -67,29 +78,31 @@ def _describe(err: ValidationError, model: str) -> str:
     parts = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or model
-        parts.append(f"{loc}: {e['msg']}")
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
     return "; ".join(parts)
+
+
+def metric_cutoffs(protocol: str) -> tuple[int, ...]:
+    """The K of every @K metric the protocol reports (the one definition: ``formats.PROTOCOL_KS``)."""
+    return PROTOCOL_KS[protocol]
 
 
 # --------------------------------------------------------------------------------------------
 # data/
 # --------------------------------------------------------------------------------------------
 
-InputFormat = Literal["sequences", "interactions", "movielens", "amazon", "yelp", "mind"]
-Protocol = Literal["comirec", "loo"]
+InputFormat = Literal[FORMAT_NAMES]  # type: ignore[valid-type]
+Protocol = Literal[PROTOCOL_NAMES]  # type: ignore[valid-type]
 
 
-class PrepareSettings(Settings):
-    """`seater prepare`: read raw logs, filter, re-index, split by protocol, write `dataset/`.
+class PrepareOptions(Settings):
+    """How `seater prepare` filters and splits: the `prepare:` section of a run's config file.
 
-    Example: ``PrepareSettings(input="data/Beauty.txt", format="sequences", out="runs/beauty/dataset")``
+    Example: ``PrepareOptions(min_user_count=5, min_item_count=5, k_core=True)``
     """
 
-    input: str = Field(description="File or directory (local path or pyarrow.fs URI) of raw logs.")
-    format: InputFormat = Field(description="Reader to use; see `seater prepare --help`.")
-    out: str = Field(description="Output `dataset/` directory.")
-    protocol: Protocol = "comirec"
-    min_user_count: int = Field(5, ge=1, description="Drop users with fewer interactions.")
+    min_user_count: int = Field(5, ge=1, description="Drop users with fewer interactions (after the item filter).")
     min_item_count: int = Field(5, ge=1, description="Drop items with fewer interactions.")
     k_core: bool = Field(
         False, description="Iterate the two filters until both hold (a true k-core); else one pass (ComiRec)."
@@ -102,10 +115,24 @@ class PrepareSettings(Settings):
     user_column: str | None = Field(None, description="interactions format: user column (default user_id).")
     item_column: str | None = Field(None, description="interactions format: item column (default item_id).")
     time_column: str | None = Field(None, description="interactions format: timestamp column (default timestamp).")
-    seed: int = 0
-    split_ratio: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seed: int = Field(0, description="Seed of the comirec user shuffle.")
+    split_ratio: tuple[float, float, float] = Field(
+        (0.8, 0.1, 0.1), description="comirec: shares of train / valid / test users."
+    )
     history_fraction: float = Field(0.8, gt=0, lt=1, description="comirec: share of a valid/test sequence seen.")
     num_blocks: int = Field(0, ge=0, description="Ray Data partitions (0: choose from the input size).")
+
+
+class PrepareSettings(PrepareOptions):
+    """`seater prepare`: read raw logs, filter, re-index, split by protocol, write `dataset/`.
+
+    Example: ``PrepareSettings(input="data/Beauty.txt", format="sequences", out="runs/beauty/dataset")``
+    """
+
+    input: str = Field(description="File or directory (local path or pyarrow.fs URI) of raw logs.")
+    format: InputFormat = Field(description="Reader to use (seater_dist.formats.FORMATS).")
+    out: str = Field(description="Output `dataset/` directory.")
+    protocol: Protocol = Field("comirec", description="Evaluation protocol (seater_dist.formats.PROTOCOLS).")
 
 
 SynthPreset = Literal["tiny", "small", "microvideo"]
@@ -118,9 +145,10 @@ class SynthSettings(Settings):
     Example: ``SynthSettings(preset="small", out="runs/synth_small")``
     """
 
-    preset: SynthPreset = "small"
-    out: str
-    seed: int = 0
+    preset: SynthPreset = Field("small", description="Size: tiny (tests), small (the demo), microvideo "
+                                "(the paper's industrial shape: 0.75M users, 6.1M items, 85M interactions).")
+    out: str = Field(description="Output directory of parquet parts.")
+    seed: int = Field(0, description="Seed of the generator (same seed, same data).")
     num_users: int | None = Field(None, ge=1, description="Override the preset's user count.")
     num_items: int | None = Field(None, ge=1, description="Override the preset's item count.")
     num_interactions: int | None = Field(None, ge=1, description="Override the preset's interaction count.")
@@ -133,7 +161,7 @@ class SynthSettings(Settings):
 
 
 class TreeSettings(Settings):
-    """`seater build-tree`: the balanced k-ary item tree of SEATER_SPEC §1.
+    """`seater build-tree`: the balanced k-ary item tree of docs/method.md §1.
 
     Example: ``TreeSettings(k=16)``; ``TreeSettings(k=8, kind="random")`` for the ablation.
     """
@@ -145,8 +173,9 @@ class TreeSettings(Settings):
         "a group exceeds k (ablation); random: random balanced splits (ablation).",
     )
     exact_threshold: int = Field(
-        0, ge=0, description="Nodes with at most this many items use exact constrained k-means "
-        "(k-means-constrained, ~7 ms a node of 93 items); 0: never. See seater_dist/tree/builder.py.",
+        0, ge=0, description="Nodes with at most this many items are split by the reference solver "
+        "k-means-constrained instead of our own exact constrained k-means (the same problem, solved more "
+        "slowly); 0: never.",
     )
     large_node: int = Field(
         100_000, ge=2, description="Nodes with more items are split alone (faiss k-means + balanced "
@@ -154,17 +183,15 @@ class TreeSettings(Settings):
     )
     n_init: int = Field(
         3, ge=1, description="Restarts on every node, the best kept; nodes above 512 items run 5x as many on a "
-        "512-item sample. Worst node against k-means-constrained with 10 restarts (skewed nodes of 700 to 2,500 "
-        "items, 32 per size): 1.028; at 312 items 1.122 (see seater_dist/tree/balanced_kmeans.py)."
+        "512-item sample."
     )
     kmeans_iters: int = Field(
         3, ge=1, description="Unconstrained Lloyd iterations: faiss k-means on large nodes runs at least 20; on "
         "the others they give the unconstrained objective reported next to ours.",
     )
     balanced_iters: int = Field(
-        10, ge=1, description="Lloyd iterations with the balanced assignment (a node stops once no item moves). "
-        "At 20k items, k = 8, over 8 seeds: worst objective 560.6 with 10, 550.3 with 20, 546.2 with 40, for "
-        "+26% / +36% CPU (the later steps are cheap warm-started flows).",
+        10, ge=1, description="Lloyd iterations with the balanced assignment (a node stops once no item "
+        "moves).",
     )
     price_steps: int = Field(2, ge=1, description="Sinkhorn steps per temperature of the approximate balanced "
                              "assignment used on nodes above large_node.")
@@ -176,10 +203,12 @@ class TreeSettings(Settings):
         "level size / (4 x CPUs), between 2k and 400k).",
     )
     quality_sample_nodes: int = Field(
-        2, ge=0, description="Nodes per level also solved by exact constrained k-means, to report "
-        "our objective against it (only nodes of at most quality_sample_max_items items).",
+        2, ge=0, description="Nodes per level also solved by the reference solver k-means-constrained, "
+        "to report our objective against it (only nodes of at most quality_sample_max_items items).",
     )
-    quality_sample_max_items: int = Field(2000, ge=2)
+    quality_sample_max_items: int = Field(
+        2000, ge=2, description="Largest node (in items) that quality_sample_nodes picks."
+    )
     seed: int = 0
 
 
@@ -189,29 +218,29 @@ class TreeSettings(Settings):
 
 
 class SeaterSettings(Settings):
-    """The SEATER model and its losses (SEATER_SPEC §2-§3, §5).
+    """The SEATER model and its losses (docs/method.md §2-§3, §5).
 
     Example: ``SeaterSettings(lambda_ali=0.05, lambda_rank=0.05, beam_size=50)``
     """
 
-    d_model: int = Field(64, ge=8)
-    n_heads: int = Field(2, ge=1)
-    ffn_dim: int = Field(256, ge=8)
-    dropout: float = Field(0.2, ge=0, lt=1)
-    encoder_layers: int = Field(1, ge=1, le=12)
-    decoder_layers: int = Field(1, ge=1, le=12)
+    d_model: int = Field(64, ge=8, description="d: width of embeddings and Transformer layers.")
+    n_heads: int = Field(2, ge=1, description="Attention heads (must divide d_model).")
+    ffn_dim: int = Field(256, ge=8, description="Feed-forward width of every Transformer layer.")
+    dropout: float = Field(0.2, ge=0, lt=1, description="Dropout inside the encoder and decoder layers.")
+    encoder_layers: int = Field(1, ge=1, le=12, description="Transformer encoder layers (the paper's main setting: 1).")
+    decoder_layers: int = Field(1, ge=1, le=12, description="Transformer decoder layers (the paper's main setting: 1).")
     history_len: int = Field(20, ge=1, description="t: items of history the encoder reads.")
     use_alignment: bool = Field(True, description="L_ali (Eq. 6); off for the ablation.")
     use_ranking: bool = Field(True, description="L_rank (Eq. 7-8); off for the ablation.")
-    lambda_ali: float = Field(0.05, ge=0)
-    lambda_rank: float = Field(0.05, ge=0)
+    lambda_ali: float = Field(0.05, ge=0, description="Weight of L_ali in the total loss (Eq. 9).")
+    lambda_rank: float = Field(0.05, ge=0, description="Weight of L_rank in the total loss (Eq. 9).")
     tau: float = Field(0.2, gt=0, description="L_ali temperature.")
     beta: float = Field(0.001, ge=0, description="L_rank adaptive margin scale.")
     num_rank_negatives: int = Field(4, ge=1, description="q: negatives per positive identifier.")
-    beam_size: int = Field(50, ge=1)
+    beam_size: int = Field(50, ge=1, description="b: beams kept at every step of the constrained beam search.")
     embedding_init_std: float = Field(
-        1.0, gt=0, description="Std of the token table's normal init: 1.0 as in the authors' code (SEATER_SPEC "
-        "§2; the paper is silent). Rows move ~lr per Adam step, so at 1.0 rarely seen items learn slowly.",
+        1.0, gt=0, description="Std of the token table's normal init: 1.0 as in the authors' code (the paper is "
+        "silent; docs/method.md §2).",
     )
 
     def model_post_init(self, context: Any) -> None:
@@ -220,16 +249,16 @@ class SeaterSettings(Settings):
 
 
 class SasrecSettings(Settings):
-    """SASRec (SEATER_SPEC §6): the tree's item embeddings and the dual-encoder baseline.
+    """SASRec (docs/method.md §6): the tree's item embeddings and the dual-encoder baseline.
 
     Example: ``SasrecSettings(loss="sampled", num_negatives=1280)``
     """
 
-    d_model: int = Field(64, ge=8)
-    n_heads: int = Field(2, ge=1)
-    num_blocks: int = Field(2, ge=1, le=12)
+    d_model: int = Field(64, ge=8, description="d: width of item embeddings and layers.")
+    n_heads: int = Field(2, ge=1, description="Attention heads (must divide d_model).")
+    num_blocks: int = Field(2, ge=1, le=12, description="Self-attention blocks.")
     ffn_dim: int | None = Field(None, ge=8, description="Feed-forward width (default d_model, as SASRec).")
-    dropout: float = Field(0.2, ge=0, lt=1)
+    dropout: float = Field(0.2, ge=0, lt=1, description="Dropout on the input embeddings and inside the blocks.")
     max_len: int = Field(50, ge=1, description="Longest training sequence (last items kept).")
     loss: Literal["sampled", "ce"] = Field("sampled", description="sampled softmax (paper) or full CE.")
     num_negatives: int = Field(1280, ge=1, description="Shared uniform negatives of the sampled softmax.")
@@ -240,8 +269,19 @@ class SasrecSettings(Settings):
 
 
 # --------------------------------------------------------------------------------------------
-# train/
+# train/, eval/
 # --------------------------------------------------------------------------------------------
+
+_METRIC = re.compile(rf"^({'|'.join(METRICS)})@([1-9][0-9]*)$")
+
+
+def metric_k(name: str) -> int:
+    """The K of a metric name such as ``recall@50``; ValueError naming the choices otherwise."""
+    match = _METRIC.match(name)
+    if not match:
+        raise ValueError(f"{name!r} is not a metric: expected one of {', '.join(m + '@K' for m in METRICS)}, "
+                         "e.g. recall@50")
+    return int(match.group(2))
 
 
 class TrainSettings(Settings):
@@ -250,37 +290,55 @@ class TrainSettings(Settings):
     Example: ``TrainSettings(workers=2, cpus_per_worker=0.5, epochs=30, batch_size=256)``
     """
 
-    workers: int = Field(2, ge=1)
-    cpus_per_worker: float = Field(0.5, gt=0, description="Leave CPUs to Ray Data (1.0 each hangs on 2 CPUs).")
-    use_gpu: bool = False
-    epochs: int = Field(50, ge=1)
+    workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel replicas).")
+    cpus_per_worker: float = Field(0.5, gt=0, description="CPUs per worker; leave CPUs to Ray Data (on a "
+                                   "2-CPU machine two workers of 1.0 leave it none and training hangs).")
+    use_gpu: bool = Field(False, description="One GPU per worker (NCCL) instead of CPU (gloo).")
+    epochs: int = Field(50, ge=1, description="Most epochs to train.")
     batch_size: int = Field(256, ge=1, description="Global batch (split over workers).")
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-5, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
+    weight_decay: float = Field(1e-5, ge=0, description="L2 penalty added to the gradient, as torch.optim.Adam does.")
+    grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this value.")
     patience: int = Field(4, ge=1, description="Epochs without validation improvement before stopping.")
-    select_metric: str = Field("recall@50", description="Validation metric that picks the best checkpoint.")
+    select_metric: str = Field("recall@50", description="Validation metric that picks the best checkpoint "
+                               "(recall@K, hr@K or ndcg@K with K among the protocol's cut-offs).")
     max_valid_users: int | None = Field(None, ge=1, description="Validate on at most this many users.")
     max_failures: int = Field(2, ge=0, description="Worker failures to recover from (Ray Train).")
-    storage_path: str | None = Field(None, description="Ray Train storage (local path or URI).")
-    seed: int = 0
+    storage_path: str | None = Field(None, description="Ray Train storage (local path or URI); default "
+                                     "OUT/ray_results.")
+    seed: int = Field(0, description="Seed of initialisation, sampling and shuffling.")
+
+    @field_validator("select_metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        metric_k(value)
+        return value
 
 
 class EvalSettings(Settings):
-    """`seater evaluate`: offline metrics with Ray Data batch inference."""
+    """`seater evaluate`: offline metrics by Ray Data batch inference (an actor pool, each actor loading
+    the checkpoint once).
 
-    ks: tuple[int, ...] = (20, 50)
-    batch_size: int = Field(256, ge=1)
-    max_users: int | None = Field(None, ge=1)
+    Example: ``EvalSettings(concurrency=2, cpus_per_actor=0.5)``
+    """
+
+    batch_size: int = Field(256, ge=1, description="Users per batch an actor ranks at once.")
+    max_users: int | None = Field(None, ge=1, description="Evaluate at most this many users (the first ones).")
+    concurrency: int = Field(2, ge=1, description="Most actors in the pool.")
+    cpus_per_actor: float = Field(0.5, gt=0, description="CPUs reserved per actor (its torch threads: "
+                                  "max(1, round(cpus_per_actor))).")
+    use_gpu: bool = Field(False, description="One GPU per actor.")
 
 
 class RunSettings(Settings):
     """`seater run`: every stage's settings in one file (each section optional)."""
 
-    prepare: dict[str, Any] = Field(default_factory=dict, description="Overrides of PrepareSettings.")
-    tree: TreeSettings = Field(default_factory=TreeSettings)
-    seater: SeaterSettings = Field(default_factory=SeaterSettings)
-    sasrec: SasrecSettings = Field(default_factory=SasrecSettings)
-    train: TrainSettings = Field(default_factory=TrainSettings)
-    sasrec_train: TrainSettings = Field(default_factory=TrainSettings)
-    eval: EvalSettings = Field(default_factory=EvalSettings)
+    prepare: PrepareOptions = Field(default_factory=PrepareOptions, description="`seater prepare` options "
+                                    "(input, format, protocol and out come from the command line).")
+    tree: TreeSettings = Field(default_factory=TreeSettings, description="`seater build-tree`.")
+    seater: SeaterSettings = Field(default_factory=SeaterSettings, description="The SEATER model and losses.")
+    sasrec: SasrecSettings = Field(default_factory=SasrecSettings, description="The SASRec model.")
+    train: TrainSettings = Field(default_factory=TrainSettings, description="Training SEATER (`seater train`).")
+    sasrec_train: TrainSettings = Field(default_factory=TrainSettings, description="Training SASRec "
+                                        "(`seater embed`).")
+    eval: EvalSettings = Field(default_factory=EvalSettings, description="`seater evaluate`.")

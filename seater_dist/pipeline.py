@@ -1,4 +1,5 @@
-"""`seater run` and `seater demo`: every stage in order, each leaving its artifact under ``out``:
+"""`seater run` and `seater demo` as library functions: every stage in order, each leaving its artifact
+under ``out``:
 
     out/dataset/   prepare      (Ray Data)
     out/sasrec/    embed        (Ray Train: SASRec; item_embeddings.npy feeds the tree; the baseline)
@@ -6,129 +7,200 @@
     out/seater/    train        (Ray Train DDP: SEATER)
     out/report.json, out/report.md, out/training.png   evaluate both on the same test users, compare
 
-Also the CLI handlers of the training and evaluation commands (imported lazily by cli.py).
+    report = run_pipeline("Beauty.txt", "sequences", "comirec", "runs/beauty", RunSettings())
+    report.seater["recall@50"], report.sasrec["recall@50"]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from seater_dist.config import PrepareSettings, RunSettings, SynthSettings
+import numpy as np
 
-DEMO_CONFIG: dict[str, Any] = {
-    # Sized for a 2-core laptop: the whole demo (synth, prepare, SASRec, tree, SEATER, evaluation)
-    # in under 10 minutes. Every other setting is the paper's default.
+from seater_dist.config import PrepareSettings, RunSettings, SynthSettings, TrainSettings, metric_cutoffs
+from seater_dist.data.dataset import load_dataset
+from seater_dist.data.errors import DataError
+from seater_dist.data.prepare import prepare
+from seater_dist.data.synth import synthesize
+from seater_dist.eval.offline import evaluate
+from seater_dist.train.trainer import TrainResult, resumable, train_sasrec, train_seater
+from seater_dist.tree.builder import build_tree
+from seater_dist.tree.item_tree import ItemTree, TreeError
+
+# The demo on a 2-core laptop (synth, prepare, SASRec, tree, SEATER, evaluation in about 5 minutes):
+# fewer epochs and SASRec negatives than the paper's defaults, every other setting as the paper.
+DEMO_SETTINGS: dict[str, Any] = {
     "tree": {"k": 8},
     "sasrec": {"num_negatives": 256},  # 2,500 items: 256 shared negatives suffice
     "sasrec_train": {"epochs": 8, "batch_size": 256, "patience": 3},
     "train": {"epochs": 5, "batch_size": 256, "patience": 3},
 }
+STAGES = 5
 
 
-def _ks(protocol: str) -> tuple[int, ...]:
-    return (5, 10, 20, 50) if protocol == "loo" else (20, 50)
+@dataclass
+class RunReport:
+    """``report.json``: both models' test metrics on the same users, and how the run went."""
+
+    seater: dict[str, float]
+    sasrec: dict[str, float]
+    settings: dict[str, Any]
+    seconds: dict[str, float]
+    counts: dict[str, int]
+    best_epoch: dict[str, int]
+    test_users: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
 
 
-def _stage(i: int, n: int, text: str) -> float:
-    print(f"[{i}/{n}] {text}", flush=True)
-    return time.time()
+def with_workers(settings: RunSettings, workers: int | None) -> RunSettings:
+    """A copy of ``settings`` whose two training stages use ``workers`` workers (None: unchanged)."""
+    if not workers:
+        return settings
+    return settings.model_copy(update={
+        "train": settings.train.model_copy(update={"workers": workers}),
+        "sasrec_train": settings.sasrec_train.model_copy(update={"workers": workers}),
+    })
+
+
+def demo_settings(overrides: RunSettings | None = None) -> RunSettings:
+    """DEMO_SETTINGS, with every field a user's config file sets on top (section by section, field by field)."""
+    merged = {section: dict(fields) for section, fields in DEMO_SETTINGS.items()}
+    if overrides is not None:
+        for section, fields in overrides.model_dump(exclude_unset=True).items():
+            merged.setdefault(section, {}).update(fields)
+    return RunSettings.model_validate(merged)
 
 
 def run_pipeline(input_path: str, fmt: str, protocol: str, out: str | Path, settings: RunSettings,
-                 workers: int | None = None) -> dict[str, Any]:
-    """prepare -> embed -> build-tree -> train -> evaluate both; returns (and writes) the report."""
-    from seater_dist.data.prepare import prepare
-    from seater_dist.eval.offline import evaluate
-    from seater_dist.train.trainer import train_sasrec, train_seater
-    from seater_dist.tree.builder import build_tree
+                 progress: Callable[[str], None] = print, resume: bool = False) -> RunReport:
+    """prepare -> embed -> build-tree -> train -> evaluate both; writes report.json, report.md, training.png.
 
-    import numpy as np
-
+    ``resume``: keep every stage whose artifact under ``out`` is complete, continue an interrupted
+    training run from its last epoch, and run the rest.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if workers:
-        settings.train.workers = settings.sasrec_train.workers = workers
-    ks = _ks(protocol)
+    ks = metric_cutoffs(protocol)
     seconds: dict[str, float] = {}
-    n = 5
 
-    t = _stage(1, n, f"prepare {input_path} ({fmt}, protocol {protocol})")
-    prep = PrepareSettings.model_validate({"input": str(input_path), "format": fmt, "protocol": protocol,
-                                           "out": str(out / "dataset"), **settings.prepare})
-    manifest = prepare(prep)
+    def stage(i: int, name: str, text: str) -> float:
+        progress(f"[{i}/{STAGES}] {text}")
+        return time.time()
+
+    t = stage(1, "prepare", f"prepare {input_path} ({fmt}, protocol {protocol})")
+    counts = _finished_dataset(out / "dataset") if resume else None
+    if counts is None:
+        prep = prepare(PrepareSettings.build(input=str(input_path), format=fmt, protocol=protocol,
+                                             out=str(out / "dataset"), **settings.prepare.model_dump()))
+        counts = {"users": prep.users, "items": prep.items, "interactions": prep.interactions}
+    else:
+        progress("      kept the finished dataset (--resume)")
     seconds["prepare"] = time.time() - t
-    counts = manifest.get("counts", manifest)
-    print(f"      {counts.get('users', '?'):,} users, {counts.get('items', '?'):,} items, "
-          f"{counts.get('interactions', '?'):,} interactions", flush=True)
+    progress(f"      {counts['users']:,} users, {counts['items']:,} items, {counts['interactions']:,} interactions")
 
-    t = _stage(2, n, f"embed: SASRec ({settings.sasrec.loss} loss) on {settings.sasrec_train.workers} worker(s)")
-    sasrec = train_sasrec(out / "dataset", out / "sasrec", settings.sasrec_train, settings.sasrec, ks=ks)
+    t = stage(2, "embed", f"embed: SASRec ({settings.sasrec.loss} loss) on {settings.sasrec_train.workers} worker(s)")
+    sasrec = _train_or_resume(progress, resume, out / "sasrec", settings.sasrec_train, "sasrec", lambda again: train_sasrec(
+        out / "dataset", out / "sasrec", settings.sasrec_train, settings.sasrec, resume=again))
     seconds["embed"] = time.time() - t
-    _print_epochs("SASRec", sasrec.history, settings.sasrec_train.select_metric)
+    _report_epochs(progress, "SASRec", sasrec, settings.sasrec_train.select_metric)
 
-    t = _stage(3, n, f"build-tree: k = {settings.tree.k}")
-    embeddings = np.load(out / "sasrec" / "item_embeddings.npy")
-    tree = build_tree(embeddings, settings.tree.k, settings=settings.tree)
-    tree.save(out / "tree")
+    t = stage(3, "build-tree", f"build-tree: k = {settings.tree.k}")
+    tree = _finished_tree(out / "tree") if resume else None
+    if tree is None:
+        tree = build_tree(np.load(out / "sasrec" / "item_embeddings.npy"), settings.tree)
+        tree.save(out / "tree")
+    else:
+        progress("      kept the finished tree (--resume)")
     seconds["build_tree"] = time.time() - t
-    print(f"      {tree.num_items:,} items, depth {tree.depth}, {tree.num_internal:,} internal nodes", flush=True)
+    progress(f"      {tree.num_items:,} items, depth {tree.depth}, {tree.num_internal:,} internal nodes")
 
-    t = _stage(4, n, f"train: SEATER on {settings.train.workers} worker(s)")
-    seater = train_seater(out / "dataset", out / "tree", out / "seater", settings.train, settings.seater, ks=ks)
+    t = stage(4, "train", f"train: SEATER on {settings.train.workers} worker(s)")
+    seater = _train_or_resume(progress, resume, out / "seater", settings.train, "seater", lambda again: train_seater(
+        out / "dataset", out / "tree", out / "seater", settings.train, settings.seater, resume=again))
     seconds["train"] = time.time() - t
-    _print_epochs("SEATER", seater.history, settings.train.select_metric)
+    _report_epochs(progress, "SEATER", seater, settings.train.select_metric)
 
-    t = _stage(5, n, "evaluate both on the test users (Ray Data)")
-    settings.eval.ks = ks
-    results = {
-        "seater": evaluate(seater.best_checkpoint, out / "dataset", "test", settings.eval, out=out / "seater"),
-        "sasrec": evaluate(sasrec.best_checkpoint, out / "dataset", "test", settings.eval, out=out / "sasrec"),
-    }
+    t = stage(5, "evaluate", "evaluate both on the test users (Ray Data)")
+    results = {name: evaluate(run.best_checkpoint, out / "dataset", "test", settings.eval, out=out / name)
+               for name, run in (("seater", seater), ("sasrec", sasrec))}
     seconds["evaluate"] = time.time() - t
-    report = {
-        **{name: _metric_subset(m) for name, m in results.items()},
-        "settings": {"input": str(input_path), "format": fmt, "protocol": protocol,
-                     **json.loads(settings.to_json())},
-        "seconds": {k: round(v, 1) for k, v in seconds.items()},
-        "counts": counts,
-        "best_epoch": {"seater": seater.best_epoch, "sasrec": sasrec.best_epoch},
-        "test_users": results["seater"]["users"],
-    }
-    (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+    report = RunReport(
+        seater=results["seater"].metrics, sasrec=results["sasrec"].metrics,
+        settings={"input": str(input_path), "format": fmt, "protocol": protocol, **settings.model_dump(mode="json")},
+        seconds={k: round(v, 1) for k, v in seconds.items()},
+        counts=counts,
+        best_epoch={"seater": seater.best_epoch, "sasrec": sasrec.best_epoch},
+        test_users=results["seater"].users,
+    )
+    (out / "report.json").write_text(report.to_json())
     table = results_table(report, ks)
     (out / "report.md").write_text(table + "\n")
     plot_training({"SEATER": seater.history, "SASRec": sasrec.history}, out / "training.png",
                   settings.train.select_metric)
-    print("\n" + table)
-    print(f"\nplot: {out / 'training.png'}   report: {out / 'report.json'}")
+    progress("\n" + table)
+    progress(f"\nplot: {out / 'training.png'}   report: {out / 'report.json'}")
     return report
 
 
-def _metric_subset(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: v for k, v in metrics.items() if "@" in k}
+def _finished_dataset(path: Path) -> dict[str, int] | None:
+    try:
+        counts = load_dataset(path).manifest["counts"]
+    except (DataError, KeyError):
+        return None
+    return {key: int(counts[key]) for key in ("users", "items", "interactions")}
 
 
-def _print_epochs(name: str, history: list[dict[str, Any]], metric: str) -> None:
-    for rec in history:
-        print(f"      {name} epoch {rec['epoch']:>2}: loss {rec.get('train_loss', float('nan')):.4f}  "
-              f"valid {metric} {rec.get('valid_' + metric, float('nan')):.4f}  "
-              f"({rec['train_seconds']:.0f} s train, {rec['samples_per_second']:,.0f} samples/s)", flush=True)
+def _finished_tree(path: Path) -> ItemTree | None:
+    try:
+        return ItemTree.load(path, validate=False)
+    except (TreeError, OSError, ValueError):
+        return None
 
 
-def results_table(report: dict[str, Any], ks: tuple[int, ...]) -> str:
+def _train_or_resume(progress: Callable[[str], None], resume: bool, out: Path, settings: TrainSettings, task: str,
+                     train: Callable[[bool], TrainResult]) -> TrainResult:
+    """A finished run under ``out`` is kept on resume; an interrupted one continues; otherwise a fresh run."""
+    if resume:
+        done = TrainResult.load(out)
+        if done is not None:
+            progress(f"      kept the finished run in {out} (--resume)")
+            return done
+        return train(resumable(out, settings, task))
+    return train(False)
+
+
+def run_demo(out: str | Path, settings: RunSettings, progress: Callable[[str], None] = print) -> RunReport:
+    """Synthesise the `small` preset into ``out/synth``, then :func:`run_pipeline` on it (comirec)."""
+    out = Path(out)
+    progress("[0/5] synth: the `small` preset (planted topic hierarchy, power-law popularity, drifting users)")
+    synthesize(SynthSettings(preset="small", out=str(out / "synth")))
+    return run_pipeline(str(out / "synth"), "interactions", "comirec", out, settings, progress)
+
+
+def _report_epochs(progress: Callable[[str], None], name: str, result: TrainResult, metric: str) -> None:
+    for rec in result.history:
+        progress(f"      {name} epoch {rec['epoch']:>2}: loss {rec.get('train_loss', float('nan')):.4f}  "
+                 f"valid {metric} {rec.get('valid_' + metric, float('nan')):.4f}  "
+                 f"({rec['train_seconds']:.0f} s train, {rec['samples_per_second']:,.0f} samples/s)")
+
+
+def results_table(report: RunReport, ks: tuple[int, ...]) -> str:
     """Markdown table: one row per model, Recall/HR/NDCG at each K, and SEATER's relative gain."""
     cols = [f"{m}@{k}" for m in ("recall", "hr", "ndcg") for k in ks]
+    rows = {"seater": report.seater, "sasrec": report.sasrec}
     lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    for name in ("seater", "sasrec"):
-        lines.append(f"| {name} | " + " | ".join(f"{report[name].get(c, float('nan')):.4f}" for c in cols) + " |")
+    for name, metrics in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{metrics.get(c, float('nan')):.4f}" for c in cols) + " |")
     gains = []
     for c in cols:
-        base = report["sasrec"].get(c, 0.0)
-        gains.append(f"{100 * (report['seater'].get(c, 0.0) / base - 1):+.1f}%" if base else "n/a")
+        base = report.sasrec.get(c, 0.0)
+        gains.append(f"{100 * (report.seater.get(c, 0.0) / base - 1):+.1f}%" if base else "n/a")
     lines.append("| seater vs sasrec | " + " | ".join(gains) + " |")
     return "\n".join(lines)
 
@@ -153,85 +225,3 @@ def plot_training(histories: dict[str, list[dict[str, Any]]], path: Path, metric
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-# ------------------------------------------------------------------------------------------ CLI handlers
-
-
-def _load_run_settings(path: str | None) -> RunSettings:
-    return RunSettings.from_file(path) if path else RunSettings()
-
-
-def _cmd_embed(a: argparse.Namespace) -> dict[str, Any]:
-    from seater_dist.train.trainer import train_sasrec
-
-    s = _load_run_settings(a.config)
-    if a.workers:
-        s.sasrec_train.workers = a.workers
-    result = train_sasrec(a.data, a.out, s.sasrec_train, s.sasrec)
-    return {"best epoch": result.best_epoch, **_best(result), "embeddings": str(Path(a.out) / "item_embeddings.npy"),
-            "checkpoint": str(result.best_checkpoint)}
-
-
-def _cmd_train(a: argparse.Namespace) -> dict[str, Any]:
-    from seater_dist.train.trainer import train_seater
-
-    s = _load_run_settings(a.config)
-    if a.workers:
-        s.train.workers = a.workers
-    result = train_seater(a.data, a.tree, a.out, s.train, s.seater, resume=a.resume)
-    return {"best epoch": result.best_epoch, **_best(result), "checkpoint": str(result.best_checkpoint)}
-
-
-def _best(result) -> dict[str, float]:
-    return {k.removeprefix("valid_"): v for k, v in result.best_metrics.items() if k.startswith("valid_") and "@" in k}
-
-
-def _cmd_evaluate(a: argparse.Namespace) -> dict[str, Any]:
-    from seater_dist.data.dataset import load_dataset
-    from seater_dist.eval.offline import evaluate
-
-    from seater_dist.config import EvalSettings
-
-    ks = _ks(load_dataset(a.data).protocol)
-    metrics = evaluate(a.checkpoint, a.data, a.split, EvalSettings(ks=ks), out=a.out)
-    return {k: v for k, v in metrics.items() if "@" in k or k in ("users", "seconds")}
-
-
-def _cmd_recommend(a: argparse.Namespace) -> dict[str, Any]:
-    from seater_dist.model.retriever import SeaterRetriever
-
-    result = SeaterRetriever.from_checkpoint(a.checkpoint).recommend([a.history], top_n=a.top_n)[0]
-    for rank, (item, score) in enumerate(zip(result["items"], result["scores"]), start=1):
-        print(f"{rank:>3}. {item}  {score:.4f}")
-    return {"ignored (unknown ids)": ", ".join(map(str, result["ignored"])) or "none"}
-
-
-def _cmd_run(a: argparse.Namespace) -> dict[str, Any]:
-    report = run_pipeline(a.input, a.format, a.protocol, a.out, _load_run_settings(a.config), a.workers)
-    return {"seconds": sum(report["seconds"].values()), "report": str(Path(a.out) / "report.json")}
-
-
-def _cmd_demo(a: argparse.Namespace) -> dict[str, Any]:
-    from seater_dist.data.synth import synthesize
-
-    settings = RunSettings.model_validate({**DEMO_CONFIG, **(_load_run_settings(a.config).model_dump(
-        exclude_defaults=True) if a.config else {})})
-    out = Path(a.out)
-    print("[0/5] synth: the `small` preset (planted topic hierarchy, power-law popularity, drifting users)", flush=True)
-    synth_dir = out / "synth"
-    synthesize(SynthSettings(preset="small", out=str(synth_dir)))
-    report = run_pipeline(str(synth_dir), "interactions", "comirec", out, settings, a.workers)
-    return {"seconds": sum(report["seconds"].values()), "report": str(out / "report.json")}
-
-
-CLI_COMMANDS = {
-    "embed": _cmd_embed,
-    "train": _cmd_train,
-    "evaluate": _cmd_evaluate,
-    "recommend": _cmd_recommend,
-    "run": _cmd_run,
-    "demo": _cmd_demo,
-}
-
-__all__ = ["run_pipeline", "results_table", "plot_training", "CLI_COMMANDS"]

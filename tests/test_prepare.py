@@ -33,7 +33,7 @@ def beauty_comirec(ray_session, beauty_path, tmp_path_factory):
 
 def test_beauty_min5_gives_the_published_counts(beauty_comirec):
     summary, ds = beauty_comirec
-    assert (ds.num_users, ds.num_items, summary["interactions"]) == (22_363, 12_101, 198_502)
+    assert (ds.num_users, ds.num_items, summary.interactions) == (22_363, 12_101, 198_502)
     counts = ds.manifest["counts"]
     assert counts["rows_read"] == 198_502 == counts["rows_kept"] + sum(counts["rows_dropped_by_reason"].values())
     assert list(ds.item_ids[:3]) == ["1", "2", "3"]  # numeric ids keep numeric order
@@ -94,8 +94,8 @@ def test_ml100k_reads_and_prepares(ml100k_path, tmp_path):
     kept = [r for r in rows if item_count[r[1]] >= 5]
     user_count = Counter(r[0] for r in kept)
     kept = [r for r in kept if user_count[r[0]] >= 5]
-    assert summary["interactions"] == len(kept)
-    assert summary["users"] == len({r[0] for r in kept}) and summary["items"] == len({r[1] for r in kept})
+    assert summary.interactions == len(kept)
+    assert summary.users == len({r[0] for r in kept}) and summary.items == len({r[1] for r in kept})
     ds = load_dataset(tmp_path / "d")
     # time order within a user, ties broken by file order
     user0 = ds.users().column("user_id")[0].as_py()
@@ -105,7 +105,7 @@ def test_ml100k_reads_and_prepares(ml100k_path, tmp_path):
     seq = row.get("items") or row["history"] + row["ground_truth"]
     assert list(ds.item_ids[seq]) == [e[2] for e in expected]
     items = ds.items()
-    assert items.column("count").to_numpy().sum() == summary["interactions"]
+    assert items.column("count").to_numpy().sum() == summary.interactions
 
 
 def _write_rows(path: Path, rows: list[tuple[int, str]]) -> None:
@@ -120,7 +120,7 @@ def test_one_pass_filter_versus_iterated_k_core(tmp_path):
                     (5, "a"), (5, "c"), (6, "a"), (6, "c")])
     one = prepare_local(PrepareSettings(input=str(p), format="interactions", out=str(tmp_path / "one"),
                                         min_user_count=2, min_item_count=4))
-    assert (one["users"], one["items"], one["interactions"]) == (3, 2, 6)
+    assert (one.users, one.items, one.interactions) == (3, 2, 6)
     assert load_dataset(tmp_path / "one").items().column("count").to_pylist() == [3, 3]
     dropped = load_dataset(tmp_path / "one").manifest["counts"]["rows_dropped_by_reason"]
     assert dropped == {"item_below_min_count": 3, "user_below_min_count": 3}
@@ -129,7 +129,7 @@ def test_one_pass_filter_versus_iterated_k_core(tmp_path):
                                       min_user_count=2, min_item_count=4, k_core=True))
     core = prepare_local(PrepareSettings(input=str(p), format="interactions", out=str(tmp_path / "core3"),
                                          min_user_count=2, min_item_count=3, k_core=True))
-    assert (core["users"], core["items"], core["interactions"]) == (6, 3, 12)
+    assert (core.users, core.items, core.interactions) == (6, 3, 12)
 
 
 def test_ray_and_single_process_write_the_same_dataset(ray_session, tmp_path):

@@ -28,7 +28,7 @@ def test_tiny_has_the_preset_sizes_and_int64_columns(tiny):
     out, summary = tiny
     table = pq.read_table(sorted(out.glob("part-*.parquet")))
     assert table.schema == pa.schema([("user_id", pa.int64()), ("item_id", pa.int64()), ("timestamp", pa.int64())])
-    assert table.num_rows == summary["interactions"] == 8_000
+    assert table.num_rows == summary.interactions == 8_000
     assert len(set(table.column("user_id").to_pylist())) == 300
     assert table.column("item_id").to_numpy().max() < 400
     per_user = Counter(table.column("user_id").to_pylist())

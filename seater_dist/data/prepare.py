@@ -2,7 +2,8 @@
 
     from seater_dist.config import PrepareSettings
     from seater_dist.data.prepare import prepare
-    summary = prepare(PrepareSettings(input="Beauty.txt", format="sequences", out="runs/beauty/dataset"))
+    result = prepare(PrepareSettings(input="Beauty.txt", format="sequences", out="runs/beauty/dataset"))
+    result.users, result.items, result.interactions, result.dropped     # also in dataset/manifest.json
 
 The pipeline (every step but the small driver-side ones runs as Ray Data operators):
 
@@ -10,7 +11,7 @@ The pipeline (every step but the small driver-side ones runs as Ray Data operato
    chunks parses and validates them (:mod:`readers`); bad rows go to ``rejected/`` with their reason.
 2. per-user order: ``repartition(keys=["user"])`` hash-partitions the rows by user, then each block is
    sorted by (user, timestamp, input order) with arrow and the duplicate policy is applied
-   (MACHINE_NOTES: this is the fast way; ``map_groups`` costs a Python call per user).
+   (the fast way: ``map_groups`` costs a Python call per user).
 3. filters: item counts by a Ray Data ``groupby``; items under ``min_item_count`` are dropped, then
    users with fewer than ``min_user_count`` remaining items (one pass, as ComiRec); with ``k_core`` the
    two filters repeat until both hold.
@@ -36,6 +37,7 @@ import shutil
 import time
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from seater_dist.artifacts import replace_dir, sha256_file
+from seater_dist.artifacts import atomic_dir, sha256_file
 from seater_dist.config import PrepareSettings
 from seater_dist.data import ops
 from seater_dist.data.errors import DataError
@@ -57,15 +59,32 @@ _FILTER_REASONS = ("item_below_min_count", "user_below_min_count")
 _INPUT_BYTES_PER_PARTITION = 16 << 20
 
 
-def prepare(settings: PrepareSettings) -> dict[str, Any]:
-    """Prepare ``settings.input`` into ``settings.out`` with Ray Data; returns the one-screen summary.
+@dataclass
+class PrepareResult:
+    """What `seater prepare` wrote: counts (``rows_read = rows_kept + sum(dropped.values())``)."""
+
+    users: int
+    items: int
+    interactions: int
+    train_users: int
+    valid_users: int
+    test_users: int
+    rows_read: int
+    rows_kept: int
+    dropped: dict[str, int]
+    out: str
+    seconds: float
+
+
+def prepare(settings: PrepareSettings) -> PrepareResult:
+    """Prepare ``settings.input`` into ``settings.out`` with Ray Data.
 
     Raises DataError (a ValueError) with a one-line message naming the file, row or field on bad input.
     """
     return _run(settings, engine="ray")
 
 
-def prepare_local(settings: PrepareSettings) -> dict[str, Any]:
+def prepare_local(settings: PrepareSettings) -> PrepareResult:
     """The same preparation in this process with pyarrow only (no Ray): the benchmark's peer."""
     return _run(settings, engine="local")
 
@@ -75,23 +94,20 @@ def prepare_local(settings: PrepareSettings) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 
 
-def _run(settings: PrepareSettings, engine: str) -> dict[str, Any]:
+def _run(settings: PrepareSettings, engine: str) -> PrepareResult:
     t0 = time.time()
     _check_settings(settings)
     opts = reader_options(settings.format, settings.user_column, settings.item_column, settings.time_column)
     fs, files = list_input_files(settings.input, settings.format)
     opts = integer_ids(fs, files, opts)
     chunks = plan_chunks(fs, files, opts)
-    tmp = _temp_dir(settings.out)
-    try:
+    if "://" in settings.out:
+        raise DataError(f"out: {settings.out}: prepare writes to a local or mounted path (URIs are read-only inputs)")
+    with atomic_dir(settings.out, "dataset") as tmp:
+        (tmp / "rejected").mkdir()
         runner = _RayRun if engine == "ray" else _LocalRun
         result = runner(settings, opts, files, chunks, tmp).run()
-        summary = _finish(settings, files, tmp, result, time.time() - t0)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_dir(tmp, Path(settings.out))
-    return summary
+        return _finish(settings, files, tmp, result, time.time() - t0)
 
 
 def _check_settings(s: PrepareSettings) -> None:
@@ -99,24 +115,6 @@ def _check_settings(s: PrepareSettings) -> None:
     if s.min_user_count < need:
         raise DataError(f"min_user_count: the {s.protocol} protocol needs at least {need} items per user "
                         f"(got {s.min_user_count})")
-
-
-def _temp_dir(out: str) -> Path:
-    if "://" in out:
-        raise DataError(f"out: {out}: prepare writes to a local or mounted path (URIs are read-only inputs)")
-    outp = Path(out)
-    if outp.exists() and not (outp.is_dir() and (not any(outp.iterdir()) or _is_dataset(outp))):
-        raise DataError(f"out: {outp} exists and is not a dataset directory; refusing to overwrite it")
-    tmp = outp.parent / f".{outp.name}.tmp-{uuid.uuid4().hex[:8]}"
-    (tmp / "rejected").mkdir(parents=True)
-    return tmp
-
-
-def _is_dataset(path: Path) -> bool:
-    try:
-        return json.loads((path / "manifest.json").read_text()).get("artifact") == "dataset"
-    except (OSError, ValueError):
-        return False
 
 
 class _Result:
@@ -385,7 +383,7 @@ def _read_rejected(tmp: Path, columns: list[str] | None = None) -> pa.Table:
 # ------------------------------------------------------------------------------------------------
 
 
-def _finish(s: PrepareSettings, files: list[str], tmp: Path, r: _Result, seconds: float) -> dict[str, Any]:
+def _finish(s: PrepareSettings, files: list[str], tmp: Path, r: _Result, seconds: float) -> PrepareResult:
     reasons = Counter(_read_rejected(tmp, columns=["reason"]).column("reason").to_pylist())
     dropped = dict(sorted(reasons.items()))
     dropped["item_below_min_count"] = r.after_dedupe - r.rows_with_kept_items
@@ -414,11 +412,9 @@ def _finish(s: PrepareSettings, files: list[str], tmp: Path, r: _Result, seconds
         "checksums": _checksums(tmp), "stage_seconds": r.stage_seconds, "seconds": round(seconds, 2),
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return {"users": counts["users"], "items": counts["items"], "interactions": counts["interactions"],
-            "train_users": counts["train_users"], "valid_users": counts["valid_users"],
-            "test_users": counts["test_users"], "rows_read": rows_read, "rows_kept": r.rows_kept,
-            **{f"dropped: {k}": v for k, v in dropped.items() if v}, "out": s.out,
-            "seconds": round(seconds, 1)}
+    return PrepareResult(counts["users"], counts["items"], counts["interactions"], counts["train_users"],
+                         counts["valid_users"], counts["test_users"], rows_read, r.rows_kept,
+                         {k: v for k, v in dropped.items() if v}, s.out, round(seconds, 1))
 
 
 def _checksums(root: Path) -> dict[str, str]:

@@ -8,7 +8,7 @@ A reader turns one *chunk* of one input file (a byte range of a text file, or a 
 * a rejected table: ``raw`` (the row as text), ``file``, ``row`` (1-based line or row number),
   ``reason`` (a code such as ``missing_user_id``) and ``detail`` (one human line).
 
-Formats (``READERS``):
+Formats (registered in ``seater_dist.formats.FORMATS``; parsed by ``TEXT_PARSERS`` here):
 
 ========== =====================================================================================
 sequences  one line per user: ``user item item ...`` in time order (the line order IS the time order)
@@ -44,6 +44,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from seater_dist.data.errors import DataError
+from seater_dist.formats import FORMATS
 
 ROW_BITS = 40  # ord = file_index << ROW_BITS | row
 SEQ_POS_BITS = 24  # sequences: ts = line << SEQ_POS_BITS | position in line
@@ -80,28 +81,9 @@ class ReaderOptions:
     string_ids: bool = True  # False only when every input file stores both ids as integers (parquet)
 
 
-DEFAULT_COLUMNS = {
-    "interactions": ("user_id", "item_id", "timestamp"),
-    "movielens": ("user_id", "item_id", "timestamp"),
-    "amazon": ("reviewerID", "asin", "unixReviewTime"),
-    "yelp": ("user_id", "business_id", "date"),
-    "mind": ("user_id", "history", "time"),
-    "sequences": ("user", "items", "line"),
-}
-
-_EXTENSIONS = {
-    "sequences": (".txt", ".seq", ".csv", ".tsv", ""),
-    "interactions": (".csv", ".tsv", ".parquet", ".pq", ".txt"),
-    "movielens": (".inter", ".dat", ".csv", ".tsv"),
-    "amazon": (".json", ".jsonl", ".ndjson"),
-    "yelp": (".json", ".jsonl", ".ndjson"),
-    "mind": (".tsv",),
-}
-
-
 def reader_options(fmt: str, user_column: str | None, item_column: str | None,
                    time_column: str | None) -> ReaderOptions:
-    u, i, t = DEFAULT_COLUMNS[fmt]
+    u, i, t = FORMATS[fmt].columns
     return ReaderOptions(fmt, user_column or u, item_column or i, time_column or t)
 
 
@@ -123,7 +105,7 @@ def list_input_files(path: str, fmt: str) -> tuple[pafs.FileSystem, list[str]]:
     if info.type == pafs.FileType.File:
         return fs, [root]
     entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    exts = _EXTENSIONS[fmt]
+    exts = FORMATS[fmt].extensions
     files = sorted(e.path for e in entries if e.type == pafs.FileType.File
                    and not any(p.startswith(("_", ".")) for p in PurePosixPath(e.path).relative_to(root).parts)
                    and PurePosixPath(e.path).suffix.lower() in exts)
@@ -556,7 +538,8 @@ TEXT_PARSERS: dict[str, Callable[[bytes, Chunk, ReaderOptions], tuple[pa.Table, 
     "yelp": _parse_yelp,
     "mind": _parse_mind,
 }
-READERS = tuple(TEXT_PARSERS)
+if set(TEXT_PARSERS) != set(FORMATS):  # the registry and the parsers must name the same formats
+    raise RuntimeError(f"formats without a parser: {sorted(set(FORMATS) ^ set(TEXT_PARSERS))}")
 
 
 def read_all(path: str, opts: ReaderOptions) -> tuple[pa.Table, pa.Table, list[Chunk]]:

@@ -226,8 +226,23 @@ def _write_partition(spec: SynthSpec, world: World, lengths: np.ndarray, user0: 
 # ------------------------------------------------------------------------------------------------
 
 
-def synthesize(settings: SynthSettings) -> dict[str, Any]:
-    """Generate the preset into ``settings.out`` with one Ray task per partition; returns a summary."""
+@dataclass
+class SynthResult:
+    """What `seater synth` wrote into ``out`` (partitioned parquet plus ``manifest.json``)."""
+
+    preset: str
+    users: int
+    items: int
+    interactions: int
+    files: int
+    leaf_topics: int
+    top_topics: int
+    out: str
+    seconds: float
+
+
+def synthesize(settings: SynthSettings) -> SynthResult:
+    """Generate the preset into ``settings.out`` with one Ray task per partition."""
     import ray
 
     t0 = time.time()
@@ -262,7 +277,6 @@ def synthesize(settings: SynthSettings) -> dict[str, Any]:
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     log.info("synth %s: %s interactions of %s users over %s items in %d files, %.1f s", settings.preset,
              f"{rows:,}", f"{spec.num_users:,}", f"{spec.num_items:,}", len(refs), seconds)
-    return {"preset": settings.preset, "users": spec.num_users, "items": spec.num_items, "interactions": rows,
-            "files": len(refs), "leaf_topics": spec.num_leaves, "top_topics": spec.num_top, "out": str(out),
-            "seconds": round(seconds, 1)}
+    return SynthResult(settings.preset, spec.num_users, spec.num_items, rows, len(refs), spec.num_leaves,
+                       spec.num_top, str(out), round(seconds, 1))
 

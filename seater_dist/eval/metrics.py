@@ -1,4 +1,4 @@
-"""Top-K metrics of SEATER_SPEC §7: HR@K, Recall@K, NDCG@K with the official IDCG, averaged over users.
+"""Top-K metrics of docs/method.md §7: HR@K, Recall@K, NDCG@K with the official IDCG, averaged over users.
 
 For a user with ground truth set G and ranked list R (best first):
 
@@ -18,10 +18,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
-
-# The metric cut-offs each protocol reports (SEATER_SPEC §7).
-PROTOCOL_KS: dict[str, tuple[int, ...]] = {"comirec": (20, 50), "loo": (5, 10)}
-
 
 def metric_sums(topk: np.ndarray, ground_truth: Sequence[np.ndarray], ks: Iterable[int] = (20, 50)) -> dict[str, float]:
     """Per-metric SUMS over users plus ``users`` (the count).

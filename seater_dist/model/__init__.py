@@ -2,11 +2,13 @@
 
 * ``seater.SeaterModel(tree, settings, sparse_embedding=False)``: ``forward(history, target)`` ->
   {"loss", "gen", "ali", "rank"}; ``encode``; ``beam_search(history, beam_size, top_n)``;
-  ``item_log_probs(history, items)`` (Eq. 1 in log space).
+  ``item_log_probs(history, items)`` (Eq. 1 in log space); ``topk(histories, top_k)`` (retrieval).
 * ``losses``: L_gen, L_ali (paper's exclusion rule), L_rank and its exact-prefix negative sampler.
 * ``beam_search.beam_search``: batched over users and beams, key/value cache, encoder once per user.
-* ``sasrec.SASRec(num_items, settings)`` and ``sasrec.topk_inner_product`` (faiss IndexFlatIP).
-* ``checkpoint.save_checkpoint`` / ``load_checkpoint``: the one checkpoint format.
+* ``sasrec.SASRec(num_items, settings)``: ``loss``, ``user_state``, ``topk(histories, top_k)`` (exact
+  inner-product search, ``sasrec.topk_inner_product``: faiss IndexFlatIP).
+* ``checkpoint.save_checkpoint`` / ``load_checkpoint``: the one checkpoint format of both models;
+  ``load_checkpoint(path).topk(histories, top_k)`` ranks with either.
 * ``retriever.SeaterRetriever.from_checkpoint(path).recommend(histories, top_n)``: raw ids in and out.
 * ``toy_trees.random_balanced_tree``: balanced trees without embeddings, for tests and benchmarks.
 

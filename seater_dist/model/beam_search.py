@@ -1,4 +1,4 @@
-"""Constrained beam search over the item tree (SEATER_SPEC §5; paper Sec. 3.4).
+"""Constrained beam search over the item tree (docs/method.md §5; paper Sec. 3.4).
 
 Batched over users and beams: the encoder runs once per user, the cross-attention keys/values of the memory
 are computed once per user and shared by all its beams (beams are query rows, never copies of the memory),
@@ -11,32 +11,17 @@ beam count as min(b, beams·k)) carries the PAD token, whose children row is emp
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
-
 import torch
 from torch import Tensor, nn
 
-from seater_dist.model.layers import KVCache
-
-if TYPE_CHECKING:
-    from seater_dist.model.seater import SeaterModel
+from seater_dist.model.layers import KVCache, eval_mode
 
 
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Run in eval mode without gradients, then restore the module's previous mode."""
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        module.train(was_training)
-
-
-def beam_search(model: "SeaterModel", history: Tensor, beam_size: int, top_n: int) -> tuple[Tensor, Tensor]:
+def beam_search(model: nn.Module, history: Tensor, beam_size: int, top_n: int) -> tuple[Tensor, Tensor]:
     """history int [B, t] left-padded -> (items int64 [B, top_n], scores float32 [B, top_n]), best first.
+
+    ``model`` is a :class:`seater_dist.model.seater.SeaterModel` (its encode / memory_kv / decode /
+    constrained_log_probs; this module does not import it, so that the model can import the search).
 
     scores are sums of constrained log-probabilities (log of Eq. 1). With fewer than top_n reachable leaves
     the rest is padded with item -1 and score -inf.

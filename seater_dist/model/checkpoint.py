@@ -1,26 +1,34 @@
-"""The one SEATER checkpoint format, read by evaluate, serve and :class:`SeaterRetriever`.
+"""The one checkpoint format of both models, read by evaluate, recommend, serve and the retriever.
 
-A checkpoint is a directory, written atomically (a temp directory beside it, then a rename)::
+A checkpoint is a self-contained directory, written atomically (a temp directory beside it, then a
+rename; ``manifest.json`` last)::
 
     checkpoint/
-      model.pt          state_dict of SeaterModel (tree arrays are not in it: they are rebuilt from tree/)
-      settings.json     SeaterSettings
-      tree/             ItemTree.save (arrays + its own manifest and checksums)
-      items.parquet     item_index (0..N-1), item_id (raw id string)
-      manifest.json     schema_version, num_items, checksums of the files above, extra (epoch, metrics, ...)
+      manifest.json        artifact "checkpoint", schema_version, model ("seater" | "sasrec"), num_items,
+                           catalogue (sha256 of the item ids), checksums of every file below, extra
+      model.pt             the model's state_dict (tensors only: read with torch's weights_only=True)
+      settings.json        SeaterSettings or SasrecSettings
+      items.parquet        item_index (0..N-1), item_id (raw id string)
+      tree/                SEATER: its ItemTree (arrays + their own manifest)
+      item_embeddings.npy  SASRec: the item table float32 [N, d] (the tree's input, the retrieval index)
+
+Every file is verified against the manifest when read; a checkpoint whose files changed is refused
+with the name of the file.
 
 Example::
 
-    save_checkpoint("runs/x/checkpoint", model, settings, tree, item_ids, extra={"epoch": 3})
-    model, settings, tree, item_ids, manifest = load_checkpoint("runs/x/checkpoint")
+    save_checkpoint("runs/x/checkpoint", model, settings, item_ids, tree=tree, extra={"epoch": 3})
+    ckpt = load_checkpoint("runs/x/checkpoint")       # either kind
+    ckpt.kind, ckpt.topk([[3, 17, 5]], top_k=50)       # "seater", int64 [1, 50]
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import shutil
-import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,116 +36,162 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from torch import nn
 
-from seater_dist.artifacts import replace_dir, sha256_file, to_jsonable
-from seater_dist.config import SeaterSettings
+from seater_dist.artifacts import ArtifactError, atomic_dir, member, read_manifest, verify_files, write_manifest
+from seater_dist.config import SasrecSettings, SeaterSettings, Settings, SettingsError
+from seater_dist.model.sasrec import SASRec
 from seater_dist.model.seater import SeaterModel
 from seater_dist.tree.item_tree import ItemTree
 
-SCHEMA_VERSION = 1
-_FILES = ("model.pt", "settings.json", "items.parquet", "tree/manifest.json")
+SCHEMA_VERSION = 2
+MODEL_KINDS = ("seater", "sasrec")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory that is missing, incomplete or altered; the message names the file."""
+class CheckpointError(ArtifactError):
+    """A checkpoint directory that is missing, incomplete, altered or of another kind; names the file."""
 
 
-def save_checkpoint(
-    path: str | os.PathLike,
-    model: SeaterModel,
-    settings: SeaterSettings,
-    tree: ItemTree,
-    item_ids: np.ndarray,
-    extra: dict[str, Any] | None = None,
-) -> Path:
-    """Write a checkpoint directory atomically; replaces an existing one. Returns the path.
+def catalogue_id(item_ids: Sequence[str] | np.ndarray) -> str:
+    """sha256 of the raw item ids in index order: equal exactly when two artifacts share a catalogue."""
+    h = hashlib.sha256()
+    for start in range(0, len(item_ids), 1 << 16):
+        h.update(("\n".join(str(x) for x in item_ids[start : start + (1 << 16)]) + "\n").encode())
+    return h.hexdigest()
 
-    model may be wrapped (DDP's ``.module`` is unwrapped); item_ids: raw id (str) of item index 0..N-1.
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint of either model. ``topk`` ranks item indices for item-index histories."""
+
+    path: Path
+    kind: str
+    model: nn.Module
+    settings: SeaterSettings | SasrecSettings
+    item_ids: np.ndarray
+    manifest: dict[str, Any]
+    tree: ItemTree | None = None
+    item_table: np.ndarray | None = None
+
+    @property
+    def num_items(self) -> int:
+        return int(self.manifest["num_items"])
+
+    @property
+    def model_version(self) -> str:
+        """A short id of these weights (the model file's checksum prefix)."""
+        return str(self.manifest["checksums"]["model.pt"][:12])
+
+    def topk(self, histories: Sequence[Sequence[int]], top_k: int) -> np.ndarray:
+        """U item-index histories -> int64 [U, top_k] item indices, best first (-1 padded)."""
+        if self.kind == "sasrec":
+            return self.model.topk(histories, top_k, item_table=self.item_table)
+        return self.model.topk(histories, top_k)
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, settings: SeaterSettings | SasrecSettings,
+                    item_ids: np.ndarray, *, tree: ItemTree | None = None,
+                    extra: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint directory atomically (replacing an existing one). Returns the path.
+
+    model: a SeaterModel (then ``tree`` is required) or a SASRec, possibly DDP-wrapped (``.module``);
+    item_ids: raw id (str) of item index 0..N-1.
     """
-    path = Path(path)
     model = getattr(model, "module", model)
+    kind = _kind_of(model)
     item_ids = np.asarray(item_ids)
-    if item_ids.shape != (tree.num_items,):
-        raise CheckpointError(f"item_ids has shape {item_ids.shape}, expected ({tree.num_items},) (one per item)")
-    if model.num_items != tree.num_items or model.tok_emb.num_embeddings != tree.num_tokens:
-        raise CheckpointError("model and tree disagree on the number of items/tokens")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))
-    try:
+    if item_ids.shape != (model.num_items,):
+        raise CheckpointError(f"item_ids has shape {item_ids.shape}, expected ({model.num_items},) (one per item)")
+    if kind == "seater":
+        if tree is None:
+            raise CheckpointError("a SEATER checkpoint needs its tree")
+        if model.num_items != tree.num_items or model.tok_emb.num_embeddings != tree.num_tokens:
+            raise CheckpointError("model and tree disagree on the number of items/tokens")
+    with atomic_dir(path, "checkpoint") as tmp:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / "model.pt")
         (tmp / "settings.json").write_text(settings.to_json())
-        tree.save(tmp / "tree")
-        table = pa.table({"item_index": np.arange(tree.num_items, dtype=np.int64), "item_id": item_ids.astype(str)})
-        pq.write_table(table, tmp / "items.parquet")
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "artifact": "checkpoint",
-            "model": "seater",
-            "num_items": tree.num_items,
-            "num_tokens": tree.num_tokens,
-            "k": tree.k,
-            "depth": tree.depth,
-            "checksums": {name: sha256_file(tmp / name) for name in _FILES},
-            "extra": extra or {},
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=to_jsonable))
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+        pq.write_table(pa.table({"item_index": np.arange(model.num_items, dtype=np.int64),
+                                 "item_id": item_ids.astype(str)}), tmp / "items.parquet")
+        if kind == "seater":
+            tree.save(tmp / "tree")
+        else:
+            np.save(tmp / "item_embeddings.npy", model.item_embeddings())
+        write_manifest(tmp, {"artifact": "checkpoint", "schema_version": SCHEMA_VERSION, "model": kind,
+                             "num_items": int(model.num_items), "catalogue": catalogue_id(item_ids),
+                             **({"k": tree.k, "depth": tree.depth, "num_tokens": tree.num_tokens} if tree else {}),
+                             "extra": extra or {}})
+    return Path(path)
 
 
-def load_checkpoint(
-    path: str | os.PathLike, map_location: str | torch.device = "cpu", validate_tree: bool = False
-) -> tuple[SeaterModel, SeaterSettings, ItemTree, np.ndarray, dict[str, Any]]:
-    """Read a checkpoint -> (model in eval mode, settings, tree, item_ids str [N], manifest).
+def _kind_of(model: nn.Module) -> str:
+    if isinstance(model, SeaterModel):
+        return "seater"
+    if isinstance(model, SASRec):
+        return "sasrec"
+    raise CheckpointError(f"cannot checkpoint a {type(model).__name__}: expected SeaterModel or SASRec")
 
-    Checksums of every file are verified; ``validate_tree`` also re-checks the tree's invariants (slow at
+
+def read_checkpoint_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """manifest.json of a checkpoint directory, checked for kind, schema version and model kind."""
+    manifest = read_manifest(path, "checkpoint", SCHEMA_VERSION, CheckpointError)
+    if manifest.get("model") not in MODEL_KINDS:
+        raise CheckpointError(f"{Path(path) / 'manifest.json'}: model {manifest.get('model')!r}, expected one of "
+                              f"{', '.join(MODEL_KINDS)}")
+    return manifest
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    validate_tree: bool = False) -> Checkpoint:
+    """Read and verify a checkpoint of either model -> :class:`Checkpoint` (model in eval mode).
+
+    Every file's checksum is verified first; ``validate_tree`` also re-checks the tree's invariants (slow at
     millions of items, and redundant when the checksums match).
     """
     path = Path(path)
-    manifest = read_manifest(path)
-    for name, want in manifest["checksums"].items():
-        if not (path / name).exists():
-            raise CheckpointError(f"{path / name}: missing from the checkpoint")
-        if sha256_file(path / name) != want:
-            raise CheckpointError(f"{path / name}: checksum mismatch (file changed since the checkpoint was written)")
-    settings = SeaterSettings.model_validate(json.loads((path / "settings.json").read_text()))
-    tree = ItemTree.load(path / "tree", validate=validate_tree)
-    item_ids = read_item_ids(path / "items.parquet", tree.num_items)
+    manifest = read_checkpoint_manifest(path)
+    verify_files(path, manifest, error=CheckpointError)
+    kind = manifest["model"]
+    num_items = int(manifest["num_items"])
+    settings_type: type[Settings] = SeaterSettings if kind == "seater" else SasrecSettings
+    settings = _read_settings(member(path, "settings.json", CheckpointError), settings_type)
+    item_ids = read_item_ids(member(path, "items.parquet", CheckpointError), num_items)
+    tree, table = None, None
     with torch.device("meta"):  # parameters without memory or random init: the loaded tensors take their place
-        model = SeaterModel(tree, settings)
-    state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+        if kind == "seater":
+            tree = ItemTree.load(path / "tree", validate=validate_tree)
+            if tree.num_items != num_items:
+                raise CheckpointError(f"{path / 'tree'}: holds {tree.num_items} items, the manifest says {num_items}")
+            model: nn.Module = SeaterModel(tree, settings)
+        else:
+            model = SASRec(num_items, settings)
+    if kind == "sasrec":
+        table = np.load(member(path, "item_embeddings.npy", CheckpointError), allow_pickle=False)
+    weights = member(path, "model.pt", CheckpointError)
     try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state, assign=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"{path / 'model.pt'}: does not fit the model described by settings.json ({err})") from None
-    return model.to(map_location).eval(), settings, tree, item_ids, manifest
+    except Exception as err:  # noqa: BLE001 - unpickling errors come in many types
+        raise CheckpointError(f"{weights}: does not fit the model described by settings.json "
+                              f"({' '.join(str(err).split())[:300]})") from None
+    return Checkpoint(path, kind, model.to(map_location).eval(), settings, item_ids, manifest, tree, table)
 
 
-def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """manifest.json of a checkpoint directory, checked for the schema version."""
-    path = Path(path)
-    mf = path / "manifest.json"
-    if not mf.exists():
-        raise CheckpointError(f"{path}: not a checkpoint directory (no manifest.json)")
-    manifest = json.loads(mf.read_text())
-    if manifest.get("artifact") != "checkpoint" or manifest.get("schema_version") != SCHEMA_VERSION:
-        raise CheckpointError(
-            f"{mf}: artifact={manifest.get('artifact')!r} schema_version={manifest.get('schema_version')!r}, "
-            f"expected 'checkpoint' version {SCHEMA_VERSION}"
-        )
-    return manifest
+def _read_settings(path: Path, settings_type: type[Settings]) -> Any:
+    try:
+        return settings_type.model_validate(json.loads(path.read_text()))
+    except (ValueError, SettingsError) as err:
+        raise CheckpointError(f"{path}: {err}") from None
 
 
 def read_item_ids(path: Path, num_items: int) -> np.ndarray:
     """items.parquet -> raw ids (object array of str) indexed by item_index 0..N-1."""
-    table = pq.read_table(path, columns=["item_index", "item_id"])
+    try:
+        table = pq.read_table(path, columns=["item_index", "item_id"])
+    except (pa.ArrowInvalid, OSError, KeyError) as err:
+        raise CheckpointError(f"{path}: not a readable item table ({err})") from None
     index = table.column("item_index").to_numpy()
     if index.shape != (num_items,) or not np.array_equal(np.sort(index), np.arange(num_items)):
         raise CheckpointError(f"{path}: item_index must hold each of 0..{num_items - 1} exactly once")
     ids = np.empty(num_items, dtype=object)
     ids[index] = table.column("item_id").to_numpy(zero_copy_only=False)
     return ids
-

@@ -13,6 +13,9 @@ Masks are additive biases (0 where attention is allowed, -inf where not).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -158,3 +161,15 @@ class DecoderLayer(nn.Module):
     def memory_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
         """Cross-attention keys/values of the encoder memory [B, t, d] -> two [B, h, t, hd] (once per user)."""
         return self.cross_attn.project_kv(memory)
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Run in eval mode without gradients, then restore the module's previous mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        module.train(was_training)

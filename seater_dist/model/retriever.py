@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from seater_dist.config import SeaterSettings
-from seater_dist.model.checkpoint import load_checkpoint
+from seater_dist.model.checkpoint import CheckpointError, load_checkpoint
 from seater_dist.model.seater import SeaterModel
 
 
@@ -67,10 +67,12 @@ class SeaterRetriever:
     def from_checkpoint(
         cls, path: str | os.PathLike, device: str | torch.device = "cpu", batch_size: int = 256
     ) -> "SeaterRetriever":
-        """Load a checkpoint written by :func:`seater_dist.model.checkpoint.save_checkpoint`."""
-        model, settings, _tree, item_ids, manifest = load_checkpoint(path, map_location=device)
-        version = str(manifest.get("extra", {}).get("model_version") or manifest["checksums"]["model.pt"][:12])
-        return cls(model, item_ids, settings, batch_size=batch_size, device=device, model_version=version)
+        """Load a SEATER checkpoint written by :func:`seater_dist.model.checkpoint.save_checkpoint`."""
+        ckpt = load_checkpoint(path, map_location=device)
+        if ckpt.kind != "seater":
+            raise CheckpointError(f"{path}: a {ckpt.kind} checkpoint; SeaterRetriever serves SEATER checkpoints")
+        return cls(ckpt.model, ckpt.item_ids, ckpt.settings, batch_size=batch_size, device=device,
+                   model_version=ckpt.model_version)
 
     def recommend(self, histories: Sequence[Sequence[str]], top_n: int = 50) -> list[dict[str, Any]]:
         """histories: raw item ids per user, oldest first -> per user {"items", "scores", "ignored"}.

@@ -1,4 +1,4 @@
-"""SASRec (Kang & McAuley, 2018): the tree's item embeddings and the dual-encoder baseline (SEATER_SPEC §6).
+"""SASRec (Kang & McAuley, 2018): the tree's item embeddings and the dual-encoder baseline (docs/method.md §6).
 
 Causal self-attention over the history with pre-LN blocks; item embeddings scaled by sqrt(d) plus learned
 absolute positions; the user state is the output at the last position (the latest item, histories being
@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -26,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seater_dist.config import SasrecSettings
-from seater_dist.model.layers import Attention, FeedForward
+from seater_dist.data.samples import left_pad
+from seater_dist.model.layers import Attention, FeedForward, eval_mode
 
 
 class PreLNBlock(nn.Module):
@@ -118,6 +120,17 @@ class SASRec(nn.Module):
     def item_embeddings(self) -> np.ndarray:
         """The item table without the pad row, float32 [N, d] (the tree's input; the retrieval index)."""
         return self.item_emb.weight[: self.num_items].detach().cpu().float().numpy().copy()
+
+    def topk(self, histories: Sequence[Sequence[int]], top_k: int,
+             item_table: np.ndarray | None = None) -> np.ndarray:
+        """The retrieval interface shared with SEATER: U item-index histories (oldest first, any length)
+        -> int64 [U, top_k] best first, -1 padded. Exact inner-product search over every item;
+        ``item_table`` (float32 [N, d]) saves recomputing :meth:`item_embeddings` per call."""
+        history = torch.from_numpy(left_pad(histories, self.settings.max_len, self.num_items))
+        with eval_mode(self):
+            states = self.user_state(history.to(self.item_emb.weight.device)).float().cpu().numpy()
+        table = self.item_embeddings() if item_table is None else item_table
+        return topk_inner_product(states, table, top_k)[0]
 
 
 def topk_inner_product(user_states: np.ndarray, item_emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

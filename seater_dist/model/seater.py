@@ -1,6 +1,6 @@
 """SEATER (Si et al., SIGIR-AP 2024): generative retrieval over a balanced k-ary item tree.
 
-Reads like the paper's Section 3 (SEATER_SPEC §2-§3, §5):
+Reads like the paper's Section 3 (docs/method.md §2-§3, §5):
 
 * one token table E (items are the leaf tokens; BOS = root, PAD, internal nodes), init N(0, 1);
 * encoder over the user's last t items (Eq. 2), decoder over the identifier [BOS, y1, ..., y_{D-1}] (Eq. 3);
@@ -23,18 +23,22 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from seater_dist.config import SeaterSettings
+from seater_dist.data.samples import left_pad
 from seater_dist.model import losses
+from seater_dist.model.beam_search import beam_search
 from seater_dist.model.layers import DecoderLayer, EncoderLayer, KVCache
 from seater_dist.tree.item_tree import ItemTree
 
 
 class SeaterModel(nn.Module):
-    """Encoder-decoder over tree identifiers with a shared token table (SEATER_SPEC §2).
+    """Encoder-decoder over tree identifiers with a shared token table (docs/method.md §2).
 
     Args:
         tree: the item tree (its arrays become non-persistent buffers).
@@ -211,6 +215,12 @@ class SeaterModel(nn.Module):
         Scores are sums of log-probabilities, best first; -1 / -inf pad when fewer leaves are reachable.
         Runs in eval mode without gradients (the module's mode is restored afterwards).
         """
-        from seater_dist.model.beam_search import beam_search
-
         return beam_search(self, history, beam_size, top_n)
+
+    def topk(self, histories: Sequence[Sequence[int]], top_k: int) -> np.ndarray:
+        """The retrieval interface shared with SASRec: U item-index histories (oldest first, any length)
+        -> int64 [U, top_k] best first, -1 padded. Beam search with the settings' beam (at least top_k)."""
+        history = torch.from_numpy(left_pad(histories, self.settings.history_len, self.pad))
+        items, _ = self.beam_search(history.to(self.tok_emb.weight.device),
+                                    max(self.settings.beam_size, top_k), top_k)
+        return items.cpu().numpy()

@@ -201,7 +201,7 @@ def _validate(task: Task, model: torch.nn.Module, histories: list[np.ndarray], t
 
     sums: dict[str, float] = {}
     for start in range(0, len(histories), batch_size):
-        topk = task.rank_items(model, histories[start : start + batch_size], max(ks))
+        topk = model.topk(histories[start : start + batch_size], max(ks))
         part = metric_sums(topk, truth[start : start + batch_size], ks=tuple(ks))
         for key, value in part.items():
             sums[key] = sums.get(key, 0.0) + float(value)
@@ -248,7 +248,7 @@ def _restore(model: torch.nn.Module, trainer: SparseTableDDP, state: EarlyStoppi
     with checkpoint.as_directory() as directory:
         directory = Path(directory)
         model.load_state_dict(torch.load(directory / "model.pt", map_location="cpu", weights_only=True))
-        saved = torch.load(directory / TRAIN_STATE, map_location="cpu", weights_only=False)
+        saved = torch.load(directory / TRAIN_STATE, map_location="cpu", weights_only=True)
     trainer.load_state_dict(saved["optimizer"])
     for key, value in saved["early_stopping"].items():
         setattr(state, key, value)

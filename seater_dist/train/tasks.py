@@ -1,14 +1,13 @@
 """What differs between training SEATER and SASRec, behind one small interface the Ray Train loop uses.
 
 A task knows how to build its model, turn stored sequences into training batches (on the Ray Data
-side, streaming), compute the loss of a batch, rank items for validation users, and write a
-self-contained checkpoint. The loop (loop.py) owns everything else: DDP, the sparse table, epochs,
+side, streaming), compute the loss of a batch, and write a self-contained checkpoint (validation ranks
+items with the model's own ``topk``). The loop (loop.py) owns everything else: DDP, the sparse table, epochs,
 validation, early stopping, checkpoints and fault tolerance.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -17,8 +16,9 @@ import torch
 from torch import nn
 
 from seater_dist.config import SasrecSettings, SeaterSettings
+from seater_dist.data.dataset import load_dataset
 from seater_dist.data.samples import expand_next_item, shifted_sequences
-from seater_dist.eval.ranking import sasrec_topk, seater_topk
+from seater_dist.model.checkpoint import save_checkpoint
 
 
 class Task(Protocol):
@@ -32,19 +32,27 @@ class Task(Protocol):
 
     def losses(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
-    def rank_items(self, model: nn.Module, histories: list[np.ndarray], top_k: int) -> np.ndarray: ...
-
     def save(self, model: nn.Module, path: Path, extra: dict[str, Any]) -> None: ...
-
-    def load_weights(self, model: nn.Module, path: Path) -> None: ...
 
 
 def _items_column(batch: Any):
     return batch["items"]
 
 
-class SeaterTask:
-    """SEATER (SEATER_SPEC §2-§5) on a prepared dataset and a built tree."""
+class _Checkpointing:
+    """Writes the task's model in the one checkpoint format, with the dataset's raw item ids."""
+
+    dataset_path: str
+    _item_ids: np.ndarray | None = None
+
+    def item_ids(self) -> np.ndarray:
+        if self._item_ids is None:  # read once: millions of raw ids at Micro-Video scale
+            self._item_ids = load_dataset(self.dataset_path).item_ids
+        return self._item_ids
+
+
+class SeaterTask(_Checkpointing):
+    """SEATER (docs/method.md §2-§5) on a prepared dataset and a built tree."""
 
     name = "seater"
     table_name = "tok_emb"
@@ -61,7 +69,6 @@ class SeaterTask:
         self.dataset_path = dataset_path
         self.settings = SeaterSettings.model_validate(settings)
         self.tree = ItemTree.load(tree_path)
-        self._item_ids: np.ndarray | None = None
 
     def build_model(self) -> nn.Module:
         from seater_dist.model.seater import SeaterModel
@@ -79,24 +86,12 @@ class SeaterTask:
     def losses(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return model(batch["history"], batch["target"])
 
-    def rank_items(self, model: nn.Module, histories: list[np.ndarray], top_k: int) -> np.ndarray:
-        s = self.settings
-        return seater_topk(model, s.history_len, self.tree.pad, s.beam_size, histories, top_k)
-
     def save(self, model: nn.Module, path: Path, extra: dict[str, Any]) -> None:
-        from seater_dist.data.dataset import load_dataset
-        from seater_dist.model.checkpoint import save_checkpoint
-
-        if self._item_ids is None:  # read once: millions of raw ids at Micro-Video scale
-            self._item_ids = load_dataset(self.dataset_path).item_ids
-        save_checkpoint(path, model, self.settings, self.tree, self._item_ids, extra=extra)
-
-    def load_weights(self, model: nn.Module, path: Path) -> None:
-        model.load_state_dict(torch.load(Path(path) / "model.pt", map_location="cpu", weights_only=True))
+        save_checkpoint(path, model, self.settings, self.item_ids(), tree=self.tree, extra=extra)
 
 
-class SasrecTask:
-    """SASRec (SEATER_SPEC §6): the tree's item embeddings and the dual-encoder baseline."""
+class SasrecTask(_Checkpointing):
+    """SASRec (docs/method.md §6): the tree's item embeddings and the dual-encoder baseline."""
 
     name = "sasrec"
     table_name = "item_emb"
@@ -126,14 +121,8 @@ class SasrecTask:
     def losses(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"loss": model.loss(batch["seq"], batch["pos"])}
 
-    def rank_items(self, model: nn.Module, histories: list[np.ndarray], top_k: int) -> np.ndarray:
-        return sasrec_topk(model, self.settings.max_len, self.num_items, histories, top_k)
-
     def save(self, model: nn.Module, path: Path, extra: dict[str, Any]) -> None:
-        save_sasrec(path, model, self.settings, extra)
-
-    def load_weights(self, model: nn.Module, path: Path) -> None:
-        model.load_state_dict(torch.load(Path(path) / "model.pt", map_location="cpu", weights_only=True))
+        save_checkpoint(path, model, self.settings, self.item_ids(), extra=extra)
 
 
 class LossModule(nn.Module):
@@ -149,27 +138,3 @@ class LossModule(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.task.losses(self.model, batch)
-
-
-def save_sasrec(path: Path, model: nn.Module, settings: SasrecSettings, extra: dict[str, Any]) -> None:
-    """A SASRec checkpoint directory: model.pt, settings.json, item_embeddings.npy, manifest.json."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), path / "model.pt")
-    (path / "settings.json").write_text(settings.to_json())
-    np.save(path / "item_embeddings.npy", model.item_embeddings())
-    manifest = {"artifact": "sasrec_checkpoint", "schema_version": 1, "num_items": int(model.item_emb.num_embeddings - 1),
-                **extra}
-    (path / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-
-
-def load_sasrec(path: str | Path):
-    """-> (SASRec in eval mode, SasrecSettings, manifest) from a directory written by save_sasrec."""
-    from seater_dist.model.sasrec import SASRec
-
-    path = Path(path)
-    manifest = json.loads((path / "manifest.json").read_text())
-    settings = SasrecSettings.model_validate(json.loads((path / "settings.json").read_text()))
-    model = SASRec(int(manifest["num_items"]), settings)
-    model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
-    return model.eval(), settings, manifest

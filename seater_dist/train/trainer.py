@@ -19,55 +19,82 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from seater_dist.artifacts import replace_dir
-from seater_dist.config import SasrecSettings, SeaterSettings, TrainSettings
+from seater_dist.artifacts import atomic_dir
+from seater_dist.config import SasrecSettings, SeaterSettings, SettingsError, TrainSettings, metric_cutoffs, metric_k
+from seater_dist.data.dataset import load_dataset
+from seater_dist.model.checkpoint import CheckpointError, read_checkpoint_manifest
 from seater_dist.train.loop import train_loop_per_worker
 
 
 @dataclass
 class TrainResult:
+    """A finished run: its best checkpoint (``out/best``), every epoch's record, the best epoch's metrics."""
+
     best_checkpoint: Path
     history: list[dict[str, Any]]
     best_epoch: int
     best_metrics: dict[str, float]
     seconds: float
 
+    @classmethod
+    def load(cls, out: str | Path) -> "TrainResult | None":
+        """The result of a run that finished under ``out`` (best/ and history.json written), else None."""
+        out = Path(out)
+        try:
+            manifest = read_checkpoint_manifest(out / "best")
+            history = json.loads((out / "history.json").read_text())
+        except (CheckpointError, OSError, ValueError):
+            return None
+        metrics = manifest.get("extra", {}).get("metrics", {})
+        return cls(out / "best", history, int(metrics.get("best_epoch", -1)), metrics, 0.0)
+
 
 def train_seater(dataset_path: str | Path, tree_path: str | Path, out: str | Path,
                  train: TrainSettings | None = None, model: SeaterSettings | None = None,
-                 ks: tuple[int, ...] = (20, 50), resume: bool = False,
-                 inject_fault: dict[str, Any] | None = None) -> TrainResult:
-    """Train SEATER with Ray Train on a prepared dataset and a built tree (see module docstring)."""
+                 resume: bool = False, inject_fault: dict[str, Any] | None = None) -> TrainResult:
+    """Train SEATER with Ray Train on a prepared dataset and a built tree (see module docstring).
+
+    Validation reports the dataset protocol's metrics; ``resume`` continues the run under ``out``.
+    """
     model = model or SeaterSettings()
     config = {"task": "seater", "tree_path": str(Path(tree_path).resolve()),
               "model_settings": model.model_dump(mode="json")}
-    return _fit(config, dataset_path, out, train or TrainSettings(), ks, resume, inject_fault)
+    return _fit(config, dataset_path, out, train or TrainSettings(), resume, inject_fault)
 
 
 def train_sasrec(dataset_path: str | Path, out: str | Path, train: TrainSettings | None = None,
-                 model: SasrecSettings | None = None, ks: tuple[int, ...] = (20, 50), resume: bool = False,
+                 model: SasrecSettings | None = None, resume: bool = False,
                  inject_fault: dict[str, Any] | None = None) -> TrainResult:
     """Train SASRec with Ray Train; writes ``out/item_embeddings.npy`` (the tree's input) from the best epoch."""
-    from seater_dist.data.dataset import load_dataset
-
     model = model or SasrecSettings()
     config = {"task": "sasrec", "num_items": load_dataset(dataset_path).num_items,
               "model_settings": model.model_dump(mode="json")}
-    result = _fit(config, dataset_path, out, train or TrainSettings(), ks, resume, inject_fault)
+    result = _fit(config, dataset_path, out, train or TrainSettings(), resume, inject_fault)
     shutil.copyfile(result.best_checkpoint / "item_embeddings.npy", Path(out) / "item_embeddings.npy")
     return result
 
 
+def _storage(out: Path, settings: TrainSettings) -> str:
+    return settings.storage_path or str(Path(out).resolve() / "ray_results")
+
+
+def resumable(out: str | Path, settings: TrainSettings, task: str) -> bool:
+    """Whether an earlier run of ``task`` ("seater" or "sasrec") exists in this run's Ray Train storage."""
+    import pyarrow.fs as pafs
+
+    storage = _storage(Path(out), settings)
+    fs, root = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
+    return fs.get_file_info(f"{root.rstrip('/')}/{task}").type == pafs.FileType.Directory
+
+
 def _train_dataset(dataset_path: str | Path, batch_fn, seed: int):
     """Stored sequences -> streaming training samples (expanded per block, never materialised whole)."""
-    from seater_dist.data.dataset import load_dataset
-
     ds = load_dataset(dataset_path).ray_dataset("train")
     return ds.randomize_block_order(seed=seed).map_batches(batch_fn, batch_format="pyarrow", batch_size=1024)
 
 
 def _fit(config: dict[str, Any], dataset_path: str | Path, out: str | Path, settings: TrainSettings,
-         ks: tuple[int, ...], resume: bool, inject_fault: dict[str, Any] | None) -> TrainResult:
+         resume: bool, inject_fault: dict[str, Any] | None) -> TrainResult:
     import os
 
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -75,11 +102,17 @@ def _fit(config: dict[str, Any], dataset_path: str | Path, out: str | Path, sett
 
     from seater_dist.train.loop import make_task
 
+    ks = metric_cutoffs(load_dataset(dataset_path).protocol)
+    if metric_k(settings.select_metric) not in ks:
+        raise SettingsError(f"select_metric: {settings.select_metric} is not reported by this dataset's protocol "
+                            f"(cut-offs {', '.join(map(str, ks))})")
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    storage = settings.storage_path or str(out / "ray_results")
+    storage = _storage(out, settings)
     name = config["task"]
     run_dir = Path(storage) / name
+    if resume and not resumable(out, settings, name):
+        raise FileNotFoundError(f"{storage}/{name}: nothing to resume (no earlier run); drop --resume to start one")
     if not resume and "://" not in storage and run_dir.exists():
         shutil.rmtree(run_dir)  # a fresh run must not silently continue an old one
     config = {**config, "dataset_path": str(Path(dataset_path).resolve()), "train_settings": settings.model_dump(mode="json"),
@@ -110,16 +143,10 @@ def _fit(config: dict[str, Any], dataset_path: str | Path, out: str | Path, sett
         raise RuntimeError(f"{name} training failed: {result.error}")
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][metric])
     best = out / "best"
-    _copy_atomically(best_ckpt, best)
+    with best_ckpt.as_directory() as src, atomic_dir(best, "checkpoint") as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
     with result.checkpoint.as_directory() as latest:
         history = json.loads((Path(latest) / "history.json").read_text())
     (out / "history.json").write_text(json.dumps(history, indent=2))
     return TrainResult(best, history, int(best_metrics["best_epoch"]), best_metrics, time.time() - t0)
 
-
-def _copy_atomically(checkpoint, dest: Path) -> None:
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with checkpoint.as_directory() as src:
-        shutil.copytree(src, tmp)
-    replace_dir(tmp, dest)
