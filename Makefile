@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-list clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,8 +27,13 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q --durations=10 tests
 
+# `make bench` runs every benchmark's quick variant (heavy: nothing else on the machine meanwhile);
+# `make bench-list` (or `make -n bench`) shows what it runs.
 bench: install
 	$(BIN)/python -m bench.run_all
+
+bench-list: install
+	$(BIN)/python -m bench.run_all --list
 
 clean:
 	rm -rf $(VENV) runs
