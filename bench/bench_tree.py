@@ -1,17 +1,17 @@
-"""Benchmark of the item-tree builder (issue 3), on skewed clustered synthetic embeddings.
+"""Benchmark of the item-tree builder, on skewed clustered synthetic embeddings.
 
     python -m bench.bench_tree              # parts a, b, c in one run (b and c: under flock)
     python -m bench.bench_tree --part a
 
-(a) 20,000 x 64, k = 8: our builder against the authors' method (exact constrained k-means,
-    n_init 10, at every node, recursing while a group exceeds k), both as Ray tasks on the same
-    local Ray: time and objective per level. Goal: >= 20x faster, objective within 5%.
+(a) 20,000 x 64, k = 8: our builder against the authors' method (k-means-constrained, n_init 10, at
+    every node, recursing while a group exceeds k), both as Ray tasks on the same local Ray: time and
+    objective per level. Goal: >= 20x faster, objective within 5%.
 (b) 6.1M x 64, k = 16: total and per-level time, peak memory of the whole process tree (driver,
     Ray daemons and workers; proportional set size, so shared memory counts once). Goal: <= 10 min,
     <= 8 GiB on 2 cores.
 (c) the same at 1M items: how time grows with N.
 
-Results go to bench/results/bench_tree.json.
+Results go to bench/results/bench_tree.json; past figures are in docs/tree-measurements.md.
 """
 
 from __future__ import annotations
@@ -37,9 +37,8 @@ DATA = Path(os.environ.get("SEATER_BENCH_DATA", "/tmp/seater-bench"))
 class PeakMemory:
     """Samples the PSS of this process and all its descendants (Ray daemons, workers) every ``interval``
     seconds, or less often when sampling would cost more than ``max_share`` of one CPU: reading PSS walks
-    every mapped page, and each Ray process maps the whole object store. One sample took 62 ms at 1M
-    items and 137 ms at 6.1M; sampling every 0.5 s made the 6.1M build 440 s instead of 370 s (with
-    max_share 0.02: 54 samples, one every ~7 s; 0.05 samples every ~3 s)."""
+    every mapped page, and each Ray process maps the whole object store, so frequent samples slow the
+    build they measure (docs/tree-measurements.md)."""
 
     def __init__(self, interval: float = 0.5, max_share: float = 0.05):
         import psutil
@@ -100,7 +99,7 @@ def embeddings_file(n: int, d: int = 64, seed: int = 0) -> Path:
 
 # -------------------------------------------------------------------------------------------- (a)
 def _authors_node(emb: np.ndarray, idx: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, float]:
-    """One node of the authors' method: exact constrained k-means, n_init 10. -> (labels, seconds)."""
+    """One node of the authors' method: k-means-constrained, n_init 10. -> (labels, seconds)."""
     from k_means_constrained import KMeansConstrained
 
     t = time.time()
@@ -148,10 +147,10 @@ def part_a() -> dict[str, Any]:
     # Warm-up, untimed, for both methods alike: Ray starts its worker processes and each imports its
     # solvers once (ortools, scipy.optimize, sklearn: 1-2 s per fresh worker), a cost a long-lived
     # cluster pays once, not per tree.
-    build_tree(emb[:3000], 8, TreeSettings(k=8), use_ray=True)
+    build_tree(emb[:3000], TreeSettings(k=8), use_ray=True)
     authors_tree(emb[:3000], 8)
     t = time.time()
-    ours = build_tree(emb, 8, TreeSettings(k=8), use_ray=True)
+    ours = build_tree(emb, TreeSettings(k=8), use_ray=True)
     ours_s = time.time() - t
     ours_levels = ours.manifest["levels"]
     auth = authors_tree(emb, 8)
@@ -190,11 +189,11 @@ def part_scale(n: int, k: int = 16) -> dict[str, Any]:
     emb = np.load(path, mmap_mode="r")
     # Warm-up, untimed, as in part (a): worker processes start and import faiss / ortools once; the
     # small large_node sends this root down the same faiss path as the big one.
-    build_tree(np.asarray(emb[:50_000]), k, TreeSettings(k=k, **SCALE_SETTINGS, large_node=10_000), use_ray=True)
+    build_tree(np.asarray(emb[:50_000]), TreeSettings(k=k, **SCALE_SETTINGS, large_node=10_000), use_ray=True)
     with PeakMemory() as mem:
         base = mem.total()
         t = time.time()
-        tree = build_tree(emb, k, TreeSettings(k=k, **SCALE_SETTINGS), use_ray=True)
+        tree = build_tree(emb, TreeSettings(k=k, **SCALE_SETTINGS), use_ray=True)
         secs = time.time() - t
     levels = [{"level": lv["level"], "nodes": lv["nodes"], "seconds": lv["seconds"], "tasks": lv["tasks"],
                "ratio_vs_unconstrained": lv.get("ratio_vs_unconstrained"), "ratio_vs_exact": lv.get("ratio_vs_exact")}

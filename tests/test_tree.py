@@ -1,4 +1,4 @@
-"""The item tree builders (seater_dist/tree/builder.py): SEATER_SPEC §1 shape, ablations, manifest, Ray."""
+"""The item tree builders (seater_dist/tree/builder.py): docs/method.md §1 shape, ablations, manifest, Ray."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def _subtree_sizes(tree: ItemTree, node: int) -> list[int]:
 @example(n=1, k=2)
 @example(n=1025, k=32)  # N = k^2 + 1 at k = 32
 def test_balanced_tree_has_equal_depth_and_balanced_splits(n: int, k: int) -> None:
-    tree = build_tree(_emb(n), k, TreeSettings(k=k, **FAST), use_ray=False)
+    tree = build_tree(_emb(n), TreeSettings(k=k, **FAST), use_ray=False)
     assert tree.depth == depth_for(n, k)
     assert tree.codes.shape == (n, depth_for(n, k))
     _check_structure(tree, n, k)
@@ -71,11 +71,11 @@ def test_balanced_tree_has_equal_depth_and_balanced_splits(n: int, k: int) -> No
 @example(n=17, k=16)
 def test_random_tree_is_balanced_and_seeded(n: int, k: int) -> None:
     s = TreeSettings(k=k, kind="random", seed=3)
-    tree = build_tree(_emb(n), k, s, use_ray=False)
+    tree = build_tree(_emb(n), s, use_ray=False)
     assert tree.depth == depth_for(n, k)
     _check_structure(tree, n, k)
     tree.validate(balanced=True)
-    again = build_tree(_emb(n), k, s, use_ray=False)
+    again = build_tree(_emb(n), s, use_ray=False)
     assert np.array_equal(tree.codes, again.codes)
 
 
@@ -83,7 +83,7 @@ def test_random_tree_is_balanced_and_seeded(n: int, k: int) -> None:
 @given(n=st.integers(2, 400), k=st.sampled_from([2, 4, 8]))
 @example(n=300, k=4)
 def test_unbalanced_tree_pads_short_paths_with_single_child_nodes(n: int, k: int) -> None:
-    tree = build_tree(_emb(n), k, TreeSettings(k=k, kind="unbalanced", kmeans_iters=5), use_ray=False)
+    tree = build_tree(_emb(n), TreeSettings(k=k, kind="unbalanced", kmeans_iters=5), use_ray=False)
     assert tree.manifest["balanced"] is False
     tree.validate(balanced=False)
     _check_structure(tree, n, k)
@@ -97,8 +97,8 @@ def test_unbalanced_tree_pads_short_paths_with_single_child_nodes(n: int, k: int
 
 def test_unbalanced_tree_on_skewed_data_is_deeper_than_balanced() -> None:
     emb = _emb(3000, d=16)
-    unb = build_tree(emb, 4, TreeSettings(k=4, kind="unbalanced"), use_ray=False)
-    bal = build_tree(emb, 4, TreeSettings(k=4, **FAST), use_ray=False)
+    unb = build_tree(emb, TreeSettings(k=4, kind="unbalanced"), use_ray=False)
+    bal = build_tree(emb, TreeSettings(k=4, **FAST), use_ray=False)
     assert unb.depth > bal.depth == depth_for(3000, 4)
     with pytest.raises(TreeError, match="not balanced|depth"):
         unb.validate(balanced=True)
@@ -107,7 +107,7 @@ def test_unbalanced_tree_on_skewed_data_is_deeper_than_balanced() -> None:
 def test_manifest_records_inputs_timings_and_quality(tmp_path) -> None:
     emb = _emb(3000, d=16)
     s = TreeSettings(k=8, quality_sample_nodes=1, quality_sample_max_items=400)
-    tree = build_tree(emb, 8, s, use_ray=False)
+    tree = build_tree(emb, s, use_ray=False)
     m = tree.manifest
     assert (m["num_items"], m["k"], m["depth"], m["dim"], m["balanced"]) == (3000, 8, 4, 16, True)
     assert m["embeddings_sha256"] == hashlib.sha256(emb.tobytes()).hexdigest()
@@ -127,16 +127,16 @@ def test_manifest_records_inputs_timings_and_quality(tmp_path) -> None:
 
 def test_same_seed_gives_the_same_tree_and_another_seed_another() -> None:
     emb = _emb(2000, d=8)
-    a = build_tree(emb, 8, TreeSettings(k=8, **FAST), use_ray=False)
-    b = build_tree(emb, 8, TreeSettings(k=8, **FAST), use_ray=False)
-    c = build_tree(emb, 8, TreeSettings(k=8, seed=1, **FAST), use_ray=False)
+    a = build_tree(emb, TreeSettings(k=8, **FAST), use_ray=False)
+    b = build_tree(emb, TreeSettings(k=8, **FAST), use_ray=False)
+    c = build_tree(emb, TreeSettings(k=8, seed=1, **FAST), use_ray=False)
     assert np.array_equal(a.codes, b.codes)
     assert not np.array_equal(a.codes, c.codes)
 
 
-def test_exact_threshold_routes_small_nodes_to_exact_constrained_kmeans() -> None:
+def test_exact_threshold_routes_small_nodes_to_the_reference_solver() -> None:
     emb = _emb(600, d=8)
-    tree = build_tree(emb, 4, TreeSettings(k=4, exact_threshold=40, quality_sample_nodes=0), use_ray=False)
+    tree = build_tree(emb, TreeSettings(k=4, exact_threshold=40, quality_sample_nodes=0), use_ray=False)
     methods = {lvl["level"]: lvl["methods"] for lvl in tree.manifest["levels"]}
     assert methods[1] == {"batch": 1} and methods[3] == {"exact": 16}  # 600 -> 150 -> 37/38 items
     tree.validate(balanced=True)
@@ -144,7 +144,7 @@ def test_exact_threshold_routes_small_nodes_to_exact_constrained_kmeans() -> Non
 
 def test_large_nodes_use_faiss_and_stay_balanced() -> None:
     emb = _emb(5000, d=8)
-    tree = build_tree(emb, 16, TreeSettings(k=16, large_node=1000, **FAST), use_ray=False)
+    tree = build_tree(emb, TreeSettings(k=16, large_node=1000, **FAST), use_ray=False)
     assert tree.manifest["levels"][0]["methods"] == {"large": 1}
     tree.validate(balanced=True)
 
@@ -159,32 +159,32 @@ def test_large_nodes_use_faiss_and_stay_balanced() -> None:
 )
 def test_bad_embeddings_get_a_clear_error(bad: np.ndarray, message: str) -> None:
     with pytest.raises(TreeError, match=message):
-        build_tree(bad, 2, use_ray=False)
+        build_tree(bad, TreeSettings(k=2), use_ray=False)
 
 
 def test_nan_embedding_error_names_the_row() -> None:
     emb = _emb(50)
     emb[37, 2] = np.nan
     with pytest.raises(TreeError, match="row 37"):
-        build_tree(emb, 4, use_ray=False)
+        build_tree(emb, TreeSettings(k=4), use_ray=False)
 
 
 def test_memmap_input_gives_the_same_tree(tmp_path) -> None:
     emb = _emb(1500, d=8)
     np.save(tmp_path / "emb.npy", emb)
     mm = np.load(tmp_path / "emb.npy", mmap_mode="r")
-    a = build_tree(emb, 8, TreeSettings(k=8, **FAST), use_ray=False)
-    b = build_tree(mm, 8, TreeSettings(k=8, **FAST), use_ray=False)
+    a = build_tree(emb, TreeSettings(k=8, **FAST), use_ray=False)
+    b = build_tree(mm, TreeSettings(k=8, **FAST), use_ray=False)
     assert np.array_equal(a.codes, b.codes)
     assert a.manifest["embeddings_sha256"] == b.manifest["embeddings_sha256"]
 
 
 def test_use_ray_true_without_ray_is_an_error(monkeypatch) -> None:
-    import seater_dist.tree.builder as builder
+    import seater_dist.tree.executor as executor
 
-    monkeypatch.setattr(builder, "_ray_ready", lambda: False)
+    monkeypatch.setattr(executor, "_ray_ready", lambda: False)
     with pytest.raises(TreeError, match="Ray is not initialised"):
-        build_tree(_emb(20), 4, use_ray=True)
+        build_tree(_emb(20), TreeSettings(k=4), use_ray=True)
 
 
 @pytest.mark.ray
@@ -196,7 +196,7 @@ def test_ray_path_puts_embeddings_once_and_builds_a_valid_tree(ray_session, monk
     emb = _emb(3000, d=16)
     s = TreeSettings(k=8, task_items=500, large_node=2000, quality_sample_nodes=1, quality_sample_max_items=100,
                      **{k: v for k, v in FAST.items() if k != "quality_sample_nodes"})
-    tree = build_tree(emb, 8, s, use_ray=True)
+    tree = build_tree(emb, s, use_ray=True)
     assert len(puts) == 1 and puts[0].shape == (3000, 16)  # the embeddings, once; tasks get index arrays
     assert tree.manifest["used_ray"] is True
     assert tree.manifest["levels"][0]["methods"] == {"large": 1}
@@ -207,13 +207,13 @@ def test_ray_path_puts_embeddings_once_and_builds_a_valid_tree(ray_session, monk
     tree.validate(balanced=True)
 
 
-def test_exact_path_reproduces_exact_constrained_kmeans_groups() -> None:
-    from seater_dist.tree.balanced_kmeans import split_exact
+def test_exact_threshold_path_reproduces_the_reference_solver_groups() -> None:
+    from seater_dist.tree.reference import split_reference
 
     emb = _emb(300, d=8, seed=4)
-    tree = build_tree(emb, 4, TreeSettings(k=4, exact_threshold=300, n_init=2, quality_sample_nodes=0), use_ray=False)
-    labels, sse = split_exact(emb, 4, seed=0, n_init=2)
+    tree = build_tree(emb, TreeSettings(k=4, exact_threshold=300, n_init=2, quality_sample_nodes=0), use_ray=False)
+    labels, sse = split_reference(emb, 4, seed=0, n_init=2)
     assert tree.manifest["levels"][0]["objective"] == pytest.approx(sse / 300)
     top = tree.codes[:, 0]
-    for token in np.unique(top):  # the level-1 nodes are exactly the exact solver's groups
+    for token in np.unique(top):  # the level-1 nodes are exactly the reference solver's groups
         assert np.unique(labels[top == token]).size == 1

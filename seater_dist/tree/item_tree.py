@@ -1,4 +1,4 @@
-"""ItemTree: the k-ary tree whose root-to-leaf paths are SEATER's item identifiers (SEATER_SPEC §1).
+"""ItemTree: the k-ary tree whose root-to-leaf paths are SEATER's item identifiers (docs/method.md §1).
 
 Token ids (one embedding row each):
 
@@ -44,7 +44,7 @@ _ARRAYS = ("codes", "children", "parent", "level")
 
 
 class TreeError(ValueError):
-    """An ItemTree that breaks an invariant of SEATER_SPEC §1; the message says which."""
+    """An ItemTree that breaks an invariant of docs/method.md §1; the message says which."""
 
 
 def depth_for(num_items: int, k: int) -> int:
@@ -175,7 +175,7 @@ class ItemTree:
 
     # ---------------------------------------------------------------- checks
     def validate(self, balanced: bool | None = None) -> None:
-        """Raise TreeError unless every invariant of SEATER_SPEC §1 holds.
+        """Raise TreeError unless every invariant of docs/method.md §1 holds.
 
         balanced: also check every split's sizes are in {floor(n/k), floor(n/k)+1}
         (default: the manifest's ``balanced`` flag, True when absent).

@@ -1,8 +1,9 @@
 """Deterministic skewed, clustered item embeddings for tests and benchmarks of the tree builders.
 
-Gaussian noise hides what a balanced clustering costs (it is balanced already, MACHINE_NOTES), so the
-builders are measured on a hierarchical Gaussian mixture whose cluster weights follow Zipf laws at
-every level: a few huge topics, many small ones, sub-topics inside topics, and so on.
+Isotropic Gaussian noise hides what a balanced clustering costs (plain k-means already splits it into
+near-equal groups), so the builders are measured on a hierarchical Gaussian mixture whose cluster
+weights follow Zipf laws at every level: a few huge topics, many small ones, sub-topics inside topics,
+and so on.
 """
 
 from __future__ import annotations
