@@ -30,24 +30,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def balanced_tree(num_items: int, k: int):
     """A balanced k-ary tree whose leaves are the items in id order (structure is irrelevant to speed)."""
-    from seater_dist.tree import ItemTree, depth_for
+    from seater_dist.tree import ItemTree
+    from seater_dist.tree.balance import balanced_paths
 
-    depth = depth_for(num_items, k)
-    ids = np.arange(num_items, dtype=np.int64)
-    # Branch index at each level of a balanced split of [0, N): the item's rank in its node, scaled.
-    paths = np.zeros((num_items, depth - 1), dtype=np.int64)
-    start, size = np.zeros(num_items, np.int64), np.full(num_items, num_items, np.int64)
-    for lvl in range(depth - 1):
-        pos = ids - start
-        small = size // k
-        extra = size % k  # the first `extra` children hold small + 1
-        big_span = extra * (small + 1)
-        branch = np.where(pos < big_span, pos // np.maximum(small + 1, 1), extra + (pos - big_span) // np.maximum(small, 1))
-        child_start = np.where(branch < extra, branch * (small + 1), big_span + (branch - extra) * small)
-        child_size = np.where(branch < extra, small + 1, small)
-        paths[:, lvl] = branch
-        start, size = start + child_start, child_size
-    return ItemTree.from_paths(paths, k)
+    return ItemTree.from_paths(balanced_paths(num_items, k), k)
 
 
 def _batches(steps: int, batch: int, t: int, pad: int, rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
