@@ -1,4 +1,4 @@
-"""Constrained beam search (SEATER_SPEC §5): exhaustive equivalence with Eq. 1, padding, batching."""
+"""Constrained beam search (docs/method.md §5): exhaustive equivalence with Eq. 1, padding, batching."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The three SEATER losses against naive reference loops (SEATER_SPEC §3)."""
+"""The three SEATER losses against naive reference loops (docs/method.md §3)."""
 
 from __future__ import annotations
 

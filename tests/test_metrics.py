@@ -1,4 +1,4 @@
-"""HR / Recall / NDCG@K against hand-computed values (SEATER_SPEC §7, official IDCG)."""
+"""HR / Recall / NDCG@K against hand-computed values (docs/method.md §7, official IDCG)."""
 
 from __future__ import annotations
 

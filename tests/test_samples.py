@@ -1,4 +1,4 @@
-"""Sample expansion: every (history, target) pair of SEATER_SPEC §4, and SASRec's shifted rows."""
+"""Sample expansion: every (history, target) pair of docs/method.md §4, and SASRec's shifted rows."""
 
 import numpy as np
 import pyarrow as pa

@@ -1,4 +1,4 @@
-"""SASRec (SEATER_SPEC §6): both losses learn, padding and causality hold, exact MIPS equals brute force."""
+"""SASRec (docs/method.md §6): both losses learn, padding and causality hold, exact MIPS equals brute force."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`seater prepare`: raw logs -> the `dataset/` directory (DESIGN.md), on Ray Data.
+"""`seater prepare`: raw logs -> the `dataset/` directory (docs/architecture.md), on Ray Data.
 
     from seater_dist.config import PrepareSettings
     from seater_dist.data.prepare import prepare

@@ -1,6 +1,6 @@
 """Training samples, expanded on the fly from stored sequences (never materialised for a whole dataset).
 
-SEATER (SEATER_SPEC §4): for every position i >= 1 of a user's time-ordered sequence, one sample
+SEATER (docs/method.md §4): for every position i >= 1 of a user's time-ordered sequence, one sample
 (history = the last t items before i, left-padded; target = item i).
 SASRec (§6): one sample per user, the last ``max_len + 1`` items shifted by one (input, next-item targets).
 

@@ -1,4 +1,4 @@
-"""SEATER's three training losses (SEATER_SPEC §3; paper Sec. 3.3) and the ranking-negative sampler.
+"""SEATER's three training losses (docs/method.md §3; paper Sec. 3.3) and the ranking-negative sampler.
 
     L = L_gen + λa·L_ali + λr·L_rank          (Eq. 9; L2 stays in the optimizer as weight decay)
 
@@ -49,7 +49,7 @@ def alignment_loss(tokens: Tensor, parents: Tensor, emb: Tensor, parent_emb: Ten
 
 
 class PrefixNegativeSampler(nn.Module):
-    """Draws L_rank negatives with an exact shared-prefix length with the positive (SEATER_SPEC §3).
+    """Draws L_rank negatives with an exact shared-prefix length with the positive (docs/method.md §3).
 
     For a positive item with path (a_1, ..., a_D) and a prefix length s, a negative is a uniform random item
     under a_s (BOS for s = 0) but outside a_{s+1}: its first s tokens equal the positive's, token s+1 differs.
