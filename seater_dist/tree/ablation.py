@@ -34,8 +34,6 @@ log = logging.getLogger("seater_dist.tree")
 class LevelSplitter(Protocol):
     """Splits the nodes of one level (``executor.Runner``)."""
 
-    cpus: int
-
     def split_level(self, order: np.ndarray, starts: np.ndarray, sizes: np.ndarray, k: int, s: TreeSettings,
                     mode: str, level: int, branch: np.ndarray) -> tuple[list[Any], list[Any], dict[str, np.ndarray]]:
         ...
