@@ -84,13 +84,13 @@ def atomic_dir(dest: str | os.PathLike, artifact: str) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         yield tmp
-        replace_dir(tmp, dest)
+        _replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def replace_dir(tmp: Path, dest: Path) -> None:
+def _replace_dir(tmp: Path, dest: Path) -> None:
     """Put the finished directory ``tmp`` at ``dest`` by renames (see :func:`atomic_dir`)."""
     if dest.exists():
         old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"

@@ -69,3 +69,26 @@ def test_cli_bad_config_exits_2_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("seater train: error:") and "train.workers" in err[0]
+
+
+def test_build_tree_refuses_an_out_that_is_not_a_tree(ray_session, tmp_path, capsys):
+    import numpy as np
+
+    emb = tmp_path / "emb.npy"
+    np.save(emb, np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32))
+    precious = tmp_path / "mine"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    code = main(["build-tree", "--embeddings", str(emb), "--k", "4", "--out", str(precious)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "refusing to replace it" in err[0]
+    assert (precious / "notes.txt").read_text() == "keep me" and len(list(precious.iterdir())) == 1
+    assert main(["build-tree", "--embeddings", str(emb), "--k", "4", "--out", str(tmp_path / "tree")]) == 0
+    assert main(["build-tree", "--embeddings", str(emb), "--k", "4", "--out", str(tmp_path / "tree")]) == 0  # a tree
+
+
+def test_every_flag_of_every_command_has_help():
+    sub = _parser()._subparsers._group_actions[0].choices  # type: ignore[attr-defined]
+    for name, parser in sub.items():
+        for action in parser._actions:
+            assert action.help, f"seater {name} {action.option_strings}: no help text"

@@ -33,13 +33,11 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa

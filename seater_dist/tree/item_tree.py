@@ -27,17 +27,14 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from seater_dist.artifacts import replace_dir, sha256_file, to_jsonable
+from seater_dist.artifacts import atomic_dir, member, read_manifest, verify_files, write_manifest
 
 SCHEMA_VERSION = 1
 _ARRAYS = ("codes", "children", "parent", "level")
@@ -240,16 +237,15 @@ class ItemTree:
 
     # ---------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike, extra_manifest: dict[str, Any] | None = None) -> Path:
-        """Write the arrays and manifest.json to directory ``path`` atomically (temp dir, then rename)."""
+        """Write the arrays and manifest.json to directory ``path`` atomically (temp dir, then rename).
+
+        An existing ``path`` is replaced only if it is a tree directory.
+        """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))
-        try:
-            checksums = {}
+        with atomic_dir(path, "tree") as tmp:
             for name in _ARRAYS:
                 np.save(tmp / f"{name}.npy", getattr(self, name))
-                checksums[f"{name}.npy"] = sha256_file(tmp / f"{name}.npy")
-            manifest = {
+            manifest = write_manifest(tmp, {
                 **self.manifest,
                 **(extra_manifest or {}),
                 "schema_version": SCHEMA_VERSION,
@@ -258,13 +254,7 @@ class ItemTree:
                 "k": self.k,
                 "depth": self.depth,
                 "num_tokens": self.num_tokens,
-                "checksums": checksums,
-            }
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=to_jsonable))
-            replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            })
         self.manifest = manifest
         return path
 
@@ -272,20 +262,20 @@ class ItemTree:
     def load(cls, path: str | os.PathLike, validate: bool = True) -> "ItemTree":
         """Read a tree written by :meth:`save`; checks checksums and (by default) invariants."""
         path = Path(path)
-        mf = path / "manifest.json"
-        if not mf.exists():
-            raise TreeError(f"{path}: not a tree directory (no manifest.json)")
-        manifest = json.loads(mf.read_text())
+        manifest = read_manifest(path, "tree", SCHEMA_VERSION, TreeError)
+        files = [f"{name}.npy" for name in _ARRAYS]
+        verify_files(path, manifest, files, error=TreeError)
         arrays = {}
-        for name in _ARRAYS:
-            f = path / f"{name}.npy"
-            if not f.exists():
-                raise TreeError(f"{path}: missing {name}.npy")
-            want = manifest.get("checksums", {}).get(f"{name}.npy")
-            if want and sha256_file(f) != want:
-                raise TreeError(f"{f}: checksum mismatch (file changed since the tree was written)")
-            arrays[name] = np.load(f)
-        tree = cls(int(manifest["num_items"]), int(manifest["k"]), int(manifest["depth"]), manifest=manifest, **arrays)
+        for name, file in zip(_ARRAYS, files):
+            try:
+                arrays[name] = np.load(member(path, file, TreeError), allow_pickle=False)
+            except (ValueError, OSError, EOFError) as err:
+                raise TreeError(f"{path / file}: not a readable .npy array ({err})") from None
+        try:
+            tree = cls(int(manifest["num_items"]), int(manifest["k"]), int(manifest["depth"]), manifest=manifest,
+                       **arrays)
+        except (KeyError, TypeError, ValueError) as err:
+            raise TreeError(f"{path / 'manifest.json'}: incomplete ({err})") from None
         if validate:
             tree.validate()
         return tree
