@@ -239,9 +239,12 @@ class SeaterSettings(Settings):
     num_rank_negatives: int = Field(4, ge=1, description="q: negatives per positive identifier.")
     beam_size: int = Field(50, ge=1, description="b: beams kept at every step of the constrained beam search.")
     embedding_init_std: float = Field(
-        1.0, gt=0, description="Std of the token table's normal init: 1.0 as in the authors' code (the paper is "
-        "silent; docs/method.md §2).",
+        0.125, gt=0, description="Std of the normal init of the token table AND of the position tables (one "
+        "coherent scale; 0.125 = 1/sqrt(64)). The authors' code uses 1.0, which starts the constrained softmax "
+        "saturated (docs/method.md §2).",
     )
+    input_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the encoder's and decoder's input "
+                                 "embeddings (token + position), as SASRec has; 0 in both SEATER codebases.")
 
     def model_post_init(self, context: Any) -> None:
         if self.d_model % self.n_heads:
@@ -299,7 +302,12 @@ class TrainSettings(Settings):
     lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
     weight_decay: float = Field(1e-5, ge=0, description="L2 penalty added to the gradient, as torch.optim.Adam does.")
     grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this value.")
-    patience: int = Field(4, ge=1, description="Epochs without validation improvement before stopping.")
+    patience: int = Field(5, ge=1, description="Epochs without validation improvement before stopping "
+                          "(the authors' 5).")
+    table_optimizer: Literal["adam", "lazy_adam"] = Field(
+        "adam", description="Optimiser of the big embedding table. adam: torch.optim.Adam semantics on every row "
+        "(untouched rows still move by momentum and decay; one pass over the table per step); lazy_adam: "
+        "row-sparse Adam, cost proportional to the rows a step touches, rarely seen rows move less.")
     select_metric: str = Field("recall@50", description="Validation metric that picks the best checkpoint "
                                "(recall@K, hr@K or ndcg@K with K among the protocol's cut-offs).")
     max_valid_users: int | None = Field(None, ge=1, description="Validate on at most this many users.")

@@ -109,3 +109,77 @@ def test_a_dense_table_gradient_is_averaged_once_and_kept_in_sync() -> None:
     assert err_a < 1e-5 and err_b < 1e-5
     assert a == b
     assert bytes_a[0] == 300 * 8 * 4  # one dense all-reduce of the table, no second (row) exchange
+
+
+# ------------------------------------------------------------------ dense Adam semantics for the table
+
+def _rare_batch(step: int, rank: int, n: int) -> torch.Tensor:
+    """Rows touched rarely and irregularly: a few hot rows, a long tail touched now and then."""
+    g = torch.Generator().manual_seed(7919 * step + rank)
+    hot = torch.randint(0, 5, (6,), generator=g)
+    tail = torch.randint(5, n, (2,), generator=g) if torch.rand((), generator=g) < 0.3 else torch.empty(0, dtype=torch.long)
+    return torch.cat([hot, tail])
+
+
+def _train_pair(world: int, rank: int, n: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The table after ``steps`` with SparseTableDDP(adam), and after torch.optim.Adam on a dense twin that
+    sees every rank's batch (the gradient DDP averages)."""
+    torch.manual_seed(0)
+    model = Toy(n)
+    twin = Toy(n)
+    twin.load_state_dict(model.state_dict())
+    twin.emb.sparse = False
+    trainer = SparseTableDDP(model, "emb", lr=1e-2, weight_decay=1e-3, table_optimizer="adam")
+    reference = torch.optim.Adam(twin.parameters(), lr=1e-2, weight_decay=1e-3)
+    for step in range(steps):
+        trainer.ddp(_rare_batch(step, rank, n))["loss"].backward()
+        trainer.step(grad_clip=1.0)
+        reference.zero_grad()
+        loss = sum(twin(_rare_batch(step, r, n))["loss"] for r in range(world)) / world
+        loss.backward()
+        nn.utils.clip_grad_norm_(twin.parameters(), 1.0)
+        reference.step()
+    return model.emb.weight.detach().clone(), twin.emb.weight.detach().clone()
+
+
+def _dense_adam_worker(rank: int, world: int, port: int, n: int, steps: int, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    ours, reference = _train_pair(world, rank, n, steps)
+    queue.put((rank, float((ours - reference).abs().max())))
+    dist.destroy_process_group()
+
+
+def test_table_adam_matches_torch_adam_on_a_dense_table_one_process() -> None:
+    ours, reference = _train_pair(world=1, rank=0, n=60, steps=2000)
+    assert float((ours - reference).abs().max()) < 1e-5
+
+
+def test_table_adam_matches_torch_adam_on_a_dense_table_two_workers() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_dense_adam_worker, args=(r, 2, port, 60, 2000, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    errors = sorted(queue.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert all(err < 1e-5 for _, err in errors), errors
+
+
+def test_lazy_adam_leaves_untouched_rows_where_dense_adam_moves_them() -> None:
+    moved = {}
+    for kind in ("adam", "lazy_adam"):
+        torch.manual_seed(1)
+        model = Toy(50)
+        start = model.emb.weight.detach().clone()
+        trainer = SparseTableDDP(model, "emb", lr=1e-2, weight_decay=0.0, table_optimizer=kind)
+        for step in range(20):
+            rows = torch.tensor([0, 1, 2]) if step == 0 else torch.tensor([0, 1])
+            trainer.ddp(rows)["loss"].backward()
+            trainer.step(grad_clip=None)
+        moved[kind] = float((model.emb.weight.detach()[2] - start[2]).abs().max())  # row 2: touched at step 0 only
+    assert moved["adam"] > 5 * moved["lazy_adam"] > 0

@@ -2,7 +2,7 @@
 
 Reads like the paper's Section 3 (docs/method.md §2-§3, §5):
 
-* one token table E (items are the leaf tokens; BOS = root, PAD, internal nodes), init N(0, 1);
+* one token table E (items are the leaf tokens; BOS = root, PAD, internal nodes), tokens and positions initialised at one scale (embedding_init_std);
 * encoder over the user's last t items (Eq. 2), decoder over the identifier [BOS, y1, ..., y_{D-1}] (Eq. 3);
 * the constrained softmax (Eq. 4): logits are the decoder state against the embeddings of the previous
   token's children only (<= k rows), never the vocabulary;
@@ -53,9 +53,11 @@ class SeaterModel(nn.Module):
         self.bos, self.pad = tree.bos, tree.pad
         d = settings.d_model
         self.tok_emb = nn.Embedding(tree.num_tokens, d, sparse=sparse_embedding)
-        nn.init.normal_(self.tok_emb.weight, 0.0, settings.embedding_init_std)
         self.enc_pos = nn.Embedding(settings.history_len, d)
         self.dec_pos = nn.Embedding(tree.depth, d)
+        for table in (self.tok_emb, self.enc_pos, self.dec_pos):  # one scale for tokens and positions
+            nn.init.normal_(table.weight, 0.0, settings.embedding_init_std)
+        self.input_drop = nn.Dropout(settings.input_dropout)
         layer_args = (d, settings.n_heads, settings.ffn_dim, settings.dropout)
         self.encoder = nn.ModuleList(EncoderLayer(*layer_args) for _ in range(settings.encoder_layers))
         self.decoder = nn.ModuleList(DecoderLayer(*layer_args) for _ in range(settings.decoder_layers))
@@ -95,7 +97,7 @@ class SeaterModel(nn.Module):
         pad_mask = history == self.pad
         pad_mask[:, -1] &= ~pad_mask.all(dim=1)
         positions = torch.arange(t - length, t, device=history.device)
-        x = self.tok_emb(history) + self.enc_pos(positions)
+        x = self.input_drop(self.tok_emb(history) + self.enc_pos(positions))
         bias = self._key_bias(pad_mask)
         for layer in self.encoder:
             x = layer(x, bias)
@@ -126,7 +128,7 @@ class SeaterModel(nn.Module):
         """
         L = tokens.shape[-1]
         positions = torch.arange(start, start + L, device=tokens.device)
-        x = self.tok_emb(tokens) + self.dec_pos(positions)
+        x = self.input_drop(self.tok_emb(tokens) + self.dec_pos(positions))
         bias = self._key_bias(pad_mask)
         for i, layer in enumerate(self.decoder):
             k, v = mem_kv[i]

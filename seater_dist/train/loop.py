@@ -74,8 +74,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
-    torch.manual_seed(settings.seed)
-    np.random.seed(settings.seed + rank)
+    torch.manual_seed(settings.seed)  # the initial weights (rank 0's are broadcast to every worker anyway)
 
     task = make_task(config)
     model = task.build_model()
@@ -85,7 +84,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     state = EarlyStopping(settings.patience)
     trainer = SparseTableDDP(step_module, f"model.{task.table_name}", lr=settings.lr,
                              weight_decay=settings.weight_decay, device=device,
-                             find_unused_parameters=task.has_unused_parameters)
+                             find_unused_parameters=task.has_unused_parameters,
+                             table_optimizer=settings.table_optimizer)
     resumed_from = _restore(model, trainer, state)
 
     valid_histories, valid_truth = _validation_slice(config, rank, world)
@@ -94,6 +94,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     while state.epoch < settings.epochs and not state.should_stop:
         epoch = state.epoch
+        _seed_epoch(settings.seed, epoch, rank)
         t0 = time.time()
         model.train()
         totals: dict[str, float] = {}
@@ -135,6 +136,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                   f"{' (best)' if improved else ''}, {train_seconds:.0f} s, "
                   f"{record['samples_per_second']:,.0f} samples/s", flush=True)
         _report(task, model, trainer, state, record, improved, rank, config)
+
+
+def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Seed dropout and negative sampling from (seed, epoch, rank): workers draw different masks and
+    negatives, and a resumed run draws what an uninterrupted one would have."""
+    mixed = np.random.SeedSequence([seed, epoch, rank]).generate_state(2)
+    torch.manual_seed(int(mixed[0]))
+    np.random.seed(int(mixed[1]))
 
 
 def _quiet_report_logs() -> None:
@@ -231,8 +240,7 @@ def _report(task: Task, model: torch.nn.Module, trainer: SparseTableDDP, state: 
     with tempfile.TemporaryDirectory(prefix=f"{task.name}-ckpt-") as tmp:
         path = Path(tmp) / "checkpoint"
         task.save(model, path, extra={"epoch": record["epoch"], "metrics": metrics, "task": task.name})
-        torch.save({"optimizer": trainer.state_dict(), "early_stopping": asdict(state),
-                    "torch_rng": torch.get_rng_state()}, path / TRAIN_STATE)
+        torch.save({"optimizer": trainer.state_dict(), "early_stopping": asdict(state)}, path / TRAIN_STATE)
         (path / "history.json").write_text(json.dumps(state.history, indent=2))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)),
                          checkpoint_dir_name=f"epoch_{record['epoch']:04d}")
@@ -251,8 +259,8 @@ def _restore(model: torch.nn.Module, trainer: SparseTableDDP, state: EarlyStoppi
         saved = torch.load(directory / TRAIN_STATE, map_location="cpu", weights_only=True)
     trainer.load_state_dict(saved["optimizer"])
     for key, value in saved["early_stopping"].items():
-        setattr(state, key, value)
-    torch.set_rng_state(saved["torch_rng"])
+        if key != "patience":  # the run's current settings decide how long to wait
+            setattr(state, key, value)
     return state.epoch - 1
 
 

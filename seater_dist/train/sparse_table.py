@@ -5,10 +5,17 @@ row-sparse gradient (the rows its batch touched) is all-gathered, summed per row
 world size — exactly the average DDP would compute, but the bytes on the wire scale with the rows
 touched, not with N. The same code runs on gloo (CPU) and NCCL (GPU): it uses only all_gather.
 
-The table is then updated by a row-sparse ("lazy") Adam: touched rows get Adam's exact update
-(moments, bias correction by the global step, L2 weight decay added to the gradient as torch.optim.Adam
-does); untouched rows are left alone that step — their moments do not decay and no weight decay
-applies, where dense Adam would keep moving them by momentum. See README "Sparse embedding updates".
+The table is then updated by one of two optimisers (``table_optimizer``):
+
+* ``adam`` (the default): ``torch.optim.Adam`` itself on the whole table, the averaged row gradient
+  scattered into a dense buffer: exactly the authors' optimiser (docs/method.md §4). An untouched row
+  still moves by its momentum, its moments decay, and L2 weight decay pulls it as Adam's coupled L2 does.
+  Communication stays row-sparse; the update is one pass over the table per step (cheap on a GPU and
+  at Beauty/Books scale on a CPU; see bench/README.md for its cost at 6.1M items on a CPU).
+* ``lazy_adam``: a row-sparse Adam (``torch.optim.SparseAdam`` with L2 added to the touched rows as
+  torch.optim.Adam does): touched rows get Adam's update, untouched rows stay exactly as they are and
+  their moments do not decay. Cost proportional to the rows touched; a different optimiser, which moves
+  rarely seen rows less.
 
 Example (inside a Ray Train worker, after the process group exists)::
 
@@ -22,6 +29,7 @@ Example (inside a Ray Train worker, after the process group exists)::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -46,19 +54,25 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+TableOptimizer = Literal["adam", "lazy_adam"]
+
+
 class SparseTableDDP:
-    """DDP over every parameter but one embedding table, plus a row-sparse sync and lazy Adam for it.
+    """DDP over every parameter but one embedding table, plus a row-sparse sync and Adam for it.
 
     model: an nn.Module whose submodule ``table_name`` (dotted path) is an nn.Embedding (sparse or not).
     If the table's gradient arrives dense (e.g. a full-softmax loss uses the whole table), it is
-    all-reduced densely and updated by the same lazy Adam on its non-zero rows.
+    all-reduced densely. table_optimizer: "adam" (dense Adam semantics) or "lazy_adam" (module docstring).
     """
 
     def __init__(self, model: nn.Module, table_name: str, lr: float, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), device: torch.device | None = None,
-                 find_unused_parameters: bool = True) -> None:
+                 find_unused_parameters: bool = True, table_optimizer: TableOptimizer = "adam") -> None:
+        if table_optimizer not in ("adam", "lazy_adam"):
+            raise ValueError(f"table_optimizer must be 'adam' or 'lazy_adam', got {table_optimizer!r}")
         self.model = model
         self.table: nn.Embedding = model.get_submodule(table_name)
+        self.lazy = table_optimizer == "lazy_adam"
         self.weight_decay = weight_decay
         table_param = f"{table_name}.weight"
         if _distributed():
@@ -72,7 +86,11 @@ class SparseTableDDP:
             self.ddp = model
         self.dense_params = [p for n, p in model.named_parameters() if n != table_param and p.requires_grad]
         self.dense_optimizer = torch.optim.Adam(self.dense_params, lr=lr, betas=betas, weight_decay=weight_decay)
-        self.table_optimizer = torch.optim.SparseAdam([self.table.weight], lr=lr, betas=betas)
+        if self.lazy:
+            self.table_optimizer: torch.optim.Optimizer = torch.optim.SparseAdam([self.table.weight], lr=lr, betas=betas)
+        else:
+            self.table_optimizer = torch.optim.Adam([self.table.weight], lr=lr, betas=betas, weight_decay=weight_decay)
+        self._dense_grad: torch.Tensor | None = None  # adam: the averaged rows scattered into the table's shape
         self.dense_bytes = sum(p.numel() * p.element_size() for p in self.dense_params) if _distributed() else 0
 
     def zero_grad(self) -> None:
@@ -103,7 +121,8 @@ class SparseTableDDP:
                 grad /= dist.get_world_size()
                 table_bytes = grad.numel() * grad.element_size()
             rows = torch.nonzero(grad.abs().sum(1)).flatten()
-            weight.grad = torch.sparse_coo_tensor(rows[None], grad[rows], weight.shape).coalesce()  # SparseAdam
+            if self.lazy:  # SparseAdam takes the non-zero rows
+                weight.grad = torch.sparse_coo_tensor(rows[None], grad[rows], weight.shape).coalesce()
             return table_bytes, int(rows.numel())
         grad = grad.coalesce()
         if _distributed():
@@ -112,22 +131,46 @@ class SparseTableDDP:
         return table_bytes, int(grad._nnz())
 
     def clip_and_update(self, grad_clip: float | None = None) -> float:
-        """L2 weight decay on touched table rows (as torch Adam adds it to the gradient), clip, step.
+        """Clip the global gradient norm (before weight decay, as clip_grad_norm_ then torch Adam), step.
 
         Returns the gradient norm before clipping.
         """
+        norm = self._clip(grad_clip)
+        self.dense_optimizer.step()
+        if self.lazy:
+            self._lazy_step()
+        else:
+            self._dense_step()
+        self.zero_grad()
+        return norm
+
+    def _lazy_step(self) -> None:
+        """SparseAdam on the touched rows, with L2 weight decay added to them as torch Adam adds it."""
         weight = self.table.weight
         grad = weight.grad
-        if self.weight_decay and grad is not None and grad._nnz():
+        if grad is None or grad._nnz() == 0:
+            return
+        if self.weight_decay:
             rows = grad.indices()[0]
             weight.grad = torch.sparse_coo_tensor(grad.indices(), grad.values() + self.weight_decay * weight.detach()[rows],
                                                   weight.shape, check_invariants=False).coalesce()
-        norm = self._clip(grad_clip)
-        self.dense_optimizer.step()
-        if weight.grad is not None and weight.grad._nnz() > 0:
-            self.table_optimizer.step()
-        self.zero_grad()
-        return norm
+        self.table_optimizer.step()
+
+    def _dense_step(self) -> None:
+        """torch.optim.Adam on the whole table: every row's moments decay and every row moves, as in the
+        authors' training; the row gradient (if any) is scattered into a reused dense buffer."""
+        weight = self.table.weight
+        grad = weight.grad
+        if grad is not None and grad.is_sparse:
+            if self._dense_grad is None:
+                self._dense_grad = torch.zeros_like(weight)
+            buffer = self._dense_grad
+            buffer.zero_()
+            buffer.index_add_(0, grad.indices()[0], grad.values())
+            weight.grad = buffer
+        elif grad is None:  # no row touched this step: a zero gradient still advances Adam's step
+            weight.grad = torch.zeros_like(weight) if self._dense_grad is None else self._dense_grad.zero_()
+        self.table_optimizer.step()
 
     def _clip(self, max_norm: float | None) -> float:
         sq = torch.zeros((), dtype=torch.float64)
@@ -135,16 +178,17 @@ class SparseTableDDP:
             if p.grad is not None:
                 sq += p.grad.detach().double().pow(2).sum().cpu()
         g = self.table.weight.grad
-        if g is not None:
-            sq += g._values().detach().double().pow(2).sum().cpu()
+        table_values = None if g is None else (g._values() if g.is_sparse else g)
+        if table_values is not None:
+            sq += table_values.detach().double().pow(2).sum().cpu()
         norm = float(sq.sqrt())
         if max_norm is not None and norm > max_norm:
             scale = max_norm / (norm + 1e-6)
             for p in self.dense_params:
                 if p.grad is not None:
                     p.grad.mul_(scale)
-            if g is not None:
-                g._values().mul_(scale)
+            if table_values is not None:
+                table_values.mul_(scale)
         return norm
 
     def state_dict(self) -> dict:

@@ -87,10 +87,15 @@ def resumable(out: str | Path, settings: TrainSettings, task: str) -> bool:
     return fs.get_file_info(f"{root.rstrip('/')}/{task}").type == pafs.FileType.Directory
 
 
-def _train_dataset(dataset_path: str | Path, batch_fn, seed: int):
+def train_dataset(dataset_path: str | Path, batch_fn, seed: int):
     """Stored sequences -> streaming training samples (expanded per block, never materialised whole)."""
+    from ray.data import RandomSeedConfig
+
+    # A fresh global shuffle of the users every epoch (each epoch re-executes the plan with the next
+    # seed of the sequence started by ``seed``); the workers' local buffers then mix their samples.
     ds = load_dataset(dataset_path).ray_dataset("train")
-    return ds.randomize_block_order(seed=seed).map_batches(batch_fn, batch_format="pyarrow", batch_size=1024)
+    shuffled = ds.random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    return shuffled.map_batches(batch_fn, batch_format="pyarrow", batch_size=1024)
 
 
 def _fit(config: dict[str, Any], dataset_path: str | Path, out: str | Path, settings: TrainSettings,
@@ -135,7 +140,7 @@ def _fit(config: dict[str, Any], dataset_path: str | Path, out: str | Path, sett
             # Worker prints (one progress line per epoch) go straight to stdout, once.
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
-        datasets={"train": _train_dataset(dataset_path, task.batch_fn(), settings.seed)},
+        datasets={"train": train_dataset(dataset_path, task.batch_fn(), settings.seed)},
     )
     t0 = time.time()
     result = trainer.fit()
