@@ -27,13 +27,24 @@ ABLATIONS = {
     "seater w/o L_ali": {"use_alignment": False},
     "seater w/o both": {"use_ranking": False, "use_alignment": False},
 }
-# Not in the paper: the token table's init scale (the spec's N(0, 1) against SASRec's N(0, 1/d)).
-VARIANTS = {"seater init std 0.125": {"embedding_init_std": 0.125}}
-# The paper's tuning grid (§5.1), one factor at a time around "seater init std 0.125" (λa = λr = 0.05,
+# Each fix of the training recipe, one at a time against the defaults ("seater"), and the levers against
+# overfitting; compared on validation Recall@50 at the same epoch budget (--ablation-epochs), no test
+# evaluation. Keys: SeaterSettings overrides, plus TRAIN_KEYS (TrainSettings) and TREE_KEYS (the tree:
+# "k", and "tree_from", the SASRec whose embeddings the tree is built from).
+VARIANTS = {
+    "seater lazy adam": {"table_optimizer": "lazy_adam"},
+    "seater authors init": {"embedding_init_std": 1.0},
+    "seater input dropout 0.2": {"input_dropout": 0.2},
+    "seater tree from ce": {"tree_from": "ce"},
+    "seater 2 layers": {"encoder_layers": 2, "decoder_layers": 2},
+    "seater l2 1e-4": {"weight_decay": 1e-4},
+}
+TRAIN_KEYS = ("weight_decay", "table_optimizer")
+TREE_KEYS = ("k", "tree_from")
+# The paper's tuning grid (§5.1), one factor at a time around the defaults (λa = λr = 0.05,
 # β = 1e-3, L2 = 1e-5, k = 8): λ in [0.01, 0.09] step 0.02, β in {1e-2, 1e-3, 1e-4}, L2 in
-# {1e-4, ..., 1e-7}, k in {2, ..., 32}. Keys: SeaterSettings overrides, plus "weight_decay" (TrainSettings)
-# and "k" (the tree). Points are picked on validation Recall@50 only; they get no test evaluation.
-_GRID_BASE = {"embedding_init_std": 0.125}
+# {1e-4, ..., 1e-7}, k in {2, ..., 32}. Points are picked on validation Recall@50 only; no test evaluation.
+_GRID_BASE: dict[str, Any] = {}
 GRID = {  # in the order they run: the ends of each range first
     **{f"grid lambda {v}": {**_GRID_BASE, "lambda_ali": v, "lambda_rank": v} for v in (0.01, 0.09)},
     **{f"grid beta {v:g}": {**_GRID_BASE, "beta": v} for v in (1e-2, 1e-4)},
@@ -64,8 +75,7 @@ def run_protocol(data: str, out: Path, protocol: str, epochs: int, ablations: bo
     root = out / protocol
     ks = metric_cutoffs(protocol)
     # loo validates on every user (22k): a fixed sample of 5,000 keeps validation to seconds per epoch.
-    train = TrainSettings(workers=workers, epochs=epochs, patience=4,
-                          max_valid_users=5000 if protocol == "loo" else None)
+    train = TrainSettings(workers=workers, epochs=epochs, max_valid_users=5000 if protocol == "loo" else None)
     results: dict[str, Any] = {}
     seconds: dict[str, float] = {}
 
@@ -86,12 +96,12 @@ def run_protocol(data: str, out: Path, protocol: str, epochs: int, ablations: bo
             timed(name, lambda: train_sasrec(root / "dataset", ckpt, train, SasrecSettings(loss=loss)))
         results[name] = evaluate(ckpt / "best", root / "dataset", "test", EvalSettings(), out=ckpt).to_dict()
 
-    def tree_dir(k: int) -> Path:
-        """The k-ary tree over the SASRec (sampled) embeddings, built once per k."""
-        path = root / ("tree" if k == 8 else f"tree_k{k}")
+    def tree_dir(k: int, source: str = "sampled") -> Path:
+        """The k-ary tree over a SASRec's embeddings (sampled softmax or full CE), built once per (k, source)."""
+        path = root / ("tree" + ("" if k == 8 else f"_k{k}") + ("" if source == "sampled" else f"_{source}"))
         if not (path / "manifest.json").exists():
-            emb = np.load(root / "sasrec_sampled" / "item_embeddings.npy")
-            built = timed(f"build-tree k={k}", lambda: build_tree(emb, TreeSettings(k=k)))
+            emb = np.load(root / f"sasrec_{source}" / "item_embeddings.npy")
+            built = timed(f"build-tree k={k} ({source})", lambda: build_tree(emb, TreeSettings(k=k)))
             built.save(path)
         return path
 
@@ -102,18 +112,17 @@ def run_protocol(data: str, out: Path, protocol: str, epochs: int, ablations: bo
     for name, overrides in {**ABLATIONS, **VARIANTS, **GRID}.items():
         if name not in wanted:
             continue
-        model = {key: v for key, v in overrides.items() if key not in ("weight_decay", "k")}
+        model = {key: v for key, v in overrides.items() if key not in TRAIN_KEYS + TREE_KEYS}
         budget = train if name == "seater" or not ablation_epochs else train.model_copy(
             update={"epochs": ablation_epochs})
-        if "weight_decay" in overrides:
-            budget = budget.model_copy(update={"weight_decay": overrides["weight_decay"]})
+        budget = budget.model_copy(update={key: overrides[key] for key in TRAIN_KEYS if key in overrides})
         ckpt = root / _dir_name(name)
         if not (ckpt / "best" / "manifest.json").exists():
             print(f"== {protocol}: training {name}", flush=True)
-            timed(name, lambda: train_seater(root / "dataset", tree_dir(overrides.get("k", 8)), ckpt, budget,
-                                             SeaterSettings(**model),
+            tree_path = tree_dir(overrides.get("k", 8), overrides.get("tree_from", "sampled"))
+            timed(name, lambda: train_seater(root / "dataset", tree_path, ckpt, budget, SeaterSettings(**model),
                                              resume=resume and (ckpt / "ray_results").exists()))
-        if name in GRID:  # tuning runs are compared on validation only (see curves())
+        if name in GRID or name in VARIANTS:  # tuning runs are compared on validation only (see curves())
             continue
         results[name] = evaluate(ckpt / "best", root / "dataset", "test", EvalSettings(), out=ckpt).to_dict()
         results[name]["train_history_epochs"] = len(json.loads((ckpt / "history.json").read_text()))
@@ -184,19 +193,19 @@ def curves(out: Path, protocol: str, epochs: int = 6) -> str:
 def grid_table(out: Path, protocol: str) -> str:
     """The tuning grid against its centre ("seater init std 0.125") at the grid's epoch budget:
     validation Recall@50 of each point's last epoch, and the centre's at the same epoch."""
-    centre = _longest_history(out / protocol / _dir_name("seater init std 0.125"))
+    centre = _longest_history(out / protocol / _dir_name("seater"))
     rows = []
     for name, overrides in GRID.items():
         h = _longest_history(out / protocol / _dir_name(name))
         if not h or len(centre) < len(h):
             continue
         last, ref = h[-1]["valid_recall@50"], centre[len(h) - 1]["valid_recall@50"]
-        changed = ", ".join(f"{k} = {v:g}" for k, v in overrides.items() if k != "embedding_init_std")
+        changed = ", ".join(f"{k} = {v:g}" for k, v in overrides.items())
         rows.append(f"| {changed} | {len(h)} | {last:.4f} | {ref:.4f} | {100 * (last / ref - 1):+.1f}% |")
     if not rows:
         return ""
     return "\n".join([f"#### {protocol}: tuning grid (one factor at a time around the centre: λ = 0.05, "
-                      "β = 1e-3, L2 = 1e-5, k = 8, init std 0.125)", "",
+                      "β = 1e-3, L2 = 1e-5, k = 8)", "",
                       "| changed | epochs | valid R@50 | centre at that epoch | change |", "|---|---|---|---|---|",
                       *rows])
 
