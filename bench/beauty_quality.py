@@ -228,7 +228,7 @@ def main() -> None:
     p.add_argument("--data", default="../shared/data/beauty/Beauty.txt")
     p.add_argument("--out", default="runs/beauty")
     p.add_argument("--only", choices=["comirec", "loo"])
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--resume", action="store_true",
                    help="continue SEATER runs stopped before they finished (e.g. with more --epochs)")
     p.add_argument("--workers", type=int, default=2)

@@ -33,7 +33,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "sasrec": {"loss": "sampled", "num_negatives": 1280},
             "sasrec_train": {"workers": 8, "use_gpu": True, "cpus_per_worker": 8, "batch_size": 2048,
                              "epochs": 20, "max_valid_users": 20000},
-            "train": {"workers": 8, "use_gpu": True, "cpus_per_worker": 8, "batch_size": 2048, "epochs": 30,
+            "train": {"workers": 8, "use_gpu": True, "cpus_per_worker": 8, "batch_size": 2048, "epochs": 50,
                       "max_valid_users": 20000},
             "eval": {"batch_size": 1024},
         },
