@@ -1,8 +1,12 @@
 """Distributed SEATER training step: time and bytes communicated per step as the catalogue grows, and
 throughput with 1 worker against 2.
 
-    python -m bench.bench_train                 # N = 61k and 6.1M items, 2 workers; then 1 vs 2 workers
-    python -m bench.bench_train --quick         # N = 61k and 610k (a minute)
+    python -m bench.bench_train                 # N = 61k and 6.1M items, 2 workers, both table optimizers
+    python -m bench.bench_train --quick         # N = 61k and 610k (a few minutes)
+    python -m bench.bench_train --optimizers lazy_adam
+
+Both table optimizers (adam: dense Adam semantics, one pass over the table per step; lazy_adam:
+row-sparse) are measured at both sizes; then 1 worker against 2 at the small size.
 
 The workers are real torch.distributed (gloo) processes running the production step
 (seater_dist.train.sparse_table.SparseTableDDP around SeaterModel); Ray Train adds only orchestration.
@@ -47,7 +51,8 @@ def _batches(steps: int, batch: int, t: int, pad: int, rank: int) -> list[tuple[
     return out
 
 
-def _worker(rank: int, world: int, port: int, num_items: int, steps: int, global_batch: int, queue) -> None:
+def _worker(rank: int, world: int, port: int, num_items: int, steps: int, global_batch: int, optimizer: str,
+            queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     if world > 1:
@@ -66,7 +71,8 @@ def _worker(rank: int, world: int, port: int, num_items: int, steps: int, global
             return m(batch["history"], batch["target"])
 
     module = LossModule(_Task(), model)
-    trainer = SparseTableDDP(module, "model.tok_emb", lr=1e-3, weight_decay=1e-5, find_unused_parameters=False)
+    trainer = SparseTableDDP(module, "model.tok_emb", lr=1e-3, weight_decay=1e-5, find_unused_parameters=False,
+                             table_optimizer=optimizer)
     batches = _batches(steps, global_batch // world, 20, tree.pad, rank)
     times, sent, rows = [], [], []
     for i, (history, target) in enumerate(batches):
@@ -80,7 +86,8 @@ def _worker(rank: int, world: int, port: int, num_items: int, steps: int, global
             sent.append(stats.total_bytes)
             rows.append(stats.touched_rows)
     if rank == 0:
-        queue.put({"num_items": num_items, "world": world, "step_ms": 1000 * statistics.median(times),
+        queue.put({"num_items": num_items, "world": world, "optimizer": optimizer,
+                   "step_ms": 1000 * statistics.median(times),
                    "bytes_per_step": statistics.mean(sent), "touched_rows": statistics.mean(rows),
                    "dense_bytes": trainer.dense_bytes, "samples_per_s": global_batch / statistics.median(times),
                    "table_mb": model.tok_emb.weight.numel() * 4 / 2**20})
@@ -88,20 +95,20 @@ def _worker(rank: int, world: int, port: int, num_items: int, steps: int, global
         dist.destroy_process_group()
 
 
-def measure(num_items: int, world: int, steps: int = 15, global_batch: int = 256) -> dict:
+def measure(num_items: int, world: int, optimizer: str, steps: int = 15, global_batch: int = 256) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, num_items, steps, global_batch, queue))
+    procs = [ctx.Process(target=_worker, args=(r, world, port, num_items, steps, global_batch, optimizer, queue))
              for r in range(world)]
     for p in procs:
         p.start()
     result = queue.get(timeout=3600)
     for p in procs:
         p.join()
-    print(f"  N = {num_items:>9,}  workers {world}: {result['step_ms']:7.1f} ms/step, "
+    print(f"  {optimizer:<9} N = {num_items:>9,}  workers {world}: {result['step_ms']:7.1f} ms/step, "
           f"{result['bytes_per_step'] / 1e6:6.2f} MB/step sent, {result['touched_rows']:,.0f} table rows, "
           f"{result['samples_per_s']:,.0f} samples/s", flush=True)
     return result
@@ -110,24 +117,31 @@ def measure(num_items: int, world: int, steps: int = 15, global_batch: int = 256
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="61k and 610k items instead of 61k and 6.1M")
+    p.add_argument("--optimizers", nargs="+", default=["adam", "lazy_adam"], choices=["adam", "lazy_adam"],
+                   help="table optimizers to measure (default: both)")
     args = p.parse_args()
     small, large = 61_000, (610_000 if args.quick else 6_100_000)
     print(f"SEATER step, batch 256, k = 16, d = 64, t = 20, gloo on {os.cpu_count()} CPUs")
-    runs = [measure(small, 2), measure(large, 2), measure(small, 1)]
-    a, b, one = runs
-    summary = {
-        "step_time_ratio_large_vs_small": b["step_ms"] / a["step_ms"],
-        "bytes_ratio_large_vs_small": b["bytes_per_step"] / a["bytes_per_step"],
-        "dense_allreduce_of_table_mb": b["table_mb"],
-        "samples_per_s_2_vs_1_worker": a["samples_per_s"] / one["samples_per_s"],
-    }
-    print("\n| | N = {:,} | N = {:,} | ratio |".format(small, large))
-    print("|---|---|---|---|")
-    print(f"| step time, 2 workers (ms) | {a['step_ms']:.1f} | {b['step_ms']:.1f} | {summary['step_time_ratio_large_vs_small']:.2f} |")
-    print(f"| bytes sent per step (MB) | {a['bytes_per_step'] / 1e6:.3f} | {b['bytes_per_step'] / 1e6:.3f} | {summary['bytes_ratio_large_vs_small']:.2f} |")
-    print(f"| a dense all-reduce of the table would send (MB) | {a['table_mb'] * 1.048576:.0f} | {b['table_mb'] * 1.048576:.0f} | |")
-    print(f"\nthroughput at N = {small:,}: 1 worker {one['samples_per_s']:,.0f} samples/s, 2 workers "
-          f"{a['samples_per_s']:,.0f} samples/s (x{summary['samples_per_s_2_vs_1_worker']:.2f})")
+    runs, summary = [], {}
+    lines = [f"| table optimizer | step ms, N = {small:,} | step ms, N = {large:,} | ratio | MB sent per step "
+             f"(N = {small:,} / {large:,}) | bytes ratio |", "|---|---|---|---|---|---|"]
+    for opt in args.optimizers:
+        a, b = measure(small, 2, opt), measure(large, 2, opt)
+        runs += [a, b]
+        summary[opt] = {"step_time_ratio_large_vs_small": b["step_ms"] / a["step_ms"],
+                        "bytes_ratio_large_vs_small": b["bytes_per_step"] / a["bytes_per_step"]}
+        lines.append(f"| {opt} | {a['step_ms']:.1f} | {b['step_ms']:.1f} | {b['step_ms'] / a['step_ms']:.2f} | "
+                     f"{a['bytes_per_step'] / 1e6:.3f} / {b['bytes_per_step'] / 1e6:.3f} | "
+                     f"{b['bytes_per_step'] / a['bytes_per_step']:.2f} |")
+    one = measure(small, 1, args.optimizers[0])
+    two = next(r for r in runs if r["num_items"] == small and r["optimizer"] == args.optimizers[0])
+    runs.append(one)
+    summary["samples_per_s_2_vs_1_worker"] = two["samples_per_s"] / one["samples_per_s"]
+    summary["dense_allreduce_of_table_mb"] = runs[1]["table_mb"] * 1.048576
+    print("\n" + "\n".join(lines))
+    print(f"\na dense all-reduce of the N = {large:,} table would send {summary['dense_allreduce_of_table_mb']:,.0f} MB")
+    print(f"throughput at N = {small:,} ({args.optimizers[0]}): 1 worker {one['samples_per_s']:,.0f} samples/s, "
+          f"2 workers {two['samples_per_s']:,.0f} samples/s (x{summary['samples_per_s_2_vs_1_worker']:.2f})")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bench_train.json").write_text(json.dumps({"runs": runs, "summary": summary}, indent=2))
 
