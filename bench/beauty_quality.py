@@ -37,6 +37,7 @@ VARIANTS = {
     "seater input dropout 0.2": {"input_dropout": 0.2},
     "seater tree from ce": {"tree_from": "ce"},
     "seater 2 layers": {"encoder_layers": 2, "decoder_layers": 2},
+    "seater start from sasrec": {"token_init": "embeddings"},
     "seater l2 1e-4": {"weight_decay": 1e-4},
 }
 TRAIN_KEYS = ("weight_decay", "table_optimizer")
@@ -120,8 +121,10 @@ def run_protocol(data: str, out: Path, protocol: str, epochs: int, ablations: bo
         if not (ckpt / "best" / "manifest.json").exists():
             print(f"== {protocol}: training {name}", flush=True)
             tree_path = tree_dir(overrides.get("k", 8), overrides.get("tree_from", "sampled"))
+            source = overrides.get("tree_from", "sampled")
             timed(name, lambda: train_seater(root / "dataset", tree_path, ckpt, budget, SeaterSettings(**model),
-                                             resume=resume and (ckpt / "ray_results").exists()))
+                                             resume=resume and (ckpt / "ray_results").exists(),
+                                             embeddings=root / f"sasrec_{source}" / "item_embeddings.npy"))
         if name in GRID or name in VARIANTS:  # tuning runs are compared on validation only (see curves())
             continue
         results[name] = evaluate(ckpt / "best", root / "dataset", "test", EvalSettings(), out=ckpt).to_dict()

@@ -245,6 +245,10 @@ class SeaterSettings(Settings):
     )
     input_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the encoder's and decoder's input "
                                  "embeddings (token + position), as SASRec has; 0 in both SEATER codebases.")
+    token_init: Literal["random", "embeddings"] = Field(
+        "random", description="random: N(0, embedding_init_std^2). embeddings: item rows start from the item "
+        "embeddings the tree was built from, internal nodes from their subtree means, all rescaled to std "
+        "embedding_init_std (train needs the embeddings file).")
 
     def model_post_init(self, context: Any) -> None:
         if self.d_model % self.n_heads:

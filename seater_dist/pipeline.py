@@ -124,7 +124,8 @@ def run_pipeline(input_path: str, fmt: str, protocol: str, out: str | Path, sett
 
     t = stage(4, "train", f"train: SEATER on {settings.train.workers} worker(s)")
     seater = _train_or_resume(progress, resume, out / "seater", settings.train, "seater", lambda again: train_seater(
-        out / "dataset", out / "tree", out / "seater", settings.train, settings.seater, resume=again))
+        out / "dataset", out / "tree", out / "seater", settings.train, settings.seater, resume=again,
+        embeddings=out / "sasrec" / "item_embeddings.npy"))
     seconds["train"] = time.time() - t
     _report_epochs(progress, "SEATER", seater, settings.train.select_metric)
 

@@ -226,3 +226,20 @@ def test_ddp_skips_the_tree_buffers():
     assert set(model._ddp_params_and_buffers_to_ignore) == {name for name, _ in model.named_buffers()}
     assert "child_table" in model._ddp_params_and_buffers_to_ignore
     assert not any(n in model._ddp_params_and_buffers_to_ignore for n, _ in model.named_parameters())
+
+
+def test_token_table_can_start_from_item_embeddings_and_subtree_means():
+    tree = random_balanced_tree(50, k=4, seed=1)
+    item_emb = np.random.default_rng(0).normal(size=(50, 16)).astype(np.float32)
+    means = tree.subtree_means(item_emb)
+    node = int(tree.codes[7, 0])  # a level-1 node
+    assert np.allclose(means[node], item_emb[tree.items_under(node)].mean(0), atol=1e-6)
+    assert np.allclose(means[tree.bos], item_emb.mean(0), atol=1e-6) and not means[tree.pad].any()
+    settings = SeaterSettings(d_model=16, n_heads=2, ffn_dim=32, history_len=5, embedding_init_std=0.1)
+    model = SeaterModel(tree, settings)
+    model.init_tokens_from(tree, item_emb)
+    table = model.tok_emb.weight.detach().numpy()
+    scale = table[0, 0] / item_emb[0, 0]
+    assert np.allclose(table[:50], item_emb * scale, atol=1e-6)
+    assert np.allclose(table[node], means[node] * scale, atol=1e-6)
+    assert table[:50].std() == pytest.approx(0.1, rel=1e-4)

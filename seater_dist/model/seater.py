@@ -68,6 +68,16 @@ class SeaterModel(nn.Module):
         # broadcast them every step (it reads this attribute when it wraps the module).
         self._ddp_params_and_buffers_to_ignore = [name for name, _ in self.named_buffers()]
 
+    def init_tokens_from(self, tree: ItemTree, item_emb: np.ndarray) -> None:
+        """Start the token table from item embeddings [N, d]: items their own rows, internal nodes and BOS
+        their subtree means (ItemTree.subtree_means), rescaled so the item rows' std is embedding_init_std."""
+        table = tree.subtree_means(item_emb)
+        if table.shape[1] != self.settings.d_model:
+            raise ValueError(f"item embeddings have d = {table.shape[1]}, the model d_model = {self.settings.d_model}")
+        scale = self.settings.embedding_init_std / max(float(table[: self.num_items].std()), 1e-12)
+        with torch.no_grad():
+            self.tok_emb.weight.copy_(torch.from_numpy(table * scale))
+
     def _register_tree(self, tree: ItemTree) -> None:
         # child_table[r] = children of token N + r, with -1 replaced by PAD (PAD is never a real child), so a
         # lookup never leaves the table and "no child" is simply `== pad`.

@@ -59,7 +59,8 @@ class EarlyStopping:
 
 def make_task(config: dict[str, Any]) -> Task:
     if config["task"] == "seater":
-        return SeaterTask(config["tree_path"], config["dataset_path"], config["model_settings"])
+        return SeaterTask(config["tree_path"], config["dataset_path"], config["model_settings"],
+                          config.get("embeddings_path"))
     if config["task"] == "sasrec":
         return SasrecTask(config["num_items"], config["dataset_path"], config["model_settings"])
     raise ValueError(f"unknown task {config['task']!r}")

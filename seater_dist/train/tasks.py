@@ -62,18 +62,23 @@ class SeaterTask(_Checkpointing):
         """W_s learns only through L_rank: without it DDP must look for unused parameters."""
         return not self.settings.use_ranking
 
-    def __init__(self, tree_path: str, dataset_path: str, settings: dict[str, Any]) -> None:
+    def __init__(self, tree_path: str, dataset_path: str, settings: dict[str, Any],
+                 embeddings_path: str | None = None) -> None:
         from seater_dist.tree import ItemTree
 
         self.tree_path = tree_path
         self.dataset_path = dataset_path
         self.settings = SeaterSettings.model_validate(settings)
         self.tree = ItemTree.load(tree_path)
+        self.embeddings_path = embeddings_path
 
     def build_model(self) -> nn.Module:
         from seater_dist.model.seater import SeaterModel
 
-        return SeaterModel(self.tree, self.settings, sparse_embedding=True)
+        model = SeaterModel(self.tree, self.settings, sparse_embedding=True)
+        if self.settings.token_init == "embeddings":
+            model.init_tokens_from(self.tree, np.load(self.embeddings_path, allow_pickle=False))
+        return model
 
     def batch_fn(self):
         t, pad = self.settings.history_len, self.tree.pad

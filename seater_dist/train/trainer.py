@@ -51,15 +51,37 @@ class TrainResult:
 
 def train_seater(dataset_path: str | Path, tree_path: str | Path, out: str | Path,
                  train: TrainSettings | None = None, model: SeaterSettings | None = None,
-                 resume: bool = False, inject_fault: dict[str, Any] | None = None) -> TrainResult:
+                 resume: bool = False, inject_fault: dict[str, Any] | None = None,
+                 embeddings: str | Path | None = None) -> TrainResult:
     """Train SEATER with Ray Train on a prepared dataset and a built tree (see module docstring).
 
-    Validation reports the dataset protocol's metrics; ``resume`` continues the run under ``out``.
+    Validation reports the dataset protocol's metrics; ``resume`` continues the run under ``out``;
+    ``embeddings`` (the .npy the tree was built from) is needed by ``token_init: embeddings``.
     """
     model = model or SeaterSettings()
     config = {"task": "seater", "tree_path": str(Path(tree_path).resolve()),
               "model_settings": model.model_dump(mode="json")}
+    if model.token_init == "embeddings":
+        config["embeddings_path"] = _checked_embeddings(embeddings, tree_path)
     return _fit(config, dataset_path, out, train or TrainSettings(), resume, inject_fault)
+
+
+def _checked_embeddings(embeddings: str | Path | None, tree_path: str | Path) -> str:
+    """The embeddings file for ``token_init: embeddings``, checked to be the one the tree was built from."""
+    import numpy as np
+
+    from seater_dist.tree.builder import embeddings_sha256
+    from seater_dist.tree.item_tree import ItemTree
+
+    if embeddings is None:
+        raise SettingsError("seater.token_init: 'embeddings' needs the item embeddings the tree was built from "
+                            "(seater train --embeddings FILE.npy)")
+    want = ItemTree.load(tree_path, validate=False).manifest.get("embeddings_sha256")
+    got = embeddings_sha256(np.ascontiguousarray(np.load(embeddings, allow_pickle=False), dtype=np.float32))
+    if want != got:
+        raise SettingsError(f"{embeddings}: not the embeddings the tree {tree_path} was built from "
+                            f"(sha256 {got[:12]}, the tree's manifest says {str(want)[:12]})")
+    return str(Path(embeddings).resolve())
 
 
 def train_sasrec(dataset_path: str | Path, out: str | Path, train: TrainSettings | None = None,

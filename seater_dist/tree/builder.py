@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -59,7 +61,7 @@ def build_tree(embeddings: np.ndarray, settings: TreeSettings | None = None, *,
     k = settings.k
     t0 = time.time()
     emb = _check_embeddings(embeddings)
-    checksum = _sha256_rows(emb)
+    checksum = embeddings_sha256(emb)
     n, d = emb.shape
     runner = Runner(emb, use_ray)
     log.info("building a %s tree over %s items (d=%d, k=%d) %s", settings.kind, f"{n:,}", d, k,
@@ -112,6 +114,23 @@ def _balanced_paths(runner: Runner, n: int, k: int, s: TreeSettings) -> tuple[np
 
 
 # -------------------------------------------------------------------------------------------- input
+def load_embeddings(path: str | os.PathLike) -> np.ndarray:
+    """The item embeddings of a ``.npy`` file, memory-mapped (never unpickled); TreeError naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise TreeError(f"{path}: a directory; --embeddings takes the .npy file of item embeddings "
+                        f"(e.g. {path / 'item_embeddings.npy'}, written by `seater embed`)")
+    if not path.is_file():
+        raise TreeError(f"{path}: embeddings file not found" if not path.exists() else
+                        f"{path}: not a regular file (a .npy file of item embeddings is expected)")
+    if path.stat().st_size == 0:
+        raise TreeError(f"{path}: empty file (0 bytes); expected a .npy array of item embeddings [N, d]")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise TreeError(f"{path}: not a .npy array file ({' '.join(str(err).split())})") from None
+
+
 def _check_embeddings(embeddings: np.ndarray) -> np.ndarray:
     """float32 C-contiguous [N, d] view of the input (no copy for a float32 memmap); finite values."""
     arr = np.asarray(embeddings)
@@ -121,15 +140,22 @@ def _check_embeddings(embeddings: np.ndarray) -> np.ndarray:
         raise TreeError(f"embeddings must be floating point, got dtype {arr.dtype}")
     if arr.dtype != np.float32 or not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr, dtype=np.float32)
+    varies = arr.shape[0] == 1
     for start in range(0, arr.shape[0], _CHECK_ROWS):
-        ok = np.isfinite(arr[start : start + _CHECK_ROWS]).all(1)
+        chunk = arr[start : start + _CHECK_ROWS]
+        ok = np.isfinite(chunk).all(1)
         if not ok.all():
             row = start + int(np.flatnonzero(~ok)[0])
             raise TreeError(f"embeddings row {row} has a NaN or infinite value")
+        varies = varies or bool((chunk != arr[0]).any())
+    if not varies:
+        raise TreeError(f"embeddings: all {arr.shape[0]:,} rows are identical, so no tree can tell the items apart; "
+                        "use trained item embeddings (`seater embed` writes them)")
     return arr
 
 
-def _sha256_rows(arr: np.ndarray) -> str:
+def embeddings_sha256(arr: np.ndarray) -> str:
+    """sha256 of float32 [N, d] rows in C order, read in chunks (a memmap is never loaded whole)."""
     h = hashlib.sha256()
     for start in range(0, arr.shape[0], _CHECK_ROWS):
         h.update(np.ascontiguousarray(arr[start : start + _CHECK_ROWS]).tobytes())

@@ -121,6 +121,24 @@ class ItemTree:
             raise TreeError(f"token {token} is PAD or not a tree node")
         return np.flatnonzero(self.codes[:, lvl - 1] == token)
 
+    def subtree_means(self, item_emb: np.ndarray) -> np.ndarray:
+        """Token rows from item rows: float32 [num_tokens, d] holding each item's own row, each internal
+        node's mean over the items below it, the mean of all items for BOS, zeros for PAD."""
+        item_emb = np.asarray(item_emb, dtype=np.float32)
+        if item_emb.ndim != 2 or item_emb.shape[0] != self.num_items:
+            raise TreeError(f"item embeddings have shape {item_emb.shape}, expected ({self.num_items}, d)")
+        out = np.zeros((self.num_tokens, item_emb.shape[1]), dtype=np.float32)
+        out[: self.num_items] = item_emb
+        out[self.bos] = item_emb.mean(0)
+        for lvl in range(self.depth - 1):
+            node = self.codes[:, lvl].astype(np.int64)
+            order = np.argsort(node, kind="stable")
+            starts = np.flatnonzero(np.r_[True, np.diff(node[order]) != 0])
+            sums = np.add.reduceat(item_emb[order].astype(np.float64), starts, axis=0)
+            counts = np.diff(np.r_[starts, order.size])
+            out[node[order][starts]] = (sums / counts[:, None]).astype(np.float32)
+        return out
+
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_paths(cls, paths: np.ndarray, k: int, manifest: dict[str, Any] | None = None) -> "ItemTree":
