@@ -9,6 +9,10 @@ manifest is not an artifact, so a reader never takes half of one for a whole.
         write_manifest(tmp, {"artifact": "tree", "schema_version": 1})   # checksums every file, last
     manifest = read_manifest("runs/b/tree", "tree", 1)
     verify_files("runs/b/tree", manifest)           # every listed file present, inside, unchanged
+
+One writer per output: :func:`output_lock` (taken by every stage for its ``--out``, and by ``atomic_dir``)
+creates ``.NAME.lock`` beside the output, naming the holder's pid and host, and refuses a second writer
+at start; it also refuses an output whose directory is read-only or whose disk is full, before any work.
 """
 
 from __future__ import annotations
@@ -17,8 +21,12 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import stat
+import sys
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -75,19 +83,213 @@ def atomic_dir(dest: str | os.PathLike, artifact: str) -> Iterator[Path]:
     """Yield an empty temporary directory beside ``dest``; on success it replaces ``dest`` by renames.
 
     ``dest`` may only be replaced if it is an ``artifact`` artifact already (:func:`check_replaceable`).
+    Holds ``dest``'s :func:`output_lock` throughout; temporary directories that an interrupted earlier
+    writer of ``dest`` left beside it (``.NAME.tmp-*``, ``.NAME.old-*``) are removed first.
     On any exception (Ctrl-C included) the temporary directory is removed and ``dest`` is untouched.
     An existing ``dest`` is moved aside first and deleted only once the new one is in place.
     """
     dest = Path(dest)
     check_replaceable(dest, artifact)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    with output_lock(dest):
+        for stale in [*dest.parent.glob(f".{dest.name}.tmp-*"), *dest.parent.glob(f".{dest.name}.old-*")]:
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)  # ours: only a writer of dest makes these names
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        try:
+            yield tmp
+            _replace_dir(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+# ------------------------------------------------------------------------------------------ one writer
+
+MIN_FREE_BYTES = 16 << 20  # an output whose disk has less free space is refused up front as full
+_held: dict[str, int] = {}  # lock files this process holds -> nesting depth (the lock is re-entrant)
+_held_guard = threading.Lock()
+
+
+def lock_path(dest: str | os.PathLike) -> Path:
+    """The lock file of output ``dest``: ``.NAME.lock`` beside it (so replacing ``dest`` keeps it)."""
+    dest = Path(os.path.abspath(dest))
+    return dest.parent / f".{dest.name}.lock"
+
+
+@contextmanager
+def output_lock(dest: str | os.PathLike, inside: bool = False) -> Iterator[Path]:
+    """Hold the one-writer lock of output ``dest`` (a directory a stage writes) for the block.
+
+    Refused at once, with an :class:`ArtifactError` naming the holder's pid, host and command, when
+    another live process holds ``dest`` or a directory containing it. A lock left by a process that no
+    longer runs on this host is taken over. Creating the lock file is also the up-front check that
+    ``dest``'s directory is writable and its disk not full; ``inside``: the stage writes into ``dest``
+    itself (created if absent), so check that it is writable too. Re-entrant within a process.
+    """
+    dest = Path(os.path.abspath(dest))
+    lock = lock_path(dest)
+    key = str(lock)
+    with _held_guard:
+        if _held.get(key):
+            _held[key] += 1
+            reentered = True
+        else:
+            reentered = False
+    if reentered:
+        try:
+            yield dest
+        finally:
+            with _held_guard:
+                _held[key] -= 1
+        return
+    _refuse_if_an_ancestor_is_held(dest)
+    _make_dir(dest.parent)
+    _acquire(lock, dest)
+    with _held_guard:
+        _held[key] = 1
     try:
-        yield tmp
-        _replace_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _check_space(dest.parent)
+        if inside:
+            _make_dir(dest)
+            _probe_write(dest)
+        yield dest
+    finally:
+        with _held_guard:
+            _held[key] -= 1
+            last = _held[key] == 0
+            if last:
+                del _held[key]
+        if last:
+            try:
+                lock.unlink()
+            except OSError:
+                pass
+
+
+def _holder_text(holder: dict[str, Any]) -> str:
+    return (f"pid {holder.get('pid')} on host {holder.get('host')} since {holder.get('since')}"
+            + (f": {holder['command']}" if holder.get("command") else ""))
+
+
+def _acquire(lock: Path, dest: Path) -> None:
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+          "command": " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:])[:300] if sys.argv else ""}
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_holder(lock)
+            if holder is None and _age(lock) < 10:  # being written by a writer that just created it
+                holder = {"pid": "?", "host": "?", "since": "a moment ago"}
+            if holder is not None and (holder["pid"] == "?" or _alive(holder)):
+                raise ArtifactError(f"{dest}: another seater process is writing it ({_holder_text(holder)}); wait "
+                                    f"for it to finish, or delete {lock} if that process is gone") from None
+            try:  # its holder is gone (or the file is unreadable): take it over
+                lock.unlink()
+            except FileNotFoundError:
+                pass
+            continue
+        except OSError as err:
+            raise ArtifactError(f"{lock.parent}: cannot write here ({err.strerror}); choose another output "
+                                "path") from None
+        try:
+            os.write(fd, json.dumps(me).encode())
+            os.fsync(fd)
+        except OSError as err:
+            os.close(fd)
+            lock.unlink(missing_ok=True)
+            raise ArtifactError(f"{lock.parent}: cannot write here ({err.strerror}); free some space or choose "
+                                "another output path") from None
+        os.close(fd)
+        return
+    raise ArtifactError(f"{dest}: could not take its lock {lock} (another process keeps re-creating it)")
+
+
+def _read_holder(lock: Path) -> dict[str, Any] | None:
+    try:
+        holder = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _alive(holder: dict[str, Any]) -> bool:
+    """Whether the lock's holder may still run: any holder on another host (we cannot tell), else its pid."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        pid = int(holder.get("pid"))
+    except (TypeError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False  # this process, which does not hold it (see _held): left by an earlier writer
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _refuse_if_an_ancestor_is_held(dest: Path) -> None:
+    """Refuse ``dest`` when a directory containing it is another live process's output (e.g. a `seater run`)."""
+    with _held_guard:
+        mine = set(_held)
+    for ancestor in dest.parents:
+        if ancestor.parent == ancestor:
+            break
+        lock = lock_path(ancestor)
+        if str(lock) in mine or not lock.is_file():
+            continue
+        holder = _read_holder(lock)
+        if holder is not None and _alive(holder) and holder.get("pid") != os.getpid():
+            raise ArtifactError(f"{dest}: inside {ancestor}, which another seater process is writing "
+                                f"({_holder_text(holder)}); wait for it to finish or choose another output path")
+
+
+def _make_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ArtifactError(f"{path}: exists and is not a directory; choose another output path") from None
+    except OSError as err:
+        raise ArtifactError(f"{path}: cannot create this directory ({err.strerror}); choose another output "
+                            "path") from None
+
+
+def _probe_write(directory: Path) -> None:
+    probe = directory / f".seater-write-test-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise ArtifactError(f"{directory}: cannot write here ({err.strerror}); choose another output path") from None
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+
+
+def _free_bytes(directory: Path) -> int:
+    return shutil.disk_usage(directory).free
+
+
+def _check_space(directory: Path) -> None:
+    free = _free_bytes(directory)
+    if free < MIN_FREE_BYTES:
+        raise ArtifactError(f"{directory}: the disk is full ({free:,} bytes free, at least {MIN_FREE_BYTES:,} "
+                            "needed); free some space or choose another output path")
 
 
 def _replace_dir(tmp: Path, dest: Path) -> None:
@@ -102,9 +304,10 @@ def _replace_dir(tmp: Path, dest: Path) -> None:
 
 
 def write_manifest(directory: str | os.PathLike, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Checksum every regular file under ``directory`` and write ``manifest.json`` (last). -> the manifest."""
+    """Checksum every regular file under ``directory`` (a nested artifact's manifest too) and write
+    ``manifest.json`` (last). -> the manifest."""
     directory = Path(directory)
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p != directory / MANIFEST)
     manifest = {**manifest, "checksums": {p.relative_to(directory).as_posix(): sha256_file(p) for p in files}}
     text = json.dumps(manifest, indent=2, sort_keys=True, default=to_jsonable)
     (directory / MANIFEST).write_text(text)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from seater_dist.config import RunSettings, SettingsError
+from seater_dist.config import RunSettings
 from seater_dist.formats import FORMAT_NAMES, FORMATS, PROTOCOL_NAMES, PROTOCOLS
 
 EPILOG = """\
@@ -44,14 +46,37 @@ EXAMPLES: dict[str, str] = {
     "run": "  seater run --input Beauty.txt --format sequences --protocol comirec --out runs/beauty\n"
     "  seater run --input Beauty.txt --format sequences --protocol loo --out runs/beauty_loo --config run.yaml",
     "demo": "  seater demo --out runs/demo",
+    "serve": "  seater serve --checkpoint runs/demo/seater/best --shards 2      # http://127.0.0.1:8000\n"
+    "  seater serve --checkpoint runs/demo/sasrec/best --index hnsw --port 8001  # the SASRec baseline, same API\n"
+    "  seater serve --checkpoint /mnt/shared/run/seater/best --address auto --host 0.0.0.0\n"
+    "  curl -s localhost:8000/recommend -H 'Content-Type: application/json' -d '{\"history\": [\"12\", \"873\"], "
+    "\"top_n\": 10}'",
 }
 
 # Commands that start or join Ray before running.
 _NEEDS_RAY = {"synth", "prepare", "embed", "build-tree", "train", "evaluate", "run", "demo"}
 
 
-class CliError(Exception):
+class CliError(ValueError):
     """A user-facing error: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors: ``seater train: error: argument --workers: ...`` (exit 2)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _count(value: str) -> int:
+    """argparse type of a count flag (--workers, --top-n): a whole number >= 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {number}")
+    return number
 
 
 # ------------------------------------------------------------------------------------------ the parser
@@ -66,7 +91,7 @@ def _protocol_help() -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="seater",
         description="SEATER generative retrieval on Ray: prepare data, train SASRec and SEATER, "
         "build the item tree, evaluate, recommend.",
@@ -89,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(a misspelt or invalid field fails before any work starts)")
 
     def workers(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--workers", type=int, help="Ray Train workers (default: the config's, else 2)")
+        sp.add_argument("--workers", type=_count, help="Ray Train workers (default: the config's, else 2)")
 
     sp = add("synth", "Generate synthetic interactions with planted structure (partitioned parquet).", _cmd_synth)
     sp.add_argument("--preset", choices=["tiny", "small", "microvideo"], default="small",
@@ -138,6 +163,8 @@ def _parser() -> argparse.ArgumentParser:
     config(sp, "`seater:` and `train:`")
     sp.add_argument("--resume", action="store_true",
                     help="continue the stopped run under --out from its last epoch (an error if there is none)")
+    sp.add_argument("--embeddings", help="the item embeddings .npy the tree was built from (needed by "
+                    "`seater: {token_init: embeddings}`)")
 
     sp = add("evaluate", "Evaluate a SEATER or SASRec checkpoint on the valid or test users (Ray Data).",
              _cmd_evaluate)
@@ -150,7 +177,27 @@ def _parser() -> argparse.ArgumentParser:
     sp = add("recommend", "Recommend items for one history from a SEATER checkpoint (raw item ids).", _cmd_recommend)
     sp.add_argument("--checkpoint", required=True, help="a SEATER checkpoint directory")
     sp.add_argument("--history", nargs="+", required=True, help="raw item ids, oldest first")
-    sp.add_argument("--top-n", type=int, default=10, help="how many items (1..beam size, default 10)")
+    sp.add_argument("--top-n", type=_count, default=10, help="how many items (1..beam size, default 10)")
+
+    sp = add("serve", "Serve a SEATER or SASRec checkpoint over HTTP with Ray Serve until Ctrl-C "
+             "(POST /recommend, GET /healthz, GET /version).", _cmd_serve)
+    sp.add_argument("--checkpoint", required=True, help="a SEATER or SASRec checkpoint directory (or pyarrow.fs URI)")
+    sp.add_argument("--shards", type=int, default=1, help="search shards: SEATER splits the tree's top-level "
+                    "subtrees among them (1..k), SASRec the items (default 1)")
+    sp.add_argument("--host", default="127.0.0.1", help="HTTP address to bind (default 127.0.0.1, loopback only; "
+                    "0.0.0.0 to listen on every interface)")
+    sp.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    sp.add_argument("--address", default=None, help="deploy onto the running Ray cluster at this address "
+                    "(default: $RAY_ADDRESS, else a local Ray on 127.0.0.1 that stops with this command)")
+    sp.add_argument("--beam-size", type=int, help="SEATER: beam size, the largest top_n (default: the "
+                    "checkpoint's); SASRec: the largest top_n (default 50)")
+    sp.add_argument("--popularity", help="a dataset directory (or its items.parquet) whose counts rank the items "
+                    "returned for a history with no known item (default: the dataset beside the checkpoint when "
+                    "its items match, else the model's answer to an empty history)")
+    sp.add_argument("--index", choices=["flat", "hnsw"], default="flat",
+                    help="SASRec: exact inner product (flat) or HNSW (approximate, faster at millions of items)")
+    sp.add_argument("--ef-search", type=int, default=128, help="SASRec HNSW: candidates per query (default 128)")
+    sp.add_argument("--max-replicas", type=int, default=2, help="autoscaling ceiling of every deployment (default 2)")
 
     sp = add("run", "Run every stage: prepare, embed, build-tree, train, evaluate, report.", _cmd_run)
     _input_flags(sp)
@@ -208,24 +255,18 @@ def _cmd_embed(a: argparse.Namespace) -> Any:
 
 
 def _cmd_build_tree(a: argparse.Namespace) -> Any:
-    import numpy as np
-
-    from seater_dist.artifacts import check_replaceable
-    from seater_dist.tree.builder import build_tree
+    from seater_dist.artifacts import check_replaceable, output_lock
+    from seater_dist.model.checkpoint import embeddings_provenance
+    from seater_dist.tree.builder import build_tree, load_embeddings
 
     settings = _run_settings(a.config).tree.model_copy(update={"k": a.k, "kind": a.kind})
     settings = type(settings).model_validate(settings.model_dump())  # validate the flags' values too
-    path = Path(a.embeddings)
-    if not path.is_file():
-        raise CliError(f"{path}: embeddings file not found")
     check_replaceable(a.out, "tree")
-    try:
-        emb = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise CliError(f"{path}: not a .npy array file ({' '.join(str(err).split())})") from None
-    t0 = time.time()
-    tree = build_tree(emb, settings)
-    tree.save(a.out)
+    emb = load_embeddings(a.embeddings)
+    with output_lock(a.out):
+        t0 = time.time()
+        tree = build_tree(emb, settings)
+        tree.save(a.out, extra_manifest=embeddings_provenance(a.embeddings))
     return {"items": tree.num_items, "k": tree.k, "depth": tree.depth, "tokens": tree.num_tokens,
             "seconds": round(time.time() - t0, 1), "out": a.out}
 
@@ -235,7 +276,8 @@ def _cmd_train(a: argparse.Namespace) -> Any:
     from seater_dist.train.trainer import train_seater
 
     s = with_workers(_run_settings(a.config), a.workers)
-    return _train_summary(train_seater(a.data, a.tree, a.out, s.train, s.seater, resume=a.resume))
+    return _train_summary(train_seater(a.data, a.tree, a.out, s.train, s.seater, resume=a.resume,
+                                       embeddings=a.embeddings))
 
 
 def _train_summary(result: Any) -> dict[str, Any]:
@@ -253,11 +295,24 @@ def _cmd_evaluate(a: argparse.Namespace) -> Any:
 def _cmd_recommend(a: argparse.Namespace) -> Any:
     from seater_dist.model.retriever import SeaterRetriever
 
+    blank = [i for i, item in enumerate(a.history) if not item.strip()]
+    if blank:
+        raise CliError(f"--history: item id {blank[0] + 1} of {len(a.history)} is empty ({a.history[blank[0]]!r}); "
+                       "give raw item ids separated by spaces, e.g. --history 12 873 9")
     result = SeaterRetriever.from_checkpoint(a.checkpoint).recommend([a.history], top_n=a.top_n)[0]
     for rank, (item, score) in enumerate(zip(result["items"], result["scores"]), start=1):
         print(f"{rank:>3}. {item}  {score:.4f}")
     ignored = result["ignored"]
     return {"ignored (unknown ids)": ", ".join(repr(str(i)) for i in ignored) if ignored else "none"}
+
+
+def _cmd_serve(a: argparse.Namespace) -> Any:
+    from seater_dist.serve.app import ServeArgs
+    from seater_dist.serve.runner import run_service
+
+    args = ServeArgs(checkpoint=a.checkpoint, shards=a.shards, beam_size=a.beam_size, popularity=a.popularity,
+                     index=a.index, ef_search=a.ef_search, max_replicas=a.max_replicas)
+    return run_service(args, host=a.host, port=a.port, address=a.address)
 
 
 def _cmd_run(a: argparse.Namespace) -> Any:
@@ -322,17 +377,44 @@ def main(argv: list[str] | None = None) -> int:
             from seater_dist.ray_env import init_ray
 
             init_ray(args.address)
+        if not os.environ.get("SEATER_VERBOSE"):
+            from seater_dist.errors import hide_duplicate_error_reports
+
+            hide_duplicate_error_reports()
         t0 = time.time()
         result = args.handler(args)
         if result:
             _print_summary(f"seater {args.command} done in {time.time() - t0:,.1f} s", _summary_rows(result))
         return 0
-    except (CliError, SettingsError, FileNotFoundError, ValueError) as err:
-        print(f"seater {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"seater {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except (Exception, KeyboardInterrupt) as err:  # the one error path: wherever it was raised, one line
+        return _report_error(args, err)
+
+
+def _report_error(args: argparse.Namespace, err: BaseException) -> int:
+    """Print ``err`` as ``seater <command>: error: <message>`` (its traceback first with SEATER_VERBOSE=1);
+    -> the exit code (seater_dist.errors.describe)."""
+    from seater_dist.errors import EXIT_INTERRUPTED, describe
+
+    message, code = describe(err)
+    if os.environ.get("SEATER_VERBOSE"):
+        traceback.print_exception(err)
+    if code == EXIT_INTERRUPTED:
+        print(f"seater {args.command}: interrupted{_after_interrupt(args)}", file=sys.stderr)
+    else:
+        print(f"seater {args.command}: error: {message}", file=sys.stderr)
+    return code
+
+
+def _after_interrupt(args: argparse.Namespace) -> str:
+    """What a Ctrl-C left behind, and how to go on."""
+    out = getattr(args, "out", None)
+    if args.command == "train":
+        return f"; {out} keeps every finished epoch: run the same command{'' if args.resume else ' with --resume'} to continue"
+    if args.command in ("prepare", "build-tree"):
+        return f"; {out} is as it was (an output is replaced only once complete)"
+    if args.command in ("run", "demo"):
+        return f"; the stages that finished are kept under {out}"
+    return ""
 
 
 if __name__ == "__main__":

@@ -6,11 +6,21 @@
     ds.table("test")                             # user_index, history list<int32>, ground_truth list<int32>
     ds.ray_dataset("train")                      # the same rows as a ray.data.Dataset (streamed from parquet)
     ds.item_ids[ds.table("test")["ground_truth"][0].values]   # raw item ids of a user's ground truth
+
+Opening a dataset verifies it (:func:`verify_dataset`): every file its manifest lists is inside the
+directory, a regular file, and has its recorded sha256. The content is hashed in full (streaming) the
+first time; the result is kept as a stamp, ``.verified.json`` in the directory (each file's size,
+modification time and inode, for this manifest), so later opens (every Train worker, evaluate) re-hash
+only files whose stamp no longer matches. A read-only dataset keeps its stamp in the process instead.
+Reads use exactly the files the manifest lists.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,10 +29,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from seater_dist.artifacts import member, read_manifest, sha256_file
 from seater_dist.data.errors import DataError
 from seater_dist.data.ops import EVAL_SCHEMA, SPLITS, TRAIN_SCHEMA
 
+SCHEMA_VERSION = 1
+STAMP = ".verified.json"
 _REQUIRED = ("manifest.json", "items.parquet", "users.parquet", "train", "valid", "test")
+_REMAKE = "re-create it with `seater prepare`"
+_stamps: dict[str, dict[str, list[int]]] = {}  # in-process stamps (datasets whose directory is read-only)
+_stamps_guard = threading.Lock()
 
 
 @dataclass
@@ -61,9 +77,11 @@ class Dataset:
         return pq.read_table(self.path / "users.parquet")
 
     def _split_files(self, split: str) -> list[str]:
+        """The split's parquet shards the manifest lists (in name order = block order), never others."""
         if split not in SPLITS:
             raise ValueError(f"split: expected one of {', '.join(SPLITS)}, got {split!r}")
-        return sorted(str(p) for p in (self.path / split).glob("*.parquet"))
+        names = sorted(n for n in self.manifest["checksums"] if n.startswith(f"{split}/") and n.endswith(".parquet"))
+        return [str(member(self.path, n, DataError)) for n in names]
 
     def table(self, split: str) -> pa.Table:
         """All rows of ``split`` sorted by user_index (train: items; valid/test: history, ground_truth)."""
@@ -85,8 +103,11 @@ class Dataset:
         return ray.data.read_parquet(files, schema=schema)
 
 
-def load_dataset(path: str | Path) -> Dataset:
-    """Open a `dataset/` directory; DataError naming what is missing if it is not one."""
+def load_dataset(path: str | Path, verify: bool = True) -> Dataset:
+    """Open a `dataset/` directory; DataError naming what is missing or altered if it is not a whole one.
+
+    verify: check every file against the manifest (:func:`verify_dataset`; cheap after the first time).
+    """
     path = Path(path)
     if not path.is_dir():
         raise DataError(f"{path}: not a dataset directory (it does not exist or is a file); "
@@ -95,10 +116,62 @@ def load_dataset(path: str | Path) -> Dataset:
     if missing:
         raise DataError(f"{path}: not a dataset directory (missing {', '.join(missing)}); "
                         "make one with `seater prepare`")
-    try:
-        manifest = json.loads((path / "manifest.json").read_text())
-    except ValueError as err:
-        raise DataError(f"{path / 'manifest.json'}: not valid JSON ({err})") from None
-    if manifest.get("artifact") != "dataset":
-        raise DataError(f"{path / 'manifest.json'}: artifact is {manifest.get('artifact')!r}, not 'dataset'")
+    manifest = read_manifest(path, "dataset", SCHEMA_VERSION, DataError)
+    counts = manifest.get("counts")
+    if not isinstance(counts, dict) or not {"items", "users"} <= set(counts) or "protocol" not in manifest:
+        raise DataError(f"{path / 'manifest.json'}: incomplete (no counts or protocol); {_REMAKE}")
+    if verify:
+        verify_dataset(path, manifest)
     return Dataset(path, manifest)
+
+
+def verify_dataset(path: str | Path, manifest: dict[str, Any]) -> None:
+    """Every file the manifest lists is inside ``path``, a regular file, with its recorded sha256.
+
+    Files whose (size, mtime, inode) match the stamp of an earlier full check of this manifest are not
+    re-hashed (see the module docstring); the stamp is refreshed after a check that hashed anything.
+    """
+    path = Path(path)
+    key = hashlib.sha256(json.dumps(manifest["checksums"], sort_keys=True).encode()).hexdigest()
+    stamp = _read_stamp(path, key)
+    seen: dict[str, list[int]] = {}
+    hashed = False
+    for name, digest in sorted(manifest["checksums"].items()):
+        file = member(path, name, DataError)
+        st = file.stat()
+        seen[name] = [st.st_size, st.st_mtime_ns, st.st_ino]
+        if stamp.get(name) == seen[name]:
+            continue
+        hashed = True
+        if sha256_file(file) != digest:
+            raise DataError(f"{file}: checksum mismatch (changed after `seater prepare` wrote it); {_REMAKE}")
+    if hashed or not stamp:
+        _write_stamp(path, key, seen)
+
+
+def _read_stamp(path: Path, key: str) -> dict[str, list[int]]:
+    with _stamps_guard:
+        cached = _stamps.get(f"{path.resolve()}:{key}")
+    if cached is not None:
+        return cached
+    try:
+        stamp = json.loads((path / STAMP).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(stamp, dict) or stamp.get("checksums") != key or not isinstance(stamp.get("files"), dict):
+        return {}
+    return stamp["files"]
+
+
+def _write_stamp(path: Path, key: str, files: dict[str, list[int]]) -> None:
+    with _stamps_guard:
+        _stamps[f"{path.resolve()}:{key}"] = files
+    tmp = path / f"{STAMP}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(json.dumps({"checksums": key, "files": files}))
+        os.replace(tmp, path / STAMP)
+    except OSError:  # a read-only dataset: the in-process stamp above still saves re-hashing here
+        try:
+            tmp.unlink()
+        except OSError:
+            pass

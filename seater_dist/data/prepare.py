@@ -47,11 +47,11 @@ import pyarrow.parquet as pq
 from seater_dist.artifacts import atomic_dir, sha256_file
 from seater_dist.config import PrepareSettings
 from seater_dist.data import ops
+from seater_dist.data.dataset import SCHEMA_VERSION
 from seater_dist.data.errors import DataError
 from seater_dist.data.readers import (REJECTED_SCHEMA, Chunk, ReaderOptions, integer_ids, list_input_files,
                                       plan_chunks, read_chunk, reader_options, unify)
 
-SCHEMA_VERSION = 1
 log = logging.getLogger(__name__)
 _FILTER_REASONS = ("item_below_min_count", "user_below_min_count")
 _INPUT_BYTES_PER_PARTITION = 16 << 20
@@ -275,7 +275,8 @@ class _RayRun(_Engine):
         # Partial counts per block (Ray Data), summed here: a Ray Data groupby would shuffle again and
         # costs 8 s of fixed overhead on small inputs.
         partial = self.sorted.map_batches(ops.count_items, batch_size=None, batch_format="pyarrow")
-        tables = ray.get(partial.to_arrow_refs())
+        # An empty hash partition (fewer users than partitions) can come back as a block without columns.
+        tables = [t for t in ray.get(partial.to_arrow_refs()) if t.num_columns and t.num_rows]
         return pa.concat_tables(tables).group_by("item").aggregate([("count", "sum")]) \
             .rename_columns(["item", "count"])
 
@@ -288,6 +289,8 @@ class _RayRun(_Engine):
         self.seqs = seqs.materialize()
         users, hist = [], np.zeros(len(kept), dtype=np.int64)
         for block in self.seqs.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if not block.num_rows:
+                continue
             users.append(block.column("user").combine_chunks())
             hist += ops.item_histogram(block, len(kept))
         users_arr = pa.concat_arrays(users) if users else pa.array([], kept.type)

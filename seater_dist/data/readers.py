@@ -25,7 +25,10 @@ mind       MIND ``behaviors.tsv``: impression id, user, time, history, impressio
 ========== =====================================================================================
 
 Inputs that are not data at all fail with a one-line :class:`DataError` naming the file (missing file,
-empty file, missing column); data rows that cannot be used land in the rejected table.
+empty file, missing column, a compressed or binary file, text that is not UTF-8, naming the row); data
+rows that cannot be used land in the rejected table. Timestamps must be times from 1970 to 2100 in seconds,
+milliseconds or microseconds (other values, e.g. negative ones or year 5138 in seconds, are rejected rows:
+``timestamp_out_of_range``); within a user only their order matters.
 """
 
 from __future__ import annotations
@@ -52,6 +55,17 @@ REJECTED_SCHEMA = pa.schema([("raw", pa.string()), ("file", pa.string()), ("row"
                              ("reason", pa.string()), ("detail", pa.string())])
 TEXT_CHUNK_BYTES = 32 << 20
 _NUMBER = r"^\s*-?\d+(\.\d*)?([eE][+-]?\d+)?\s*$"
+# Accepted timestamps: 1970-01-01 .. 2100-01-01 in seconds, milliseconds or microseconds.
+_TIME_END_S = 4_102_444_800
+TIME_RANGES = ((0, _TIME_END_S), (10**12, _TIME_END_S * 10**3), (10**15, _TIME_END_S * 10**6))
+# What the first bytes of a file say it is, when it is not text we read.
+_MAGIC = ((b"\x1f\x8b", "a gzip-compressed file; decompress it first (gunzip)"),
+          (b"BZh", "a bzip2-compressed file; decompress it first (bunzip2)"),
+          (b"\xfd7zXZ\x00", "an xz-compressed file; decompress it first (unxz)"),
+          (b"\x28\xb5\x2f\xfd", "a zstd-compressed file; decompress it first (unzstd)"),
+          (b"PK\x03\x04", "a zip archive; extract it first (unzip)"),
+          (b"PAR1", "a parquet file; name it .parquet and use --format interactions"))
+_COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip", ".7z")
 
 
 @dataclass(frozen=True)
@@ -110,7 +124,11 @@ def list_input_files(path: str, fmt: str) -> tuple[pafs.FileSystem, list[str]]:
                    and not any(p.startswith(("_", ".")) for p in PurePosixPath(e.path).relative_to(root).parts)
                    and PurePosixPath(e.path).suffix.lower() in exts)
     if not files:
-        raise DataError(f"{path}: directory holds no {fmt} data files (looked for {', '.join(e for e in exts if e)})")
+        packed = sorted(PurePosixPath(e.path).name for e in entries if e.type == pafs.FileType.File
+                        and PurePosixPath(e.path).suffix.lower() in _COMPRESSED)
+        hint = f"; it holds compressed files ({', '.join(packed[:3])}): decompress them first" if packed else ""
+        raise DataError(f"{path}: directory holds no {fmt} data files (looked for {', '.join(e for e in exts if e)})"
+                        + hint)
     return fs, files
 
 
@@ -186,6 +204,8 @@ def _plan_text(fs: pafs.FileSystem, file: str, index: int, opts: ReaderOptions, 
     columns: tuple[str, ...] = ()
     start, first_row = 0, 1
     with fs.open_input_file(file) as f:
+        _check_is_text(file, f.read(min(size, 1 << 16)))
+        f.seek(0)
         if _has_header(file, opts):
             header = f.read(min(size, 1 << 20)).split(b"\n", 1)[0]
             columns = _header_columns(file, header, opts)
@@ -212,6 +232,34 @@ def _plan_text(fs: pafs.FileSystem, file: str, index: int, opts: ReaderOptions, 
     return chunks
 
 
+def _check_is_text(file: str, head: bytes) -> None:
+    """DataError naming what ``file`` is if its first bytes show a compressed, archived, parquet or binary file."""
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            raise DataError(f"{file}: {what}")
+    if b"\x00" in head:
+        raise DataError(f"{file}: a binary file (it holds NUL bytes), not text in the {'/'.join(FORMATS)} formats")
+
+
+def _not_utf8(data: bytes, chunk: Chunk) -> DataError:
+    """The error for a chunk whose text is not UTF-8, naming the first such row and byte."""
+    for i, line in enumerate(data.split(b"\n")):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            return DataError(f"{chunk.file}: row {chunk.first_row + i}: not UTF-8 text (byte 0x{line[err.start]:02x} "
+                             f"at column {err.start + 1}); convert the file to UTF-8, e.g. "
+                             "iconv -f latin1 -t utf-8 IN > OUT")
+    return DataError(f"{chunk.file}: not UTF-8 text; convert the file to UTF-8")
+
+
+def _utf8(line: bytes, chunk: Chunk, row: int) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _not_utf8(line, replace(chunk, first_row=row)) from None
+
+
 def _has_header(file: str, opts: ReaderOptions) -> bool:
     if opts.format == "interactions":
         return True
@@ -228,9 +276,16 @@ def _delimiter(file: str, opts: ReaderOptions) -> str:
 
 def _header_columns(file: str, header: bytes, opts: ReaderOptions) -> tuple[str, ...]:
     text = header.decode("utf-8", errors="replace").rstrip("\r")
-    names = [c.strip().strip('"') for c in text.split(_delimiter(file, opts))]
+    delim = _delimiter(file, opts)
+    names = [c.strip().strip('"') for c in text.split(delim)]
     if opts.format == "movielens":  # RecBole: `user_id:token` -> `user_id`
         names = [n.split(":", 1)[0] for n in names]
+    others = [d for d in ("\t", ",", ";", "|") if d != delim and d in text]
+    if len(names) == 1 and others:
+        shown = {"\t": "tab", ",": "comma", ";": "semicolon", "|": "pipe"}
+        raise DataError(f"{file}: the header is one column {text[:80]!r}: this file is read as "
+                        f"{shown[delim]}-separated (by its name) but its header is {shown[others[0]]}-separated; "
+                        f"{'rename it to .csv' if others[0] == ',' else 'rename it to .tsv' if others[0] == chr(9) else 'convert it to comma- or tab-separated'}")
     _check_columns(file, names, opts)
     return tuple(names)
 
@@ -282,7 +337,10 @@ def _parse_sequences(data: bytes, chunk: Chunk, opts: ReaderOptions) -> tuple[pa
     """``user item item ...`` per line; time = (line, position). Lines without items are rejected."""
     lines = _lines(data)
     rows = np.arange(len(lines), dtype=np.int64) + chunk.first_row
-    text = pa.array(lines, pa.binary()).cast(pa.string())
+    try:
+        text = pa.array(lines, pa.binary()).cast(pa.string())
+    except pa.ArrowInvalid:
+        raise _not_utf8(data, chunk) from None
     tokens = pc.utf8_split_whitespace(text)
     ntok = pc.list_value_length(tokens).to_numpy(zero_copy_only=False)
     blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0).to_numpy(zero_copy_only=False)
@@ -300,7 +358,9 @@ def _parse_sequences(data: bytes, chunk: Chunk, opts: ReaderOptions) -> tuple[pa
     pos = np.arange(len(parent), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     line_rows = rows[good_lines][parent]
     if (lengths >= (1 << SEQ_POS_BITS)).any():
-        raise DataError(f"{chunk.file}: a line holds more than {1 << SEQ_POS_BITS:,} items")
+        row = int(rows[good_lines][int(np.flatnonzero(lengths >= (1 << SEQ_POS_BITS))[0])])
+        raise DataError(f"{chunk.file}: row {row}: a line holds more than {(1 << SEQ_POS_BITS) - 1:,} items "
+                        f"({int(lengths.max()):,}); split that user's sequence")
     table = pa.table({"user": pc.take(users, pa.array(parent)), "item": flat_items,
                       "ts": (line_rows << SEQ_POS_BITS) | pos, "ord": _ord(chunk, line_rows)})
     raw_line = pc.take(pc.take(text, pa.array(good_lines)), pa.array(parent))
@@ -364,12 +424,23 @@ def _from_table(table: pa.Table, chunk: Chunk, opts: ReaderOptions, rows: np.nda
     canon = pa.table({"user": _id_column(table.column(opts.user_column), opts.string_ids),
                       "item": _id_column(table.column(opts.item_column), opts.string_ids),
                       "ts": ts_values, "ord": _ord(chunk, rows)})
+    in_range = np.zeros(len(ts_values), dtype=bool)
+    for lo, hi in TIME_RANGES:
+        in_range |= (ts_values >= lo) & (ts_values <= hi)
+    out_of_range = ts_ok & ~in_range
     rej = []
     if not ts_ok.all():
         bad = ~ts_ok
         rej.append(_rejected(pc.filter(raw, pa.array(bad)), chunk.file, rows[bad], "unparsable_timestamp",
                              f"{opts.time_column} is not a timestamp"))
-        canon, raw, rows = canon.filter(pa.array(ts_ok)), pc.filter(raw, pa.array(ts_ok)), rows[ts_ok]
+    if out_of_range.any():
+        rej.append(_rejected(pc.filter(raw, pa.array(out_of_range)), chunk.file, rows[out_of_range],
+                             "timestamp_out_of_range",
+                             [f"{opts.time_column} {int(t)} is not a time from 1970 to 2100 (in seconds, milliseconds "
+                              "or microseconds)" for t in ts_values[out_of_range]]))
+    keep = ts_ok & in_range
+    if not keep.all():
+        canon, raw, rows = canon.filter(pa.array(keep)), pc.filter(raw, pa.array(keep)), rows[keep]
     good, rej_ids = _validate_ids(canon, raw, chunk, rows, (opts.user_column, opts.item_column))
     return good, pa.concat_tables(rej + [rej_ids])
 
@@ -390,6 +461,17 @@ def _raw_text(table: pa.Table, columns: list[str]) -> pa.Array:
     return pc.binary_join_element_wise(*parts, "\t")
 
 
+def _read_csv(data: bytes, columns: tuple[str, ...], delim: str, on_invalid: Callable) -> pa.Table:
+    return pcsv.read_csv(
+        io.BytesIO(data),
+        read_options=pcsv.ReadOptions(column_names=list(columns), use_threads=False, block_size=64 << 20),
+        parse_options=pcsv.ParseOptions(delimiter=delim, invalid_row_handler=on_invalid,
+                                        ignore_empty_lines=False),
+        convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in columns},
+                                            strings_can_be_null=False),
+    )
+
+
 def _parse_delimited(data: bytes, chunk: Chunk, opts: ReaderOptions) -> tuple[pa.Table, pa.Table]:
     """CSV/TSV (interactions, movielens) with the header's columns; wrong field counts are rejected."""
     delim = _delimiter(chunk.file, opts)
@@ -405,14 +487,13 @@ def _parse_delimited(data: bytes, chunk: Chunk, opts: ReaderOptions) -> tuple[pa
                          f"expected {row.expected_columns} fields, got {row.actual_columns}"))
         return "skip"
 
-    table = pcsv.read_csv(
-        io.BytesIO(data),
-        read_options=pcsv.ReadOptions(column_names=list(columns), use_threads=False, block_size=64 << 20),
-        parse_options=pcsv.ParseOptions(delimiter=delim, invalid_row_handler=on_invalid,
-                                        ignore_empty_lines=False),
-        convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in columns},
-                                            strings_can_be_null=False),
-    )
+    try:
+        table = _read_csv(data, columns, delim, on_invalid)
+    except pa.ArrowInvalid as err:
+        if "UTF8" in str(err) or "UTF-8" in str(err):
+            raise _not_utf8(data, chunk) from None
+        raise DataError(f"{chunk.file}: rows {chunk.first_row}..: cannot be parsed ({' '.join(str(err).split())})") \
+            from None
     n_lines = table.num_rows + len(bad_rows)
     bad_idx = np.array([b[0] - 1 for b in bad_rows], dtype=np.int64)
     good_mask = np.ones(n_lines, dtype=bool)
@@ -432,9 +513,9 @@ def _json_lines(data: bytes, chunk: Chunk, fields: list[str]) -> tuple[pa.Table,
     ok_rows, raws, rej_raw, rej_rows, rej_detail, rej_reason = [], [], [], [], [], []
     for i, line in enumerate(lines):
         row = chunk.first_row + i
-        text = line.decode("utf-8", errors="replace")
+        text = _utf8(line, chunk, row)
         try:
-            obj = json.loads(line) if line.strip() else None
+            obj = json.loads(text) if line.strip() else None
         except ValueError as err:
             rej_raw.append(text), rej_rows.append(row), rej_reason.append("malformed_line")
             rej_detail.append(f"invalid JSON ({str(err).split(':')[0]})")
@@ -488,7 +569,7 @@ def _parse_mind(data: bytes, chunk: Chunk, opts: ReaderOptions) -> tuple[pa.Tabl
     raws = []
     for i, line in enumerate(_lines(data)):
         row = chunk.first_row + i
-        text = line.decode("utf-8", errors="replace")
+        text = _utf8(line, chunk, row)
         fields = text.split("\t")
         if len(fields) != 5:
             rej_raw.append(text), rej_rows.append(row)

@@ -11,6 +11,7 @@ metric sums (one small row per batch), so the driver never holds per-user result
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from seater_dist.artifacts import output_lock
 from seater_dist.config import EvalSettings, metric_cutoffs
 from seater_dist.data.dataset import load_dataset
 from seater_dist.eval.metrics import finalize, metric_sums
-from seater_dist.model.checkpoint import CheckpointError, catalogue_id, load_checkpoint, read_checkpoint_manifest
+from seater_dist.model.checkpoint import check_same_catalogue, load_checkpoint, verify_checkpoint
 
 SPLITS = ("valid", "test")
 
@@ -64,18 +66,28 @@ def evaluate(checkpoint: str | Path, dataset_path: str | Path, split: str = "tes
              settings: EvalSettings | None = None, out: str | Path | None = None) -> EvalResult:
     """Metrics of a SEATER or SASRec checkpoint on a dataset split, at the dataset protocol's cut-offs.
 
-    Writes ``metrics.json`` to ``out`` (default: beside the checkpoint). A checkpoint trained on another
-    catalogue than the dataset's is refused before any work starts.
+    Writes ``metrics.json`` to ``out`` (default: beside the checkpoint). Before any work starts: the
+    checkpoint's and the dataset's files are verified, a checkpoint trained on another catalogue than the
+    dataset's is refused, and ``out`` must be writable and held by no other writer (its output lock).
     """
-    from ray.data import ActorPoolStrategy
-
     settings = settings or EvalSettings()
     if split not in SPLITS:
         raise ValueError(f"split: expected one of {', '.join(SPLITS)}, got {split!r}")
     t0 = time.time()
     dataset = load_dataset(dataset_path)
-    manifest = read_checkpoint_manifest(checkpoint)
-    _check_same_catalogue(Path(checkpoint), manifest, dataset.path, dataset.item_ids)
+    manifest = verify_checkpoint(checkpoint)  # here, not first inside an actor
+    check_same_catalogue(Path(checkpoint), manifest, dataset.path, dataset.item_ids)
+    if int(dataset.manifest["counts"].get(f"{split}_users", 1)) == 0:
+        raise ValueError(f"{dataset.path}: the {split} split holds no users to evaluate")
+    target = Path(out) if out else Path(checkpoint).parent
+    with output_lock(target, inside=True):
+        return _evaluate(checkpoint, manifest, dataset, split, settings, target, t0)
+
+
+def _evaluate(checkpoint: str | Path, manifest: dict[str, Any], dataset: Any, split: str, settings: EvalSettings,
+              target: Path, t0: float) -> EvalResult:
+    from ray.data import ActorPoolStrategy
+
     ks = metric_cutoffs(dataset.protocol)
     ds = dataset.ray_dataset(split).select_columns(["history", "ground_truth"])
     if settings.max_users:
@@ -92,17 +104,11 @@ def evaluate(checkpoint: str | Path, dataset_path: str | Path, split: str = "tes
     for row in sums_ds.iter_rows():
         for key, value in row.items():
             totals[key] = totals.get(key, 0.0) + float(value)
+    if not totals.get("users"):
+        raise ValueError(f"{dataset.path}: the {split} split holds no users to evaluate")
     result = EvalResult(finalize(totals), int(totals.get("users", 0)), round(time.time() - t0, 2), split,
                         str(checkpoint), manifest["model"])
-    target = Path(out) if out else Path(checkpoint).parent
-    target.mkdir(parents=True, exist_ok=True)
-    (target / "metrics.json").write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True))
+    tmp = target / f".metrics.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True))
+    os.replace(tmp, target / "metrics.json")
     return result
-
-
-def _check_same_catalogue(checkpoint: Path, manifest: dict[str, Any], dataset: Path, item_ids: np.ndarray) -> None:
-    if int(manifest["num_items"]) != len(item_ids) or manifest.get("catalogue") != catalogue_id(item_ids):
-        raise CheckpointError(
-            f"{checkpoint}: trained on another catalogue ({int(manifest['num_items']):,} items, catalogue "
-            f"{str(manifest.get('catalogue'))[:12]}) than the dataset {dataset} ({len(item_ids):,} items, catalogue "
-            f"{catalogue_id(item_ids)[:12]})")

@@ -38,10 +38,12 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from seater_dist.artifacts import ArtifactError, atomic_dir, member, read_manifest, verify_files, write_manifest
+from seater_dist.artifacts import (ArtifactError, atomic_dir, member, read_manifest, sha256_file, verify_files,
+                                   write_manifest)
 from seater_dist.config import SasrecSettings, SeaterSettings, Settings, SettingsError
 from seater_dist.model.sasrec import SASRec
 from seater_dist.model.seater import SeaterModel
+from seater_dist.tree.item_tree import SCHEMA_VERSION as TREE_SCHEMA_VERSION
 from seater_dist.tree.item_tree import ItemTree
 
 SCHEMA_VERSION = 2
@@ -131,12 +133,57 @@ def _kind_of(model: nn.Module) -> str:
     raise CheckpointError(f"cannot checkpoint a {type(model).__name__}: expected SeaterModel or SASRec")
 
 
+def embeddings_provenance(embeddings: str | os.PathLike) -> dict[str, Any]:
+    """The catalogue of a SASRec checkpoint that holds exactly this ``item_embeddings.npy`` (the checkpoint
+    beside it, ``best/``, as `seater embed` writes them, or the one it sits in) -> ``{"catalogue": id}``,
+    recorded in a tree's manifest so that training can check the tree against its dataset; {} if none."""
+    path = Path(embeddings)
+    digest = None
+    for candidate in (path.parent / "best", path.parent):
+        try:
+            manifest = read_checkpoint_manifest(candidate)
+        except CheckpointError:
+            continue
+        if manifest["model"] != "sasrec" or "catalogue" not in manifest:
+            continue
+        digest = digest or sha256_file(path)
+        if manifest["checksums"].get("item_embeddings.npy") == digest:
+            return {"catalogue": manifest["catalogue"], "embeddings_checkpoint": str(candidate.resolve())}
+    return {}
+
+
+def check_same_catalogue(what: str | os.PathLike, manifest: dict[str, Any], dataset: str | os.PathLike,
+                         item_ids: np.ndarray, error: type[ValueError] = CheckpointError) -> None:
+    """Refuse an artifact (a checkpoint's or tree's ``manifest``) made for another catalogue than the dataset's,
+    naming both item counts and both catalogue ids. An artifact that records no catalogue is checked by count."""
+    theirs, ours = manifest.get("catalogue"), catalogue_id(item_ids)
+    if int(manifest["num_items"]) != len(item_ids) or (theirs is not None and theirs != ours):
+        their_id = f"catalogue {theirs[:12]}" if theirs else "no catalogue recorded"
+        raise error(f"{what}: made for another catalogue ({int(manifest['num_items']):,} items, {their_id}) than the "
+                    f"dataset {dataset} ({len(item_ids):,} items, catalogue {ours[:12]}); use the dataset it was "
+                    "made from, or re-create it from this one")
+
+
 def read_checkpoint_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """manifest.json of a checkpoint directory, checked for kind, schema version and model kind."""
     manifest = read_manifest(path, "checkpoint", SCHEMA_VERSION, CheckpointError)
     if manifest.get("model") not in MODEL_KINDS:
         raise CheckpointError(f"{Path(path) / 'manifest.json'}: model {manifest.get('model')!r}, expected one of "
                               f"{', '.join(MODEL_KINDS)}")
+    return manifest
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's manifest, after checking every file it lists (inside, regular, unchanged) and, for
+    SEATER, the manifest of its tree: what :func:`load_checkpoint` checks before it reads anything, cheap
+    enough for a driver to run before it starts actors or workers that load the checkpoint."""
+    manifest = read_checkpoint_manifest(path)
+    verify_files(path, manifest, error=CheckpointError)
+    if manifest["model"] == "seater":
+        tree = read_manifest(Path(path) / "tree", "tree", TREE_SCHEMA_VERSION, CheckpointError)
+        if int(tree.get("num_items", -1)) != int(manifest["num_items"]):
+            raise CheckpointError(f"{Path(path) / 'tree'}: holds {tree.get('num_items')} items, the manifest says "
+                                  f"{manifest['num_items']}")
     return manifest
 
 
@@ -148,8 +195,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     millions of items, and redundant when the checksums match).
     """
     path = Path(path)
-    manifest = read_checkpoint_manifest(path)
-    verify_files(path, manifest, error=CheckpointError)
+    manifest = verify_checkpoint(path)
     kind = manifest["model"]
     num_items = int(manifest["num_items"])
     settings_type: type[Settings] = SeaterSettings if kind == "seater" else SasrecSettings
