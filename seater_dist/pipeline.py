@@ -19,16 +19,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
+from seater_dist.artifacts import output_lock
 from seater_dist.config import PrepareSettings, RunSettings, SynthSettings, TrainSettings, metric_cutoffs
 from seater_dist.data.dataset import load_dataset
 from seater_dist.data.errors import DataError
 from seater_dist.data.prepare import prepare
 from seater_dist.data.synth import synthesize
 from seater_dist.eval.offline import evaluate
+from seater_dist.model.checkpoint import embeddings_provenance
 from seater_dist.train.trainer import TrainResult, resumable, train_sasrec, train_seater
-from seater_dist.tree.builder import build_tree
+from seater_dist.tree.builder import build_tree, embeddings_sha256, load_embeddings
 from seater_dist.tree.item_tree import ItemTree, TreeError
 
 # The demo on a 2-core laptop (synth, prepare, SASRec, tree, SEATER, evaluation in about 5 minutes):
@@ -62,11 +62,11 @@ class RunReport:
 
 def with_workers(settings: RunSettings, workers: int | None) -> RunSettings:
     """A copy of ``settings`` whose two training stages use ``workers`` workers (None: unchanged)."""
-    if not workers:
+    if workers is None:
         return settings
-    return settings.model_copy(update={
-        "train": settings.train.model_copy(update={"workers": workers}),
-        "sasrec_train": settings.sasrec_train.model_copy(update={"workers": workers}),
+    return settings.model_copy(update={  # validated: a bad count fails here, naming the field
+        "train": TrainSettings.model_validate({**settings.train.model_dump(), "workers": workers}),
+        "sasrec_train": TrainSettings.model_validate({**settings.sasrec_train.model_dump(), "workers": workers}),
     })
 
 
@@ -84,8 +84,15 @@ def run_pipeline(input_path: str, fmt: str, protocol: str, out: str | Path, sett
     """prepare -> embed -> build-tree -> train -> evaluate both; writes report.json, report.md, training.png.
 
     ``resume``: keep every stage whose artifact under ``out`` is complete, continue an interrupted
-    training run from its last epoch, and run the rest.
+    training run from its last epoch, and run the rest. ``out`` is held by this run alone (its output lock:
+    a second run, or a stage run by hand into it, is refused at start).
     """
+    with output_lock(out, inside=True):
+        return _run_pipeline(input_path, fmt, protocol, Path(out), settings, progress, resume)
+
+
+def _run_pipeline(input_path: str, fmt: str, protocol: str, out: Path, settings: RunSettings,
+                  progress: Callable[[str], None], resume: bool) -> RunReport:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ks = metric_cutoffs(protocol)
@@ -113,10 +120,11 @@ def run_pipeline(input_path: str, fmt: str, protocol: str, out: str | Path, sett
     _report_epochs(progress, "SASRec", sasrec, settings.sasrec_train.select_metric)
 
     t = stage(3, "build-tree", f"build-tree: k = {settings.tree.k}")
-    tree = _finished_tree(out / "tree") if resume else None
+    tree = _finished_tree(out / "tree", out / "sasrec" / "item_embeddings.npy") if resume else None
     if tree is None:
-        tree = build_tree(np.load(out / "sasrec" / "item_embeddings.npy"), settings.tree)
-        tree.save(out / "tree")
+        embeddings = out / "sasrec" / "item_embeddings.npy"
+        tree = build_tree(load_embeddings(embeddings), settings.tree)
+        tree.save(out / "tree", extra_manifest=embeddings_provenance(embeddings))
     else:
         progress("      kept the finished tree (--resume)")
     seconds["build_tree"] = time.time() - t
@@ -159,11 +167,14 @@ def _finished_dataset(path: Path) -> dict[str, int] | None:
     return {key: int(counts[key]) for key in ("users", "items", "interactions")}
 
 
-def _finished_tree(path: Path) -> ItemTree | None:
+def _finished_tree(path: Path, embeddings: Path) -> ItemTree | None:
+    """The tree under ``path`` if it is whole and built from ``embeddings`` as they are now, else None."""
     try:
-        return ItemTree.load(path, validate=False)
+        tree = ItemTree.load(path, validate=False)
+        current = embeddings_sha256(load_embeddings(embeddings))
     except (TreeError, OSError, ValueError):
         return None
+    return tree if tree.manifest.get("embeddings_sha256") == current else None
 
 
 def _train_or_resume(progress: Callable[[str], None], resume: bool, out: Path, settings: TrainSettings, task: str,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from seater_dist.artifacts import atomic_dir
+from seater_dist.artifacts import MANIFEST, ArtifactError, atomic_dir, check_replaceable, output_lock
 from seater_dist.config import SasrecSettings, SeaterSettings, SettingsError, TrainSettings, metric_cutoffs, metric_k
 from seater_dist.data.dataset import load_dataset
 from seater_dist.model.checkpoint import CheckpointError, read_checkpoint_manifest
@@ -91,9 +91,7 @@ def train_sasrec(dataset_path: str | Path, out: str | Path, train: TrainSettings
     model = model or SasrecSettings()
     config = {"task": "sasrec", "num_items": load_dataset(dataset_path).num_items,
               "model_settings": model.model_dump(mode="json")}
-    result = _fit(config, dataset_path, out, train or TrainSettings(), resume, inject_fault)
-    shutil.copyfile(result.best_checkpoint / "item_embeddings.npy", Path(out) / "item_embeddings.npy")
-    return result
+    return _fit(config, dataset_path, out, train or TrainSettings(), resume, inject_fault)
 
 
 def _storage(out: Path, settings: TrainSettings) -> str:
@@ -122,6 +120,63 @@ def train_dataset(dataset_path: str | Path, batch_fn, seed: int):
 
 def _fit(config: dict[str, Any], dataset_path: str | Path, out: str | Path, settings: TrainSettings,
          resume: bool, inject_fault: dict[str, Any] | None) -> TrainResult:
+    """Check every input against the others, hold ``out``'s output lock, train, write best/ and history.json.
+
+    Before any worker starts: the dataset's files are verified; the tree (SEATER) and, on resume, the
+    checkpoint to resume from are checked against the dataset's catalogue; ``out`` must not be another
+    artifact, be writable and have no other writer. A worker's input error (a ValueError: DataError,
+    TreeError, ...) is not retried by the failure policy; a worker that dies is (``max_failures``).
+    """
+    dataset = load_dataset(dataset_path)
+    ks = metric_cutoffs(dataset.protocol)
+    if metric_k(settings.select_metric) not in ks:
+        raise SettingsError(f"select_metric: {settings.select_metric} is not reported by this dataset's protocol "
+                            f"(cut-offs {', '.join(map(str, ks))})")
+    out = Path(out).resolve()
+    _check_train_out(out)
+    with output_lock(out, inside=True):
+        return _fit_locked(config, dataset, out, settings, ks, resume, inject_fault)
+
+
+def _check_train_out(out: Path) -> None:
+    """``out`` collects best/, history.json and ray_results/: refuse an artifact directory (a dataset, a tree,
+    a checkpoint) there, and a best/ that is not a checkpoint, before training rather than after."""
+    if (out / MANIFEST).is_file():
+        raise ArtifactError(f"{out}: is an artifact directory ({MANIFEST} inside), not a training output; "
+                            "choose another --out")
+    check_replaceable(out / "best", "checkpoint")
+
+
+def _check_inputs(config: dict[str, Any], dataset: Any, run_dir: Path, resume: bool) -> None:
+    """The tree (SEATER) and the checkpoint a resumed run continues from must fit the dataset's catalogue."""
+    from seater_dist.artifacts import read_manifest, verify_files
+    from seater_dist.model.checkpoint import check_same_catalogue
+    from seater_dist.tree.item_tree import SCHEMA_VERSION as TREE_SCHEMA_VERSION
+    from seater_dist.tree.item_tree import TreeError
+
+    tree = None
+    if config["task"] == "seater":
+        tree_path = Path(config["tree_path"])
+        tree = read_manifest(tree_path, "tree", TREE_SCHEMA_VERSION, TreeError)
+        verify_files(tree_path, tree, error=TreeError)
+        check_same_catalogue(tree_path, tree, dataset.path, dataset.item_ids, error=TreeError)
+    if not resume or not run_dir.is_dir():
+        return
+    saved = sorted(run_dir.glob(f"*/{MANIFEST}"))
+    if not saved:
+        return
+    last = saved[-1].parent
+    check_same_catalogue(last, read_checkpoint_manifest(last), dataset.path, dataset.item_ids)
+    if tree is not None:
+        theirs = read_manifest(last / "tree", "tree", TREE_SCHEMA_VERSION, CheckpointError)["checksums"].get("codes.npy")
+        if theirs != tree["checksums"].get("codes.npy"):
+            raise CheckpointError(f"{last}: the run to resume was trained with another tree than {config['tree_path']} "
+                                  f"(item paths {str(theirs)[:12]} vs {str(tree['checksums'].get('codes.npy'))[:12]}); "
+                                  "resume with the tree it was trained with, or drop --resume to start again")
+
+
+def _fit_locked(config: dict[str, Any], dataset: Any, out: Path, settings: TrainSettings, ks: tuple[int, ...],
+                resume: bool, inject_fault: dict[str, Any] | None) -> TrainResult:
     import os
 
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -129,17 +184,13 @@ def _fit(config: dict[str, Any], dataset_path: str | Path, out: str | Path, sett
 
     from seater_dist.train.loop import make_task
 
-    ks = metric_cutoffs(load_dataset(dataset_path).protocol)
-    if metric_k(settings.select_metric) not in ks:
-        raise SettingsError(f"select_metric: {settings.select_metric} is not reported by this dataset's protocol "
-                            f"(cut-offs {', '.join(map(str, ks))})")
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    dataset_path = dataset.path
     storage = _storage(out, settings)
     name = config["task"]
     run_dir = Path(storage) / name
     if resume and not resumable(out, settings, name):
         raise FileNotFoundError(f"{storage}/{name}: nothing to resume (no earlier run); drop --resume to start one")
+    _check_inputs(config, dataset, run_dir, resume)
     if not resume and "://" not in storage and run_dir.exists():
         shutil.rmtree(run_dir)  # a fresh run must not silently continue an old one
     config = {**config, "dataset_path": str(Path(dataset_path).resolve()), "train_settings": settings.model_dump(mode="json"),
@@ -153,6 +204,7 @@ def _fit(config: dict[str, Any], dataset_path: str | Path, out: str | Path, sett
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=settings.workers, use_gpu=settings.use_gpu,
                                      resources_per_worker=resources),
+        torch_config=_bound_torch_config(),
         run_config=RunConfig(
             name=name, storage_path=storage,
             failure_config=FailureConfig(max_failures=settings.max_failures),
@@ -165,7 +217,8 @@ def _fit(config: dict[str, Any], dataset_path: str | Path, out: str | Path, sett
         datasets={"train": train_dataset(dataset_path, task.batch_fn(), settings.seed)},
     )
     t0 = time.time()
-    result = trainer.fit()
+    with _input_errors_fail_fast():
+        result = trainer.fit()
     if result.error:
         raise RuntimeError(f"{name} training failed: {result.error}")
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][metric])
@@ -174,6 +227,156 @@ def _fit(config: dict[str, Any], dataset_path: str | Path, out: str | Path, sett
         shutil.copytree(src, tmp, dirs_exist_ok=True)
     with result.checkpoint.as_directory() as latest:
         history = json.loads((Path(latest) / "history.json").read_text())
-    (out / "history.json").write_text(json.dumps(history, indent=2))
+    _write_atomically(out / "history.json", json.dumps(history, indent=2).encode())
+    if name == "sasrec":  # the tree's input, from the best epoch
+        _write_atomically(out / "item_embeddings.npy", (best / "item_embeddings.npy").read_bytes())
     return TrainResult(best, history, int(best_metrics["best_epoch"]), best_metrics, time.time() - t0)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    import os
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------ failure policy
+
+
+class _InputErrorsFailFast:
+    """Ray Train failure policy: Ray's default (a failed worker group is retried up to ``max_failures`` times
+    from the last checkpoint), except that a failure in which a worker raised an input error and no worker
+    died is raised at once: the retry would read the same input and fail the same way.
+
+    Input errors: ``ValueError`` (DataError, TreeError, CheckpointError, SettingsError, ...) and the OSErrors of a
+    missing or unreadable path. Ray Train 2.x has no public hook for this: :func:`_input_errors_fail_fast`
+    installs the policy for one ``fit()`` (and leaves Ray's default in place if its internals move).
+    """
+
+    def __init__(self, failure_config: Any) -> None:
+        from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy
+
+        self.failure_config = failure_config
+        self._default = DefaultFailurePolicy(failure_config)
+
+    def make_decision(self, training_failed_error: BaseException) -> Any:
+        from ray.train.v2._internal.execution.failure_handling import FailureDecision
+
+        if _is_input_failure(training_failed_error):
+            return FailureDecision.RAISE
+        return self._default.make_decision(training_failed_error)
+
+
+def _is_input_failure(err: BaseException) -> bool:
+    from ray.exceptions import RayActorError
+
+    failures = list(getattr(err, "worker_failures", {}).values())
+    if not failures or any(isinstance(f, RayActorError) or type(f).__name__ == "WorkerHealthCheckFailedError"
+                           for f in failures):
+        return False
+    return any(isinstance(f, (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError))
+               for f in failures)
+
+
+class _input_errors_fail_fast:  # noqa: N801 - used as a context manager
+    """Install :class:`_InputErrorsFailFast` as the failure policy of the ``fit()`` calls in the block."""
+
+    def __enter__(self) -> None:
+        try:
+            from ray.train.v2.api import data_parallel_trainer
+        except ImportError:
+            self.module = None
+            return
+        self.module = data_parallel_trainer
+        self.original = getattr(data_parallel_trainer, "create_failure_policy", None)
+        if self.original is not None:
+            data_parallel_trainer.create_failure_policy = _InputErrorsFailFast
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.module is not None and self.original is not None:
+            self.module.create_failure_policy = self.original
+
+
+# ------------------------------------------------------------------------------------------ rendezvous
+
+
+def _bound_torch_config() -> Any:
+    """Ray Train's TorchConfig, except that the process group's rendezvous (the TCPStore on rank 0, and gloo's
+    or NCCL's sockets) listens only on the address Ray uses for each node: 127.0.0.1 for the local Ray that
+    ``init_ray`` starts, the node's cluster address on a cluster. (torch's TCPStore otherwise listens on every
+    interface, whatever MASTER_ADDR says.)"""
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _TorchBackend
+
+    backend = type("BoundTorchBackend", (_TorchBackend,), {"on_start": _start_bound_process_group})
+    config = type("BoundTorchConfig", (TorchConfig,), {"backend_cls": property(lambda self: backend)})
+    return config()
+
+
+def _start_bound_process_group(self: Any, worker_group: Any, backend_config: Any) -> None:
+    """``on_start`` of the bound backend (runs in the Train controller): rank 0 binds the store's socket on
+    its node address, every rank joins the process group through it."""
+    import ray
+    from ray.train.torch.config import _set_torch_distributed_env_vars
+
+    backend = backend_config.backend
+    if backend is None:
+        backend = "nccl" if worker_group.get_resources_per_worker().get("GPU", 0) > 0 else "gloo"
+    address, port = worker_group.execute_single(0, _bind_store_socket)
+    worker_group.execute(_set_torch_distributed_env_vars)
+    world = len(worker_group)
+    ray.get([worker_group.execute_single_async(rank, _join_process_group, backend=backend, address=address,
+                                               port=port, world_rank=rank, world=world,
+                                               timeout_s=backend_config.timeout_s)
+             for rank in range(world)])
+
+
+_store_socket: Any = None  # rank 0: the listening socket of the process group's store (open for the run)
+
+
+def _bind_store_socket() -> tuple[str, int]:
+    """Rank 0: listen on this node's Ray address, on a free port. -> (address, port)."""
+    import socket
+
+    import ray
+
+    global _store_socket
+    address = ray.util.get_node_ip_address()
+    sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((address, 0))
+    sock.listen(socket.SOMAXCONN)
+    _store_socket = sock
+    return address, sock.getsockname()[1]
+
+
+def _join_process_group(backend: str, address: str, port: int, world_rank: int, world: int, timeout_s: int) -> None:
+    """Every rank: the process group over rank 0's store, its own sockets on its own node's Ray address."""
+    import os
+    from datetime import timedelta
+
+    import ray
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = address, str(port)
+    interface = _interface_of(ray.util.get_node_ip_address())
+    if interface:  # the user's own choice, if any, wins
+        os.environ.setdefault("NCCL_SOCKET_IFNAME" if backend == "nccl" else "GLOO_SOCKET_IFNAME", interface)
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(address, port, world, world_rank == 0, timeout=timeout,
+                          master_listen_fd=_store_socket.fileno() if world_rank == 0 else None)
+    dist.init_process_group(backend=backend, store=store, rank=world_rank, world_size=world, timeout=timeout)
+
+
+def _interface_of(address: str) -> str | None:
+    """The name of the network interface that holds ``address`` (``lo`` for 127.0.0.1), or None."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] == address for a in addrs):
+            return name
+    return None
 
