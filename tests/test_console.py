@@ -1,0 +1,96 @@
+"""The console shows our own lines and real errors, not known-harmless Ray / faiss chatter (seater_dist.quiet).
+
+The check runs in a subprocess of its own: Ray writes some of that chatter from C++ straight to file
+descriptor 2 and from worker processes, which pytest's capture of this process would not see as a user
+does. The subprocess starts its own local Ray with its own temp dir (its session files, sockets and
+``session_latest`` link stay out of /tmp/ray); every port it needs is picked free (GCS port 0, dashboard from
+8265 upwards), so it runs beside the session's Ray of tests/conftest.py. It shuts its Ray down before
+exiting, so it never overlaps with a test that uses the session's Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+# A Ray Data actor pool whose actors log INFO to the console and import faiss (the loader's AVX512/AVX2
+# probing), trigger Ray Train's exclude_resources deprecation the way its controller does, and are created
+# by the driver with ObjectRef constructor arguments (core_worker.cc's "constructor arguments in the object
+# store" error). Then one batch raises: that real error must reach the console.
+SCRIPT = textwrap.dedent(
+    """
+    import logging
+    import sys
+
+    import numpy as np
+
+    from seater_dist.ray_env import init_ray
+
+
+    class Scorer:
+        def __init__(self):
+            logging.basicConfig(level=logging.INFO, force=True)  # root INFO to the console, as in Train workers
+            import faiss
+            from ray.train import DataConfig
+
+            DataConfig.default_ingest_options()
+            self.index = faiss.IndexFlatIP(2)
+            self.index.add(np.eye(2, dtype=np.float32))
+
+        def __call__(self, batch):
+            if (batch["id"] == 33).any():
+                raise ValueError("seater-test: a real error in a worker")
+            _, ids = self.index.search(np.ones((len(batch["id"]), 2), dtype=np.float32), 1)
+            return {"id": ids[:, 0]}
+
+
+    init_ray(num_cpus=2, _temp_dir=sys.argv[1])
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    try:
+        print("seater-test: start", flush=True)
+        ds = ray.data.range(40, override_num_blocks=4).map_batches(
+            Scorer, batch_size=10, compute=ActorPoolStrategy(min_size=1, max_size=2), num_cpus=0.5)
+        for row in ds.iter_rows():
+            pass
+    finally:
+        ray.shutdown()
+    """
+)
+
+HARMLESS = ("core_worker.cc", "Could not load library", "Loading faiss", "DeprecationWarning",
+            "Progress bars disabled")
+REAL_ERROR = "ValueError: seater-test: a real error in a worker"
+
+
+def _run(extra_env: dict[str, str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "SEATER_VERBOSE")}
+    env.update(extra_env)
+    temp_dir = tempfile.mkdtemp(prefix="rayq", dir="/tmp")  # short: Ray's socket paths live under it
+    try:
+        return subprocess.run([sys.executable, "-c", SCRIPT, temp_dir], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=180)
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_console_hides_known_chatter_but_not_real_errors():
+    proc = _run({})
+    out = proc.stdout
+    assert "seater-test: start" in out, out
+    found = [text for text in HARMLESS if text in out]
+    assert not found, f"known-harmless chatter on the console: {found}\n{out}"
+    assert proc.returncode != 0, out
+    assert REAL_ERROR in out, out
+
+
+def test_seater_verbose_shows_everything():
+    proc = _run({"SEATER_VERBOSE": "1"})
+    out = proc.stdout
+    for text in ("core_worker.cc", "Loading faiss", "DeprecationWarning", REAL_ERROR):
+        assert text in out, f"{text!r} missing with SEATER_VERBOSE=1\n{out}"
