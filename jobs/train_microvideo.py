@@ -16,7 +16,9 @@ its last epoch), `--address` (default: the cluster the job was submitted to).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     from seater_dist.ray_env import init_ray
 
     init_ray(args.address)  # RAY_ADDRESS is set by `ray job submit`; else a local Ray
+    if not os.environ.get("SEATER_VERBOSE"):
+        from seater_dist.errors import hide_duplicate_error_reports
+
+        hide_duplicate_error_reports()
     preset = PRESETS[args.preset]
     run = preset["run"]
     if args.storage:
@@ -84,5 +90,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run(argv: list[str] | None = None) -> int:
+    """:func:`main` with the CLI's one error path: any failure as one line (traceback with SEATER_VERBOSE=1)."""
+    from seater_dist.errors import EXIT_INTERRUPTED, describe
+
+    try:
+        return main(argv)
+    except (Exception, KeyboardInterrupt) as err:
+        message, code = describe(err)
+        if os.environ.get("SEATER_VERBOSE"):
+            traceback.print_exception(err)
+        if code == EXIT_INTERRUPTED:
+            message = "interrupted; re-submit with --resume to keep the finished stages and epochs"
+        print(f"train_microvideo: error: {message}", file=sys.stderr)
+        return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -106,7 +106,7 @@ def atomic_dir(dest: str | os.PathLike, artifact: str) -> Iterator[Path]:
 # ------------------------------------------------------------------------------------------ one writer
 
 MIN_FREE_BYTES = 16 << 20  # an output whose disk has less free space is refused up front as full
-_held: dict[str, int] = {}  # lock files this process holds -> nesting depth (the lock is re-entrant)
+_held: dict[str, list[int]] = {}  # lock files this process holds -> [holding thread, nesting depth]
 _held_guard = threading.Lock()
 
 
@@ -124,29 +124,33 @@ def output_lock(dest: str | os.PathLike, inside: bool = False) -> Iterator[Path]
     another live process holds ``dest`` or a directory containing it. A lock left by a process that no
     longer runs on this host is taken over. Creating the lock file is also the up-front check that
     ``dest``'s directory is writable and its disk not full; ``inside``: the stage writes into ``dest``
-    itself (created if absent), so check that it is writable too. Re-entrant within a process.
+    itself (created if absent), so check that it is writable too. Re-entrant within a thread (a stage
+    that runs another stage into the same output); another thread of this process is refused like another
+    process.
     """
     dest = Path(os.path.abspath(dest))
     lock = lock_path(dest)
     key = str(lock)
+    me = threading.get_ident()
     with _held_guard:
-        if _held.get(key):
-            _held[key] += 1
-            reentered = True
-        else:
-            reentered = False
-    if reentered:
+        entry = _held.get(key)
+        if entry is not None and entry[0] != me:
+            raise ArtifactError(f"{dest}: another thread of this process (pid {os.getpid()}) is writing it; wait for "
+                                "it to finish or choose another output path")
+        if entry is not None:
+            entry[1] += 1
+    if entry is not None:
         try:
             yield dest
         finally:
             with _held_guard:
-                _held[key] -= 1
+                entry[1] -= 1
         return
     _refuse_if_an_ancestor_is_held(dest)
     _make_dir(dest.parent)
     _acquire(lock, dest)
     with _held_guard:
-        _held[key] = 1
+        _held[key] = [me, 1]
     try:
         _check_space(dest.parent)
         if inside:
@@ -155,8 +159,8 @@ def output_lock(dest: str | os.PathLike, inside: bool = False) -> Iterator[Path]
         yield dest
     finally:
         with _held_guard:
-            _held[key] -= 1
-            last = _held[key] == 0
+            _held[key][1] -= 1
+            last = _held[key][1] == 0
             if last:
                 del _held[key]
         if last:
@@ -242,13 +246,16 @@ def _alive(holder: dict[str, Any]) -> bool:
 def _refuse_if_an_ancestor_is_held(dest: Path) -> None:
     """Refuse ``dest`` when a directory containing it is another live process's output (e.g. a `seater run`)."""
     with _held_guard:
-        mine = set(_held)
+        held = {key: entry[0] for key, entry in _held.items()}
     for ancestor in dest.parents:
         if ancestor.parent == ancestor:
             break
         lock = lock_path(ancestor)
-        if str(lock) in mine or not lock.is_file():
+        if held.get(str(lock)) == threading.get_ident() or not lock.is_file():
             continue
+        if str(lock) in held:
+            raise ArtifactError(f"{dest}: inside {ancestor}, which another thread of this process (pid {os.getpid()}) "
+                                "is writing; wait for it to finish or choose another output path")
         holder = _read_holder(lock)
         if holder is not None and _alive(holder) and holder.get("pid") != os.getpid():
             raise ArtifactError(f"{dest}: inside {ancestor}, which another seater process is writing "

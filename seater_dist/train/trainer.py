@@ -217,7 +217,7 @@ def _fit_locked(config: dict[str, Any], dataset: Any, out: Path, settings: Train
         datasets={"train": train_dataset(dataset_path, task.batch_fn(), settings.seed)},
     )
     t0 = time.time()
-    with _input_errors_fail_fast():
+    with _input_errors_fail_fast(), _ctrl_c_as_keyboard_interrupt():
         result = trainer.fit()
     if result.error:
         raise RuntimeError(f"{name} training failed: {result.error}")
@@ -296,6 +296,44 @@ class _input_errors_fail_fast:  # noqa: N801 - used as a context manager
     def __exit__(self, *exc: Any) -> None:
         if self.module is not None and self.original is not None:
             self.module.create_failure_policy = self.original
+
+
+class _ctrl_c_as_keyboard_interrupt:  # noqa: N801 - used as a context manager
+    """Ctrl-C during ``fit()`` ends as a KeyboardInterrupt, as everywhere else.
+
+    Ray Train's ``fit()`` installs its own SIGINT handler (it aborts the run gracefully, then calls
+    ``sys.exit(0)`` from inside the handler, which surfaced as exit code 1 and no message) and leaves it
+    installed. This notes that the handler fired, turns what ``fit()`` then raises into a
+    KeyboardInterrupt, and puts the previous handler back. The run keeps its finished epochs (resumable).
+    """
+
+    def __enter__(self) -> None:
+        import signal
+
+        self.fired = False
+        self.previous = signal.getsignal(signal.SIGINT)
+        self.install = signal.signal
+
+        def install(signum: int, handler: Any) -> Any:
+            if signum == signal.SIGINT and callable(handler):
+                inner = handler
+
+                def handler(sig: int, frame: Any) -> None:
+                    self.fired = True
+                    inner(sig, frame)
+            return self.install(signum, handler)
+
+        signal.signal = install
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        import signal
+        import threading
+
+        signal.signal = self.install
+        if threading.current_thread() is threading.main_thread() and self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        if self.fired and exc_type is not None and not issubclass(exc_type, KeyboardInterrupt):
+            raise KeyboardInterrupt from exc
 
 
 # ------------------------------------------------------------------------------------------ rendezvous
