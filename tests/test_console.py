@@ -5,7 +5,9 @@ descriptor 2 and from worker processes, which pytest's capture of this process w
 does. The subprocess starts its own local Ray with its own temp dir (its session files, sockets and
 ``session_latest`` link stay out of /tmp/ray); every port it needs is picked free (GCS port 0, dashboard from
 8265 upwards), so it runs beside the session's Ray of tests/conftest.py. It shuts its Ray down before
-exiting, so it never overlaps with a test that uses the session's Ray.
+exiting. Meanwhile no Ray Train run of the session is in flight (pytest runs one test at a time), which
+matters: Ray Train's placement-group cleaner finds its cluster by scanning for GCS processes and fails
+with "multiple active Ray instances" while a second one exists.
 """
 
 from __future__ import annotations
