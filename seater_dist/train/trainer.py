@@ -200,8 +200,8 @@ def _fit_locked(config: dict[str, Any], dataset: Any, out: Path, settings: Train
     resources = {"CPU": settings.cpus_per_worker, **({"GPU": 1} if settings.use_gpu else {})}
     metric = f"valid_{settings.select_metric}"
     trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=config,
+        _train_loop,
+        train_loop_config={**config, "verbose": bool(os.environ.get("SEATER_VERBOSE"))},
         scaling_config=ScalingConfig(num_workers=settings.workers, use_gpu=settings.use_gpu,
                                      resources_per_worker=resources),
         torch_config=_bound_torch_config(),
@@ -239,6 +239,17 @@ def _write_atomically(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    """The workers' entry point: the train loop, with Ray Train's own "Error in training function" report
+    (a traceback per rank) kept off the console unless SEATER_VERBOSE: the driver prints the error once."""
+    import logging
+
+    if not config.get("verbose"):
+        logging.getLogger("ray.train.v2._internal.util").addFilter(
+            lambda record: not str(record.msg).startswith("Error in training function"))
+    train_loop_per_worker(config)
 
 
 # ------------------------------------------------------------------------------------------ failure policy
