@@ -1,0 +1,424 @@
+"""The Ray Serve application: a FastAPI router, an encoder, S search shards (thin wrappers of parts.py).
+
+    serve run seater_dist.serve.app:build_app checkpoint=runs/demo/seater/best shards=2
+    serve deploy serve/seater.yaml            # the same, from a config file (serve/README.md)
+    seater serve --checkpoint runs/demo/seater/best --shards 2
+
+Deployments (names used by the config files):
+
+* ``Router`` (HTTP ingress): validates requests (request.py), calls ``Encoder`` once, fans out to the shards
+  and merges (merge.py). It holds no model: it is the same for SEATER and SASRec and for any version.
+* ``Encoder``: raw ids -> item indices (unknown ids ignored), SEATER's encoder memory or SASRec's user state;
+  the popular items when no id is known. Batched (``@serve.batch``).
+* ``BeamShard0..S-1`` (SEATER): beam search inside the shard's subtrees of the root. Batched.
+* ``IndexShard0..S-1`` (SASRec): a faiss index (flat or HNSW) over a range of items. Batched.
+
+Every deployment autoscales (min 1, max ``max_replicas``), reserves a fraction of a CPU (the whole app
+fits 2 CPUs), takes ``num_gpus`` when the cluster has GPUs, and is replaced replica by replica on a new
+config with ``max_surge_percent=100``: new replicas start before old ones drain, so a rollout fails no
+request. Every answer is computed by one model version: the encoder stamps its version on the request and
+a shard of another version answers ``Stale``, upon which the router retries (bounded by
+``retry_timeout_s``); the router also retries when a replica dies under a request.
+"""
+
+import asyncio
+import gc
+import logging
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve import Application
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from seater_dist.serve.merge import BeamMerge, EncodeResult, Expansion, ShardBeams, Stale, merge_top
+from seater_dist.serve.request import RequestError, check_size, parse_recommend
+
+log = logging.getLogger("ray.serve")  # inside replicas: Serve's format, level and log files
+
+ENDPOINTS = "POST /recommend, GET /healthz, GET /version"
+
+
+class ServeArgs(BaseModel):
+    """The application's arguments (``args:`` of a Serve config, ``key=value`` after ``serve run``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: str = Field(description="SEATER or SASRec checkpoint directory, or a pyarrow.fs URI (s3://...).")
+    shards: int = Field(1, ge=1, description="Search shards: SEATER splits the root's children (at most k), "
+                        "SASRec the items.")
+    beam_size: int | None = Field(None, ge=1, description="SEATER: beam (default: the checkpoint's); SASRec: the "
+                                  "largest top_n (default 50).")
+    popularity: str | None = Field(None, description="Dataset directory or items.parquet with counts for the "
+                                   "popular fallback (default: the run's dataset beside the checkpoint if its "
+                                   "items match, else the model's answer to an empty history).")
+    index: Literal["flat", "hnsw"] = Field("flat", description="SASRec: exact IndexFlatIP or HNSW.")
+    hnsw_m: int = Field(16, ge=4, description="SASRec HNSW: links per node.")
+    ef_construction: int = Field(40, ge=8, description="SASRec HNSW: candidates while building.")
+    ef_search: int = Field(128, ge=1, description="SASRec HNSW: candidates per query (recall vs speed).")
+    index_cache: str | None = Field(None, description="SASRec HNSW: directory where built indexes are kept and "
+                                    "reused (keyed by model version, shard and parameters).")
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="Larger request bodies get 413.")
+    threads: int = Field(1, ge=1, description="torch/faiss threads per replica.")
+    gpu: bool | None = Field(None, description="Place encoder and shards on GPUs (default: if the cluster has any).")
+    max_replicas: int = Field(2, ge=1, description="Autoscaling ceiling of every deployment.")
+    retry_timeout_s: float = Field(30.0, gt=0, description="How long the router retries a request whose replica "
+                                   "died or changed version before answering 503.")
+    batch_size: int = Field(16, ge=1, description="Most requests one encoder/shard batch holds.")
+
+
+def _args(args: dict[str, Any] | ServeArgs) -> ServeArgs:
+    return args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
+
+
+def _autoscaling(max_replicas: int, target: float) -> dict[str, Any]:
+    return {"min_replicas": 1, "initial_replicas": 1, "max_replicas": max_replicas,
+            "target_ongoing_requests": target, "upscale_delay_s": 5.0, "downscale_delay_s": 60.0}
+
+
+# Options every deployment shares; the config files (serve/*.yaml) repeat them for operators to tune.
+_COMMON: dict[str, Any] = {"max_surge_percent": 100, "graceful_shutdown_wait_loop_s": 1.0,
+                           "graceful_shutdown_timeout_s": 30.0, "health_check_period_s": 2.0}
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _load(a: ServeArgs) -> Any:
+    from seater_dist.model.checkpoint import load_checkpoint
+    from seater_dist.serve.parts import resolve_checkpoint
+
+    return load_checkpoint(resolve_checkpoint(a.checkpoint))
+
+
+# ------------------------------------------------------------------------------------------ workers
+
+
+@serve.deployment(name="Encoder", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.1},
+                  autoscaling_config=_autoscaling(2, 8), **_COMMON)
+class Encoder:
+    """Raw ids -> encoder memory (SEATER) or user state (SASRec), or the popular items."""
+
+    def __init__(self, args: dict[str, Any]) -> None:
+        from seater_dist.serve.parts import SasrecEncoderPart, SeaterEncoderPart, choose_device
+
+        a = _args(args)
+        _set_threads(a.threads)
+        ckpt = _load(a)
+        device = choose_device(a.gpu)
+        if ckpt.kind == "seater":
+            self.part: Any = SeaterEncoderPart(ckpt, a.beam_size, a.popularity, device, a.shards)
+        else:
+            self.part = SasrecEncoderPart(ckpt, a.beam_size, a.popularity, device, a.shards, a.index)
+        del ckpt
+        gc.collect()
+        self.encode.set_max_batch_size(a.batch_size)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
+    async def encode(self, histories: list[list[str]]) -> list[EncodeResult]:
+        results = await asyncio.to_thread(self.part.encode, histories)
+        for r in results:
+            r.info = self.part.info
+        return results
+
+    def info(self) -> dict[str, Any]:
+        return self.part.info
+
+
+@serve.deployment(name="BeamShard", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.1},
+                  autoscaling_config=_autoscaling(2, 8), **_COMMON)
+class BeamShard:
+    """SEATER shard ``shard`` of ``num_shards``: beam search inside its subtrees of the root."""
+
+    def __init__(self, args: dict[str, Any], shard: int, num_shards: int) -> None:
+        from seater_dist.serve.parts import BeamShardPart, choose_device
+
+        a = _args(args)
+        _set_threads(a.threads)
+        ckpt = _load(a)
+        self.part = BeamShardPart(ckpt, shard, num_shards, choose_device(a.gpu))
+        self.version = self.part.version
+        del ckpt
+        gc.collect()
+        self.search.set_max_batch_size(a.batch_size)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
+    async def search(self, requests: list[tuple[str, np.ndarray, np.ndarray, int]]) -> list[ShardBeams | Stale]:
+        """(version, memory [t, d], pad mask [t], beam) per request -> ShardBeams, or Stale for another version."""
+        out: list[ShardBeams | Stale] = [Stale(self.version)] * len(requests)
+        current = [i for i, r in enumerate(requests) if r[0] == self.version]
+        for beam in sorted({requests[i][3] for i in current}):
+            rows = [i for i in current if requests[i][3] == beam]
+            memory = np.stack([requests[i][1] for i in rows])
+            pad_mask = np.stack([requests[i][2] for i in rows])
+            answers = await asyncio.to_thread(self.part.search, memory, pad_mask, beam)
+            for i, answer in zip(rows, answers):
+                out[i] = answer
+        return out
+
+    async def expand(self, version: str, memory: np.ndarray, pad_mask: np.ndarray, level: int,
+                     tokens: np.ndarray) -> Expansion | Stale:
+        if version != self.version:
+            return Stale(self.version)
+        return await asyncio.to_thread(self.part.expand, memory, pad_mask, level, tokens)
+
+
+@serve.deployment(name="IndexShard", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.1},
+                  autoscaling_config=_autoscaling(2, 8), **_COMMON)
+class IndexShard:
+    """SASRec shard ``shard`` of ``num_shards``: a faiss index over a range of the items."""
+
+    def __init__(self, args: dict[str, Any], shard: int, num_shards: int) -> None:
+        from seater_dist.serve.parts import IndexShardPart
+
+        a = _args(args)
+        _set_threads(a.threads)
+        ckpt = _load(a)
+        self.part = IndexShardPart(ckpt, shard, num_shards, a.index, a.hnsw_m, a.ef_construction, a.ef_search,
+                                   a.threads, a.index_cache)
+        self.version = self.part.version
+        del ckpt
+        gc.collect()
+        self.search.set_max_batch_size(a.batch_size)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
+    async def search(self, requests: list[tuple[str, np.ndarray, int]]) -> list[Any]:
+        """(version, user state [d], n) per request -> (item ids, scores, raw ids), or Stale."""
+        out: list[Any] = [Stale(self.version)] * len(requests)
+        current = [i for i, r in enumerate(requests) if r[0] == self.version]
+        if current:
+            n = max(requests[i][2] for i in current)
+            states = np.stack([requests[i][1] for i in current])
+            answers = await asyncio.to_thread(self.part.search, states, n)
+            for i, (ids, scores, raw) in zip(current, answers):
+                n_i = requests[i][2]
+                out[i] = (ids[:n_i], scores[:n_i], raw[:n_i])
+        return out
+
+
+# ------------------------------------------------------------------------------------------ the router
+
+api = FastAPI(title="seater-dist retrieval",
+              description="POST /recommend {history, top_n} -> {items, scores, model_version, ignored}")
+
+
+class _Retry(Exception):
+    """A replica of another model version answered (a rollout in progress): run the request again."""
+
+
+class _Unavailable(Exception):
+    """No replica answered within retry_timeout_s."""
+
+
+_RETRY = (_Retry, RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
+
+
+def _error(status: int, error: str, field: str, problem: str) -> JSONResponse:
+    return JSONResponse({"error": error, "field": field, "problem": problem}, status_code=status)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    problem = f"{request.method} {request.url.path}: {exc.detail}; the endpoints are {ENDPOINTS}"
+    return _error(exc.status_code, str(exc.detail).lower(), "path", problem)
+
+
+@api.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:  # never a traceback to the client
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return JSONResponse({"error": "internal error", "problem": "see the service's log"}, status_code=500)
+
+
+@serve.deployment(name="Router", max_ongoing_requests=100, max_queued_requests=400,
+                  ray_actor_options={"num_cpus": 0.05}, autoscaling_config=_autoscaling(2, 32), **_COMMON)
+@serve.ingress(api)
+class Router:
+    """HTTP in front of the encoder and the shards; holds no model state."""
+
+    def __init__(self, encoder: Any, shards: list[Any], kind: str, args: dict[str, Any]) -> None:
+        a = _args(args)
+        self.encoder, self.shards, self.kind = encoder, list(shards), kind
+        self.max_body, self.retry_timeout = a.max_body_bytes, a.retry_timeout_s
+        self._info: dict[str, Any] | None = None
+
+    async def info(self, refresh: bool = False) -> dict[str, Any]:
+        if self._info is None or refresh:
+            self._info = await self.encoder.info.remote()
+        return self._info
+
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        try:
+            info = await asyncio.wait_for(self.info(), timeout=5.0)
+        except Exception:  # noqa: BLE001 - any failure means not ready
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return JSONResponse({"status": "ok", "model_version": info["model_version"]})
+
+    @api.get("/version")
+    async def version(self) -> JSONResponse:
+        try:
+            info = await asyncio.wait_for(self.info(refresh=True), timeout=10.0)
+        except Exception:  # noqa: BLE001
+            return _error(503, "service unavailable", "encoder", "the encoder did not answer within 10 s")
+        return JSONResponse(info)
+
+    @api.post("/recommend")
+    async def recommend(self, request: Request) -> JSONResponse:
+        try:
+            check_size(request.headers.get("content-length"), self.max_body)
+            body = bytearray()
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > self.max_body:
+                    raise RequestError(413, "body", f"more than {self.max_body} bytes",
+                                       error="request body too large")
+            info = await self.info()
+            req = parse_recommend(bytes(body), int(info["max_top_n"]), self.max_body)
+            return await self._answer(req.history, req.top_n)
+        except RequestError as err:
+            return JSONResponse(err.body(), status_code=err.status)
+        except BackPressureError:
+            return _error(503, "service overloaded", "request", "too many queued requests; retry later")
+        except _Unavailable as err:
+            return _error(503, "service unavailable", "request", str(err))
+        except Exception:  # noqa: BLE001 - logged in full here, never sent to the client
+            log.exception("recommend failed")
+            return JSONResponse({"error": "internal error", "problem": "see the service's log"}, status_code=500)
+
+    async def _answer(self, history: list[str], top_n: int) -> JSONResponse:
+        deadline = time.monotonic() + self.retry_timeout
+        delay, attempt = 0.05, 0
+        while True:
+            attempt += 1
+            try:
+                return await self._answer_once(history, top_n)
+            except _RETRY as err:
+                if time.monotonic() + delay > deadline:
+                    log.warning("giving up a request after %d attempts: %s", attempt, type(err).__name__)
+                    raise _Unavailable(f"no replica answered within {self.retry_timeout:g} s "
+                                       f"({type(err).__name__})") from None
+                log.info("retrying a request (attempt %d): %s", attempt, type(err).__name__)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 1.0)
+
+    async def _answer_once(self, history: list[str], top_n: int) -> JSONResponse:
+        enc: EncodeResult = await self.encoder.encode.remote(history)
+        info = enc.info
+        if self._info is None or self._info.get("model_version") != info["model_version"]:
+            self._info = info
+        if top_n > info["max_top_n"]:
+            raise RequestError(422, "top_n", f"must be an integer in 1..{info['max_top_n']}, got {top_n}")
+        body: dict[str, Any] = {"items": [], "scores": [], "model_version": enc.version, "ignored": enc.ignored}
+        headers = {}
+        if enc.state is None:
+            raw, scores = enc.fallback
+            body.update(items=raw[:top_n], scores=[float(s) for s in scores[:top_n]], fallback="popular")
+            return JSONResponse(body)
+        if self.kind == "seater":
+            beam = int(info["beam_size"])
+            answers = await asyncio.gather(*(s.search.remote((enc.version, enc.state, enc.pad_mask, beam))
+                                             for s in self.shards))
+            if any(isinstance(a, Stale) for a in answers):
+                raise _Retry()
+            merge = BeamMerge(answers, depth=int(info["depth"]), beam=beam, bos=int(info["num_items"]))
+            while (need := merge.missing()) is not None:
+                level, by_shard = need
+                shards = list(by_shard)
+                expansions = await asyncio.gather(*(self.shards[s].expand.remote(
+                    enc.version, enc.state, enc.pad_mask, level, by_shard[s]) for s in shards))
+                if any(isinstance(e, Stale) for e in expansions):
+                    raise _Retry()
+                for s, e in zip(shards, expansions):
+                    merge.add_expansion(level, s, e)
+            _, scores, raw = merge.top(top_n)
+            headers["X-Seater-Expanded"] = str(merge.expansions)
+        else:
+            answers = await asyncio.gather(*(s.search.remote((enc.version, enc.state, top_n)) for s in self.shards))
+            if any(isinstance(a, Stale) for a in answers):
+                raise _Retry()
+            _, scores, raw = merge_top(answers, top_n)
+        body.update(items=raw, scores=scores.astype(float).tolist())
+        return JSONResponse(body, headers=headers)
+
+
+# ------------------------------------------------------------------------------------------ the builder
+
+
+def deployment_names(kind: str, shards: int) -> list[str]:
+    """The deployments ``build_app`` creates, by name (what a config file's ``deployments:`` may list)."""
+    shard = "BeamShard" if kind == "seater" else "IndexShard"
+    return ["Router", "Encoder", *(f"{shard}{s}" for s in range(shards))]
+
+
+def _manifest(checkpoint: str) -> dict[str, Any]:
+    """The checkpoint's manifest (local path or pyarrow.fs URI), checked for kind and schema version."""
+    from seater_dist.model.checkpoint import read_checkpoint_manifest
+
+    if "://" not in checkpoint:
+        return read_checkpoint_manifest(checkpoint)
+    import json
+
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(checkpoint)
+    with fs.open_input_stream(f"{root.rstrip('/')}/manifest.json") as f:
+        return json.loads(f.read())
+
+
+def _cluster_has_gpu() -> bool:
+    try:
+        import ray
+
+        return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    except Exception:  # noqa: BLE001 - no cluster to ask: CPU
+        return False
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Serve application builder: ``args`` are :class:`ServeArgs` fields (``checkpoint`` required)."""
+    try:
+        a = _args(args)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(x) for x in first["loc"]) or "args"
+        raise ValueError(f"serve args: {field}: {first['msg']}") from None
+    if "://" not in a.checkpoint:  # replicas may run in another directory: give them an absolute path
+        a = a.model_copy(update={"checkpoint": str(Path(a.checkpoint).expanduser().resolve())})
+    manifest = _manifest(a.checkpoint)
+    kind = manifest["model"]
+    gpu = _cluster_has_gpu() if a.gpu is None else a.gpu
+    plain = a.model_dump()
+    plain["gpu"] = gpu
+
+    def opts(target: float, cpus: float) -> dict[str, Any]:
+        actor: dict[str, Any] = {"num_cpus": cpus}
+        if gpu:
+            actor["num_gpus"] = 0.5
+        return {"ray_actor_options": actor, "autoscaling_config": _autoscaling(a.max_replicas, target)}
+
+    if kind == "seater":
+        roots = min(int(manifest["k"]), int(manifest["num_items"]))
+        if a.shards > roots:
+            raise ValueError(f"serve args: shards: {a.shards} > {roots}, the children of the tree's root "
+                             f"(each shard owns at least one top-level subtree)")
+        shards = [BeamShard.options(name=f"BeamShard{s}", **opts(8, 0.1)).bind(plain, s, a.shards)
+                  for s in range(a.shards)]
+    else:
+        if a.shards > int(manifest["num_items"]):
+            raise ValueError(f"serve args: shards: {a.shards} > {manifest['num_items']} items")
+        shards = [IndexShard.options(name=f"IndexShard{s}", **opts(8, 0.1)).bind(plain, s, a.shards)
+                  for s in range(a.shards)]
+    encoder = Encoder.options(**opts(8, 0.1)).bind(plain)
+    router_opts = opts(32, 0.05)
+    router_opts["ray_actor_options"].pop("num_gpus", None)
+    return Router.options(**router_opts).bind(encoder, shards, kind, plain)

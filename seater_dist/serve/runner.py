@@ -1,0 +1,88 @@
+"""``seater serve``: deploy the retrieval application on a local Ray (or a cluster) and block until Ctrl-C.
+
+    run_service(ServeArgs(checkpoint="runs/demo/seater/best", shards=2), host="127.0.0.1", port=8000)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import urllib.request
+from typing import Any, Callable
+
+from seater_dist.ray_env import init_ray
+from seater_dist.serve.app import ServeArgs, build_app, deployment_names
+
+APP_NAME = "seater"
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when something already listens on host:port (a local check; a cluster's proxy nodes may differ)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host if host not in ("0.0.0.0", "") else "127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def serve_logging() -> dict[str, Any]:
+    """Serve's own logs: warnings only and no access log, unless SEATER_VERBOSE is set."""
+    if os.environ.get("SEATER_VERBOSE"):
+        return {"log_level": "INFO", "enable_access_log": True}
+    return {"log_level": "WARNING", "enable_access_log": False}
+
+
+def get_json(url: str, timeout: float = 10.0) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - our own service
+        return json.loads(r.read())
+
+
+def run_service(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
+                block: bool = True, out: Callable[[str], None] = print) -> dict[str, Any]:
+    """Deploy ``build_app(args)`` as the application ``seater`` with HTTP on host:port; print the URL and a
+    curl example; block until Ctrl-C when ``block``. On a local Ray, Ctrl-C shuts Serve down; on a cluster
+    (``address``) the application keeps running (``serve shutdown -a http://HEAD:8265`` removes it)."""
+    from ray import serve
+
+    from seater_dist.model.checkpoint import read_checkpoint_manifest
+
+    if "://" not in args.checkpoint:
+        manifest = read_checkpoint_manifest(args.checkpoint)  # a bad path fails before Ray starts
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address and port_in_use(host, port):
+        raise ValueError(f"port {port} on {host} is in use; choose another with --port")
+    t0 = time.time()
+    init_ray(address)
+    if not os.environ.get("SEATER_VERBOSE"):
+        import logging
+
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # "Started Serve", "Application ... is ready"
+    logging_config = serve_logging()
+    serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
+    app = build_app(args.model_dump())
+    kind = manifest["model"] if "://" not in args.checkpoint else "checkpoint"
+    out(f"deploying {kind} with {args.shards} shard(s): {', '.join(deployment_names(kind, args.shards))} "
+        "(every replica loads the checkpoint) ...")
+    serve.run(app, name=APP_NAME, route_prefix="/", logging_config=logging_config)
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+    info = get_json(f"{url}/version")
+    out(f"\nserving {info['model']} {info['model_version']} ({info['num_items']:,} items) at {url}  "
+        f"[ready in {time.time() - t0:,.0f} s]")
+    out(f"  curl -s {url}/recommend -H 'Content-Type: application/json' "
+        f"-d '{json.dumps({'history': [], 'top_n': 10})}'")
+    out(f"  curl -s {url}/version")
+    summary = {"url": url, "model": info["model"], "model version": info["model_version"],
+               "items": info["num_items"], "shards": args.shards}
+    if not block:
+        return summary
+    out("Ctrl-C stops" + (" this command; the application keeps running on the cluster" if address else ""))
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        out("\nstopped" if not address else "")  # a local Ray (and Serve with it) stops when this process exits
+    return {**summary, "stopped": "yes" if not address else "no (still running on the cluster)"}
