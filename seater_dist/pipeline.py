@@ -192,9 +192,10 @@ def _train_or_resume(progress: Callable[[str], None], resume: bool, out: Path, s
 def run_demo(out: str | Path, settings: RunSettings, progress: Callable[[str], None] = print) -> RunReport:
     """Synthesise the `small` preset into ``out/synth``, then :func:`run_pipeline` on it (comirec)."""
     out = Path(out)
-    progress("[0/5] synth: the `small` preset (planted topic hierarchy, power-law popularity, drifting users)")
-    synthesize(SynthSettings(preset="small", out=str(out / "synth")))
-    return run_pipeline(str(out / "synth"), "interactions", "comirec", out, settings, progress)
+    with output_lock(out, inside=True):  # held from the synth on (run_pipeline re-enters it)
+        progress("[0/5] synth: the `small` preset (planted topic hierarchy, power-law popularity, drifting users)")
+        synthesize(SynthSettings(preset="small", out=str(out / "synth")))
+        return run_pipeline(str(out / "synth"), "interactions", "comirec", out, settings, progress)
 
 
 def _report_epochs(progress: Callable[[str], None], name: str, result: TrainResult, metric: str) -> None:

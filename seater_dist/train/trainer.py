@@ -12,6 +12,7 @@ Output directory layout (``out``):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -177,6 +178,30 @@ def _check_inputs(config: dict[str, Any], dataset: Any, run_dir: Path, resume: b
 
 def _fit_locked(config: dict[str, Any], dataset: Any, out: Path, settings: TrainSettings, ks: tuple[int, ...],
                 resume: bool, inject_fault: dict[str, Any] | None) -> TrainResult:
+    storage = _storage(out, settings)
+    name = config["task"]
+    run_dir = Path(storage) / name
+    if resume and not resumable(out, settings, name):
+        raise FileNotFoundError(f"{storage}/{name}: nothing to resume (no earlier run); drop --resume to start one")
+    _check_inputs(config, dataset, run_dir, resume)
+    with contextlib.ExitStack() as held:
+        if "://" not in storage and out not in run_dir.parents:  # storage of its own: hold it too
+            held.enter_context(output_lock(run_dir))
+        if not resume and "://" not in storage and run_dir.exists():
+            _check_is_a_train_run(run_dir)
+            shutil.rmtree(run_dir)  # a fresh run must not silently continue an old one
+        return _run_trainer(config, dataset, out, settings, ks, storage, name, inject_fault)
+
+
+def _check_is_a_train_run(run_dir: Path) -> None:
+    """A fresh run replaces an earlier run's Ray Train directory, never a directory Ray Train did not write."""
+    if not (run_dir / "checkpoint_manager_snapshot.json").exists() and not (run_dir / ".validate_storage_marker").exists():
+        raise ArtifactError(f"{run_dir}: exists and is not a Ray Train run directory; refusing to replace it "
+                            "(choose another train.storage_path or --out)")
+
+
+def _run_trainer(config: dict[str, Any], dataset: Any, out: Path, settings: TrainSettings, ks: tuple[int, ...],
+                 storage: str, name: str, inject_fault: dict[str, Any] | None) -> TrainResult:
     import os
 
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -185,14 +210,6 @@ def _fit_locked(config: dict[str, Any], dataset: Any, out: Path, settings: Train
     from seater_dist.train.loop import make_task
 
     dataset_path = dataset.path
-    storage = _storage(out, settings)
-    name = config["task"]
-    run_dir = Path(storage) / name
-    if resume and not resumable(out, settings, name):
-        raise FileNotFoundError(f"{storage}/{name}: nothing to resume (no earlier run); drop --resume to start one")
-    _check_inputs(config, dataset, run_dir, resume)
-    if not resume and "://" not in storage and run_dir.exists():
-        shutil.rmtree(run_dir)  # a fresh run must not silently continue an old one
     config = {**config, "dataset_path": str(Path(dataset_path).resolve()), "train_settings": settings.model_dump(mode="json"),
               "ks": list(ks), "inject_fault": inject_fault,
               "threads_per_worker": max(1, round(settings.cpus_per_worker))}
