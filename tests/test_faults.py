@@ -240,7 +240,7 @@ def training(art, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("training") / "seater"
     cfg = out.parent / "long.yaml"
-    cfg.write_text(f"seater: {json.dumps(SEATER)}\ntrain: {{workers: 2, batch_size: 16, epochs: 50, patience: 50}}\n")
+    cfg.write_text(f"seater: {json.dumps(SEATER)}\ntrain: {{workers: 2, batch_size: 64, epochs: 50, patience: 50}}\n")
     argv = ["train", "--data", str(art.dataset), "--tree", str(art.tree), "--out", str(out), "--config", str(cfg)]
     seen = SimpleNamespace(listening=set(), train_worker_listened=False, second=None, interrupted=False)
     running, stop = threading.Event(), threading.Event()
@@ -807,6 +807,17 @@ def test_train_refuses_an_artifact_directory_as_out(capsys, art, tmp_path):
     one_line_error(capsys, "train", "--data", art.dataset, "--tree", art.tree, "--out", data,
                    names=[data, "is an artifact directory"])
     assert listing(data) == before
+
+
+def test_a_fresh_training_run_never_deletes_a_storage_directory_it_did_not_write(capsys, art, tmp_path):
+    foreign = tmp_path / "storage" / "seater"
+    foreign.mkdir(parents=True)
+    (foreign / "notes.txt").write_text("keep me")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"train: {{storage_path: {tmp_path / 'storage'}}}\n")
+    one_line_error(capsys, "train", "--data", art.dataset, "--tree", art.tree, "--out", tmp_path / "out", "--config",
+                   cfg, names=[foreign, "not a Ray Train run directory"])
+    assert (foreign / "notes.txt").read_text() == "keep me" and hidden_beside(foreign) == []
 
 
 def test_evaluate_of_an_empty_split_names_it(capsys, art, tmp_path):
