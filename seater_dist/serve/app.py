@@ -7,9 +7,11 @@
 Deployments (names used by the config files):
 
 * ``Router`` (HTTP ingress): validates requests (request.py), calls ``Encoder`` once, fans out to the shards
-  and merges (merge.py). It holds no model: it is the same for SEATER and SASRec and for any version.
+  and merges (merge.py). It holds no model: it is the same for SEATER and SASRec and for any version. The
+  requests that queue while a batch is under way are answered together (``@serve.batch``, no waiting): one
+  encoder call and one call per shard for all of them, since every hop costs milliseconds of CPU.
 * ``Encoder``: raw ids -> item indices (unknown ids ignored), SEATER's encoder memory or SASRec's user state;
-  the popular items when no id is known. Batched (``@serve.batch``).
+  the popular items when no id is known. Calls from several routers are batched together too.
 * ``BeamShard0..S-1`` (SEATER): beam search inside the shard's subtrees of the root. Batched.
 * ``IndexShard0..S-1`` (SASRec): a faiss index (flat or HNSW) over a range of items. Batched.
 
@@ -88,6 +90,15 @@ _COMMON: dict[str, Any] = {"max_surge_percent": 100, "graceful_shutdown_wait_loo
                            "graceful_shutdown_timeout_s": 30.0, "health_check_period_s": 2.0}
 
 
+def _split(items: list[Any], sizes: list[int]) -> list[list[Any]]:
+    """items cut into consecutive lists of the given sizes."""
+    out, start = [], 0
+    for size in sizes:
+        out.append(items[start : start + size])
+        start += size
+    return out
+
+
 def _set_threads(threads: int) -> None:
     import torch
 
@@ -125,11 +136,12 @@ class Encoder:
         self.encode.set_max_batch_size(a.batch_size)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
-    async def encode(self, histories: list[list[str]]) -> list[EncodeResult]:
-        results = await asyncio.to_thread(self.part.encode, histories)
+    async def encode(self, batches: list[list[list[str]]]) -> list[list[EncodeResult]]:
+        """Each call sends a router's batch of histories; concurrent calls are encoded together."""
+        results = await asyncio.to_thread(self.part.encode, [h for batch in batches for h in batch])
         for r in results:
             r.info = self.part.info
-        return results
+        return _split(results, [len(b) for b in batches])
 
     def info(self) -> dict[str, Any]:
         return self.part.info
@@ -153,17 +165,18 @@ class BeamShard:
         self.search.set_max_batch_size(a.batch_size)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
-    async def search(self, requests: list[tuple[str, np.ndarray, np.ndarray, int]]) -> list[ShardBeams | Stale]:
-        """(version, memory [t, d], pad mask [t], beam) per request -> ShardBeams, or Stale for another version."""
-        out: list[ShardBeams | Stale] = [Stale(self.version)] * len(requests)
+    async def search(self, requests: list[tuple[str, np.ndarray, np.ndarray, int]]) -> list[list[ShardBeams] | Stale]:
+        """(version, memories [B, t, d], pad masks [B, t], beam) per call (a router's batch) -> B ShardBeams,
+        or Stale for another version. Concurrent calls are searched together."""
+        out: list[list[ShardBeams] | Stale] = [Stale(self.version)] * len(requests)
         current = [i for i, r in enumerate(requests) if r[0] == self.version]
         for beam in sorted({requests[i][3] for i in current}):
             rows = [i for i in current if requests[i][3] == beam]
-            memory = np.stack([requests[i][1] for i in rows])
-            pad_mask = np.stack([requests[i][2] for i in rows])
+            memory = np.concatenate([requests[i][1] for i in rows])
+            pad_mask = np.concatenate([requests[i][2] for i in rows])
             answers = await asyncio.to_thread(self.part.search, memory, pad_mask, beam)
-            for i, answer in zip(rows, answers):
-                out[i] = answer
+            for i, part in zip(rows, _split(answers, [len(requests[i][1]) for i in rows])):
+                out[i] = part
         return out
 
     async def expand(self, version: str, memory: np.ndarray, pad_mask: np.ndarray, level: int,
@@ -193,16 +206,15 @@ class IndexShard:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def search(self, requests: list[tuple[str, np.ndarray, int]]) -> list[Any]:
-        """(version, user state [d], n) per request -> (item ids, scores, raw ids), or Stale."""
+        """(version, user states [B, d], n) per call -> B (item ids, scores, raw ids) of at most n, or Stale."""
         out: list[Any] = [Stale(self.version)] * len(requests)
         current = [i for i, r in enumerate(requests) if r[0] == self.version]
         if current:
             n = max(requests[i][2] for i in current)
-            states = np.stack([requests[i][1] for i in current])
-            answers = await asyncio.to_thread(self.part.search, states, n)
-            for i, (ids, scores, raw) in zip(current, answers):
+            answers = await asyncio.to_thread(self.part.search, np.concatenate([requests[i][1] for i in current]), n)
+            for i, part in zip(current, _split(answers, [len(requests[i][1]) for i in current])):
                 n_i = requests[i][2]
-                out[i] = (ids[:n_i], scores[:n_i], raw[:n_i])
+                out[i] = [(ids[:n_i], scores[:n_i], raw[:n_i]) for ids, scores, raw in part]
         return out
 
 
@@ -284,7 +296,11 @@ class Router:
                                        error="request body too large")
             info = await self.info()
             req = parse_recommend(bytes(body), int(info["max_top_n"]), self.max_body)
-            return await self._answer(req.history, req.top_n)
+            answer = await self._answer((req.history, req.top_n))
+            if isinstance(answer, RequestError):
+                raise answer
+            body_out, headers = answer
+            return JSONResponse(body_out, headers=headers)
         except RequestError as err:
             return JSONResponse(err.body(), status_code=err.status)
         except BackPressureError:
@@ -295,60 +311,79 @@ class Router:
             log.exception("recommend failed")
             return JSONResponse({"error": "internal error", "problem": "see the service's log"}, status_code=500)
 
-    async def _answer(self, history: list[str], top_n: int) -> JSONResponse:
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
+    async def _answer(self, jobs: list[tuple[list[str], int]]) -> list[Any]:
+        """The requests queued in this router while the previous batch ran, answered together: one encoder
+        call and one call per shard for all of them (each hop costs milliseconds of CPU). Retried as a whole
+        when a replica died or another model version answered, for up to retry_timeout_s."""
         deadline = time.monotonic() + self.retry_timeout
         delay, attempt = 0.05, 0
         while True:
             attempt += 1
             try:
-                return await self._answer_once(history, top_n)
+                return await self._answer_once(jobs)
             except _RETRY as err:
                 if time.monotonic() + delay > deadline:
-                    log.warning("giving up a request after %d attempts: %s", attempt, type(err).__name__)
+                    log.warning("giving up %d request(s) after %d attempts: %s", len(jobs), attempt,
+                                type(err).__name__)
                     raise _Unavailable(f"no replica answered within {self.retry_timeout:g} s "
                                        f"({type(err).__name__})") from None
-                log.info("retrying a request (attempt %d): %s", attempt, type(err).__name__)
+                log.info("retrying %d request(s) (attempt %d): %s", len(jobs), attempt, type(err).__name__)
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 1.0)
 
-    async def _answer_once(self, history: list[str], top_n: int) -> JSONResponse:
-        enc: EncodeResult = await self.encoder.encode.remote(history)
-        info = enc.info
-        if self._info is None or self._info.get("model_version") != info["model_version"]:
-            self._info = info
-        if top_n > info["max_top_n"]:
-            raise RequestError(422, "top_n", f"must be an integer in 1..{info['max_top_n']}, got {top_n}")
-        body: dict[str, Any] = {"items": [], "scores": [], "model_version": enc.version, "ignored": enc.ignored}
-        headers = {}
-        if enc.state is None:
-            raw, scores = enc.fallback
-            body.update(items=raw[:top_n], scores=[float(s) for s in scores[:top_n]], fallback="popular")
-            return JSONResponse(body)
+    async def _answer_once(self, jobs: list[tuple[list[str], int]]) -> list[Any]:
+        """-> per job (response body, headers), or the RequestError to answer."""
+        encoded: list[EncodeResult] = await self.encoder.encode.remote([history for history, _ in jobs])
+        out: list[Any] = [None] * len(jobs)
+        rows = []
+        for i, (enc, (_, top_n)) in enumerate(zip(encoded, jobs)):
+            info = enc.info
+            if self._info is None or self._info.get("model_version") != info["model_version"]:
+                self._info = info
+            if top_n > info["max_top_n"]:
+                out[i] = RequestError(422, "top_n", f"must be an integer in 1..{info['max_top_n']}, got {top_n}")
+            elif enc.state is None:
+                raw, scores = enc.fallback
+                out[i] = ({"items": raw[:top_n], "scores": [float(x) for x in scores[:top_n]],
+                           "model_version": enc.version, "ignored": enc.ignored, "fallback": "popular"}, {})
+            else:
+                rows.append(i)
+        if not rows:
+            return out
+        version, info = encoded[rows[0]].version, encoded[rows[0]].info  # one encoder call: one version
+        states = np.stack([encoded[i].state for i in rows])
         if self.kind == "seater":
             beam = int(info["beam_size"])
-            answers = await asyncio.gather(*(s.search.remote((enc.version, enc.state, enc.pad_mask, beam))
-                                             for s in self.shards))
+            pad_mask = np.stack([encoded[i].pad_mask for i in rows])
+            answers = await asyncio.gather(*(s.search.remote((version, states, pad_mask, beam)) for s in self.shards))
             if any(isinstance(a, Stale) for a in answers):
                 raise _Retry()
-            merge = BeamMerge(answers, depth=int(info["depth"]), beam=beam, bos=int(info["num_items"]))
-            while (need := merge.missing()) is not None:
-                level, by_shard = need
-                shards = list(by_shard)
-                expansions = await asyncio.gather(*(self.shards[s].expand.remote(
-                    enc.version, enc.state, enc.pad_mask, level, by_shard[s]) for s in shards))
-                if any(isinstance(e, Stale) for e in expansions):
-                    raise _Retry()
-                for s, e in zip(shards, expansions):
-                    merge.add_expansion(level, s, e)
-            _, scores, raw = merge.top(top_n)
-            headers["X-Seater-Expanded"] = str(merge.expansions)
+            for j, i in enumerate(rows):
+                merge = BeamMerge([a[j] for a in answers], depth=int(info["depth"]), beam=beam,
+                                  bos=int(info["num_items"]))
+                while (need := merge.missing()) is not None:
+                    level, by_shard = need
+                    shards = list(by_shard)
+                    expansions = await asyncio.gather(*(self.shards[s].expand.remote(
+                        version, states[j], pad_mask[j], level, by_shard[s]) for s in shards))
+                    if any(isinstance(e, Stale) for e in expansions):
+                        raise _Retry()
+                    for s, e in zip(shards, expansions):
+                        merge.add_expansion(level, s, e)
+                _, scores, raw = merge.top(jobs[i][1])
+                out[i] = ({"items": raw, "scores": scores.astype(float).tolist(), "model_version": version,
+                           "ignored": encoded[i].ignored}, {"X-Seater-Expanded": str(merge.expansions)})
         else:
-            answers = await asyncio.gather(*(s.search.remote((enc.version, enc.state, top_n)) for s in self.shards))
+            n = max(jobs[i][1] for i in rows)
+            answers = await asyncio.gather(*(s.search.remote((version, states, n)) for s in self.shards))
             if any(isinstance(a, Stale) for a in answers):
                 raise _Retry()
-            _, scores, raw = merge_top(answers, top_n)
-        body.update(items=raw, scores=scores.astype(float).tolist())
-        return JSONResponse(body, headers=headers)
+            for j, i in enumerate(rows):
+                _, scores, raw = merge_top([a[j] for a in answers], jobs[i][1])
+                out[i] = ({"items": raw, "scores": scores.astype(float).tolist(), "model_version": version,
+                           "ignored": encoded[i].ignored}, {})
+        return out
 
 
 # ------------------------------------------------------------------------------------------ the builder

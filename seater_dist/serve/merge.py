@@ -117,11 +117,10 @@ class BeamMerge:
         """Advance the global beam as far as the expanded nodes allow. None when all D levels are done, else
         (level, {shard: global tokens of the global beam at level-1 that this shard must expand})."""
         while self.level < self.depth:
-            position = {int(t): i for i, t in enumerate(self.tokens)}
             found = np.zeros(self.tokens.size, dtype=bool)
             tokens, scores, owners = [], [], []
             for shard, parents, children, cumulative in self.blocks[self.level]:
-                rows = np.array([position.get(int(p), -1) for p in parents], dtype=np.int64)
+                rows = self._rows(parents)
                 keep = rows >= 0
                 if not keep.any():
                     continue
@@ -144,12 +143,23 @@ class BeamMerge:
             self.level += 1
         return None
 
+    def _rows(self, tokens: np.ndarray) -> np.ndarray:
+        """Position of each token in the current global beam, -1 where it is not in it."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if self.tokens.size == 0:
+            return np.full(tokens.size, -1, dtype=np.int64)
+        order = np.argsort(self.tokens, kind="stable")
+        ranked = self.tokens[order]
+        pos = np.searchsorted(ranked, tokens).clip(max=ranked.size - 1)
+        return np.where(ranked[pos] == tokens, order[pos], -1)
+
     def add_expansion(self, level: int, shard: int, expansion: Expansion) -> None:
         """Children of nodes of the global beam at ``level``-1, computed by ``shard`` on request."""
         if level != self.level + 1:
             raise ValueError(f"expansion for level {level}, the merge is at level {self.level + 1}")
-        position = {int(t): i for i, t in enumerate(self.tokens)}
-        rows = np.array([position[int(p)] for p in expansion.parents], dtype=np.int64)
+        rows = self._rows(expansion.parents)
+        if (rows < 0).any():
+            raise ValueError(f"expansion of tokens outside the global beam at level {level - 1}")
         cumulative = (self.scores[rows][:, None] + expansion.log_probs.astype(np.float32)).astype(np.float32)
         cumulative[expansion.children < 0] = -np.inf
         self.blocks[level - 1].append((shard, expansion.parents, expansion.children, cumulative))

@@ -307,7 +307,8 @@ class BeamShardPart:
         self.raw = pa.array(np.asarray(ckpt.item_ids, dtype=object)[self.global_of[: self.num_local_items]],
                             type=pa.string())
         state = dict(ckpt.model.state_dict())
-        state["tok_emb.weight"] = state["tok_emb.weight"][torch.from_numpy(self.global_of)]  # a copy of our rows
+        if self.global_of.size < state["tok_emb.weight"].shape[0]:  # one shard: every row, no copy
+            state["tok_emb.weight"] = state["tok_emb.weight"][torch.from_numpy(self.global_of)]  # a copy of ours
         with torch.device("meta"):
             model = SeaterModel(local_tree, ckpt.settings)
         model.load_state_dict(state, assign=True)
