@@ -262,10 +262,11 @@ def training(art, tmp_path_factory):
                 started = time.time()
                 code = main(argv)  # prints to the redirected stderr below
                 seen.second = (code, time.time() - started)
-            if seen.second is not None and list((out / "ray_results" / "seater").glob("epoch_*/manifest.json")):
-                if running.is_set() and not seen.interrupted:
-                    seen.interrupted = True
-                    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            epoch_done = bool(list((out / "ray_results" / "seater").glob("epoch_*/manifest.json")))
+            if ((seen.second is not None and epoch_done) or time.time() > deadline - 60) and running.is_set() \
+                    and not seen.interrupted:  # Ctrl-C after the first epoch (or, if it never comes, to end the run)
+                seen.interrupted = True
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
             time.sleep(0.2)
 
     def guard(signum, frame):  # a Ctrl-C that arrives outside the run must not stop pytest
@@ -311,6 +312,7 @@ def test_ctrl_c_during_training_exits_130_and_keeps_the_finished_epochs(training
     from seater_dist.train.trainer import resumable
 
     assert training.seen.interrupted and training.code == 130, training.lines
+    assert training.seen.second is not None, "interrupted before the first epoch finished"
     interrupted = [line for line in training.lines if line.startswith("seater train: interrupted")]
     assert len(interrupted) == 1 and "--resume" in interrupted[0], training.lines
     assert resumable(training.out, TrainSettings(), "seater")
