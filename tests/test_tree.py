@@ -217,3 +217,13 @@ def test_exact_threshold_path_reproduces_the_reference_solver_groups() -> None:
     top = tree.codes[:, 0]
     for token in np.unique(top):  # the level-1 nodes are exactly the reference solver's groups
         assert np.unique(labels[top == token]).size == 1
+
+
+def test_a_tree_over_partly_identical_embeddings_is_built_and_balanced():
+    """Nodes whose items are all identical have objective 0 for our solver and the reference alike."""
+    emb = np.zeros((300, 8), dtype=np.float32)
+    emb[150:] = np.random.default_rng(0).normal(size=(150, 8))
+    tree = build_tree(emb, TreeSettings(k=4, quality_sample_nodes=8), use_ray=False)
+    tree.validate()
+    ratios = [s["ratio"] for lvl in tree.manifest["levels"] for s in lvl.get("exact_samples", [])]
+    assert ratios and all(np.isfinite(r) for r in ratios)

@@ -76,7 +76,9 @@ def submit_reference_check(solver: ReferenceSolver, batched: list[tuple[np.ndarr
 def attach_reference_check(rec: dict[str, Any], solver: ReferenceSolver, ours: list[float],
                            nodes: list[np.ndarray], pending: Any) -> None:
     """Add the reference-versus-ours comparison of one level to its record."""
-    samples = [{"items": int(idx.size), "ours": o, "exact": ref_sse, "ratio": o / ref_sse,
+    # A node of identical items has objective 0 under both solvers: their ratio is 1, not 0/0.
+    samples = [{"items": int(idx.size), "ours": o, "exact": ref_sse,
+                "ratio": o / ref_sse if ref_sse > 0 else (1.0 if o <= 0 else float("inf")),
                 "exact_seconds": round(secs, 3)}
                for o, idx, (ref_sse, secs) in zip(ours, nodes, solver.reference_wait(pending))]
     if samples:
