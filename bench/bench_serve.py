@@ -356,7 +356,10 @@ def main() -> None:
     from ray import serve
 
     from seater_dist.ray_env import init_ray
+    from seater_dist.serve.app import serve_env
 
+    for name, value in serve_env().items():  # as `seater serve` does: the HTTP proxy too
+        os.environ.setdefault(name, value)
     init_ray(num_cpus=2)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port},

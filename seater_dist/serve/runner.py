@@ -13,7 +13,7 @@ import urllib.request
 from typing import Any, Callable
 
 from seater_dist.ray_env import init_ray
-from seater_dist.serve.app import ServeArgs, build_app, deployment_names
+from seater_dist.serve.app import ServeArgs, build_app, deployment_names, serve_env
 
 APP_NAME = "seater"
 
@@ -56,6 +56,9 @@ def run_service(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, addr
     if not address and port_in_use(host, port):
         raise ValueError(f"port {port} on {host} is in use; choose another with --port")
     t0 = time.time()
+    if not address:  # a private Ray: its HTTP proxy takes the same throughput settings as the replicas
+        for name, value in serve_env().items():
+            os.environ.setdefault(name, value)
     init_ray(address)
     if not os.environ.get("SEATER_VERBOSE"):
         import logging
