@@ -326,13 +326,15 @@ def service(ray_session, run_dir, tmp_path_factory):
     config = yaml.safe_load((ROOT / "serve" / "seater.yaml").read_text())
     config["http_options"]["port"] = port
     config["applications"][0]["args"]["checkpoint"] = str(run_dir / "seater" / "best")
+    config["applications"][0]["args"]["serial_load"] = False  # tiny checkpoints: load side by side
     tmp = tmp_path_factory.mktemp("serve")
     _serve_deploy(config, tmp)  # returns at once; the replicas start meanwhile
     quiet = {"log_level": "WARNING", "enable_access_log": False}
     serve.run_many([  # the other tests' applications, started together (each test deletes its own)
-        RunTarget(build_app({"checkpoint": str(run_dir / "seater" / "best"), "shards": 4, "beam_size": N}),
+        RunTarget(build_app({"checkpoint": str(run_dir / "seater" / "best"), "shards": 4, "beam_size": N,
+                             "serial_load": False}),
                   name="wide", route_prefix="/wide", logging_config=quiet),
-        RunTarget(build_app({"checkpoint": str(run_dir / "sasrec" / "best"), "shards": 2}),
+        RunTarget(build_app({"checkpoint": str(run_dir / "sasrec" / "best"), "shards": 2, "serial_load": False}),
                   name="sasrec", route_prefix="/sasrec", logging_config=quiet)])
     url = f"http://127.0.0.1:{port}"
     _wait_for(lambda: requests.get(f"{url}/healthz", timeout=5).status_code == 200, 240, "the service")

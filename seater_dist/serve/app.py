@@ -27,7 +27,10 @@ import asyncio
 import gc
 import logging
 import os
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -75,6 +78,8 @@ class ServeArgs(BaseModel):
     retry_timeout_s: float = Field(30.0, gt=0, description="How long the router retries a request whose replica "
                                    "died or changed version before answering 503.")
     batch_size: int = Field(16, ge=1, description="Most requests one encoder/shard batch holds.")
+    serial_load: bool = Field(True, description="Replicas on one machine load the checkpoint one at a time "
+                              "(bounds the peak memory of a deployment; slower to start).")
 
 
 def _args(args: dict[str, Any] | ServeArgs) -> ServeArgs:
@@ -117,11 +122,34 @@ def _set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _load(a: ServeArgs) -> Any:
+def _build_part(a: ServeArgs, make: Any) -> Any:
+    """Load the checkpoint, keep ``make(ckpt)`` (this replica's part), free the rest. With ``serial_load``,
+    the replicas of one machine do this one at a time: loading holds the whole checkpoint in memory for a
+    moment (twice the token table at 6.1M items), and several replicas loading at once add up."""
     from seater_dist.model.checkpoint import load_checkpoint
     from seater_dist.serve.parts import resolve_checkpoint
 
-    return load_checkpoint(resolve_checkpoint(a.checkpoint))
+    with _one_at_a_time(a.serial_load):
+        ckpt = load_checkpoint(resolve_checkpoint(a.checkpoint))
+        part = make(ckpt)
+        del ckpt
+        gc.collect()
+    return part
+
+
+@contextmanager
+def _one_at_a_time(enabled: bool) -> Iterator[None]:
+    if not enabled:
+        yield
+        return
+    import fcntl
+
+    with open(Path(tempfile.gettempdir()) / "seater-serve-load.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 # ------------------------------------------------------------------------------------------ workers
@@ -137,14 +165,14 @@ class Encoder:
 
         a = _args(args)
         _set_threads(a.threads)
-        ckpt = _load(a)
         device = choose_device(a.gpu)
-        if ckpt.kind == "seater":
-            self.part: Any = SeaterEncoderPart(ckpt, a.beam_size, a.popularity, device, a.shards)
-        else:
-            self.part = SasrecEncoderPart(ckpt, a.beam_size, a.popularity, device, a.shards, a.index)
-        del ckpt
-        gc.collect()
+
+        def make(ckpt: Any) -> Any:
+            if ckpt.kind == "seater":
+                return SeaterEncoderPart(ckpt, a.beam_size, a.popularity, device, a.shards)
+            return SasrecEncoderPart(ckpt, a.beam_size, a.popularity, device, a.shards, a.index)
+
+        self.part: Any = _build_part(a, make)
         self.encode.set_max_batch_size(a.batch_size)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
@@ -169,11 +197,8 @@ class BeamShard:
 
         a = _args(args)
         _set_threads(a.threads)
-        ckpt = _load(a)
-        self.part = BeamShardPart(ckpt, shard, num_shards, choose_device(a.gpu))
+        self.part = _build_part(a, lambda ckpt: BeamShardPart(ckpt, shard, num_shards, choose_device(a.gpu)))
         self.version = self.part.version
-        del ckpt
-        gc.collect()
         self.search.set_max_batch_size(a.batch_size)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
@@ -208,12 +233,15 @@ class IndexShard:
 
         a = _args(args)
         _set_threads(a.threads)
-        ckpt = _load(a)
-        self.part = IndexShardPart(ckpt, shard, num_shards, a.index, a.hnsw_m, a.ef_construction, a.ef_search,
-                                   a.threads, a.index_cache)
+
+        def make(ckpt: Any) -> IndexShardPart:
+            ckpt.model = None  # the index needs the item table only: free the model's copy before building
+            gc.collect()
+            return IndexShardPart(ckpt, shard, num_shards, a.index, a.hnsw_m, a.ef_construction, a.ef_search,
+                                  a.threads, a.index_cache)
+
+        self.part = _build_part(a, make)
         self.version = self.part.version
-        del ckpt
-        gc.collect()
         self.search.set_max_batch_size(a.batch_size)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)

@@ -3,9 +3,8 @@ no Ray here, so the sharded search runs (and is tested) in one process (:class:`
 
 SEATER
 * :class:`SeaterEncoderPart` - raw ids -> item indices (unknown ids ignored), the encoder (Eq. 2) once per
-  request, the popular items for histories with no known item. Keeps the token table's item/BOS/PAD rows
-  (a view: the internal-node rows stay allocated, which avoids a copy at load), the encoder layers and the
-  raw-id index; the decoder and the tree are dropped.
+  request, the popular items for histories with no known item. Keeps the token table's item/BOS/PAD rows,
+  the encoder layers and the raw-id index; the decoder, the internal-node rows and the tree are dropped.
 * :class:`BeamShardPart` - shard s of S owns a contiguous group of the root's children (``shard_roots``)
   and holds only the token rows of its subtrees (items and internal nodes), BOS, PAD and the root's k
   children (for the step-1 softmax, whose normaliser runs over all of them), plus the decoder. Its
@@ -201,9 +200,10 @@ class SeaterEncoderPart:
             "max_top_n": self.beam, "history_len": self.history_len, "shards": num_shards,
             "popularity": self.popularity_source, "checkpoint": str(ckpt.path),
         }
-        # Keep only what encode() reads: item/BOS/PAD rows (a view of the loaded table), positions, encoder layers.
+        # Keep only what encode() reads: the item/BOS/PAD rows, positions, encoder layers.
         n_rows = model.num_items + 2
-        model.tok_emb = torch.nn.Embedding.from_pretrained(model.tok_emb.weight.detach()[:n_rows], freeze=True)
+        model.tok_emb = torch.nn.Embedding.from_pretrained(model.tok_emb.weight.detach()[:n_rows].clone(),
+                                                           freeze=True)
         model.decoder = torch.nn.ModuleList()
         model.rank_sampler = torch.nn.Module()
         for name in ("child_table", "item_codes", "token_parent", "token_level"):
