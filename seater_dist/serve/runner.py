@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import time
 import urllib.request
@@ -44,7 +45,7 @@ def get_json(url: str, timeout: float = 10.0) -> dict[str, Any]:
 def run_service(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
                 block: bool = True, out: Callable[[str], None] = print) -> dict[str, Any]:
     """Deploy ``build_app(args)`` as the application ``seater`` with HTTP on host:port; print the URL and a
-    curl example; block until Ctrl-C when ``block``. On a local Ray, Ctrl-C shuts Serve down; on a cluster
+    curl example; block until Ctrl-C (or SIGTERM) when ``block``. On a local Ray, Ctrl-C shuts Serve down; on a cluster
     (``address``) the application keeps running (``serve shutdown -a http://HEAD:8265`` removes it)."""
     from ray import serve
 
@@ -83,6 +84,10 @@ def run_service(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, addr
     if not block:
         return summary
     out("Ctrl-C stops" + (" this command; the application keeps running on the cluster" if address else ""))
+    # SIGTERM (kill, a container stopping) and SIGINT stop it the same way, even when SIGINT was ignored at
+    # start (a background job of a non-interactive shell).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         while True:
             time.sleep(3600)
