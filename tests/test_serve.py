@@ -36,7 +36,9 @@ from seater_dist.serve.parts import (IndexShardPart, SasrecEncoderPart, ShardedS
 from seater_dist.serve.request import RequestError, parse_recommend
 
 ROOT = Path(__file__).resolve().parents[1]
-CRDS = Path(os.environ.get("SEATER_KUBERAY_CRDS", ROOT.parent / "shared" / "kuberay-crds"))
+CRDS = next((Path(c) for c in (os.environ.get("SEATER_KUBERAY_CRDS"), ROOT.parent / "shared" / "kuberay-crds",
+                                 "/work/shared/kuberay-crds") if c and Path(c).is_dir()),
+            ROOT.parent / "shared" / "kuberay-crds")  # as conftest finds the shared data: beside the clone, else /work
 N, K, BEAM, T = 300, 4, 50, 6  # D = 5
 
 
