@@ -237,6 +237,13 @@ class SeaterEncoderPart:
 # ------------------------------------------------------------------------------------------ SEATER shards
 
 
+def _tensor(x: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A tensor on ``device`` from an array that may be read-only (Ray hands out read-only arrays)."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    return torch.from_numpy(np.array(x, copy=True)).to(device)
+
+
 def root_children(tree: ItemTree) -> np.ndarray:
     """The root's (BOS's) children, in the tree's order. int64 [<= k]"""
     row = tree.children[0]
@@ -339,8 +346,7 @@ class BeamShardPart:
         scored with the softmax over all of the root's children at step 1.
         """
         m = self.model
-        memory = torch.as_tensor(memory, device=self.device)
-        pad_mask = torch.as_tensor(pad_mask, device=self.device)
+        memory, pad_mask = _tensor(memory, self.device), _tensor(pad_mask, self.device)
         B = memory.shape[0]
         levels = []
         with eval_mode(m):
@@ -392,8 +398,8 @@ class BeamShardPart:
         for col in range(level - 1, 0, -1):  # [BOS, a_1, ..., a_{level-1}]
             paths[:, col] = node
             node = self.parent_local[node]
-        memory = torch.as_tensor(memory, device=self.device).reshape(1, -1, memory.shape[-1])
-        pad_mask = torch.as_tensor(pad_mask, device=self.device).reshape(1, -1)
+        memory = _tensor(memory, self.device).reshape(1, -1, memory.shape[-1])
+        pad_mask = _tensor(pad_mask, self.device).reshape(1, -1)
         with eval_mode(m):
             inputs = torch.from_numpy(paths).to(self.device)[None]  # [1, M, level]
             states = m.decode(inputs, m.memory_kv(memory), pad_mask)[:, :, -1]  # [1, M, d]
