@@ -212,13 +212,7 @@ class SeaterEncoderPart:
 
     def lookup(self, histories: Sequence[Sequence[str]]) -> tuple[list[np.ndarray], list[list[str]]]:
         """Raw ids -> (known item indices of each history, oldest first; unknown raw ids of each history)."""
-        known, ignored = [], []
-        for history in histories:
-            raw = [str(h) for h in history]
-            idx = self.index.lookup(raw)
-            known.append(idx[idx >= 0])
-            ignored.append([r for r, i in zip(raw, idx) if i < 0])
-        return known, ignored
+        return lookup_histories(self.index, histories)
 
     def encode(self, histories: Sequence[Sequence[str]]) -> list[EncodeResult]:
         known, ignored = self.lookup(histories)
@@ -232,6 +226,18 @@ class SeaterEncoderPart:
             for j, i in enumerate(rows):
                 out[i] = EncodeResult(self.version, memory[j], pad_mask[j], ignored[i])
         return out
+
+
+def lookup_histories(index: ItemIdIndex, histories: Sequence[Sequence[str]]
+                     ) -> tuple[list[np.ndarray], list[list[str]]]:
+    """Raw ids -> (known item indices of each history, oldest first; unknown raw ids of each history)."""
+    known, ignored = [], []
+    for history in histories:
+        raw = [str(h) for h in history]
+        idx = index.lookup(raw)
+        known.append(idx[idx >= 0])
+        ignored.append([r for r, i in zip(raw, idx) if i < 0])
+    return known, ignored
 
 
 # ------------------------------------------------------------------------------------------ SEATER shards
@@ -449,12 +455,7 @@ class SasrecEncoderPart:
             return self.model.user_state(batch).float().cpu().numpy()
 
     def encode(self, histories: Sequence[Sequence[str]]) -> list[EncodeResult]:
-        known, ignored = [], []
-        for history in histories:
-            raw = [str(h) for h in history]
-            idx = self.index.lookup(raw)
-            known.append(idx[idx >= 0])
-            ignored.append([r for r, i in zip(raw, idx) if i < 0])
+        known, ignored = lookup_histories(self.index, histories)
         out = [EncodeResult(self.version, None, None, ign, (self.popular, self.popular_scores)) for ign in ignored]
         rows = [i for i, k in enumerate(known) if k.size]
         if rows:
