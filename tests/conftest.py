@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +14,20 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The S3 API the object-storage tests talk to (the `s3` fixture starts it on this port): set before any Ray
+# starts, so that every Ray worker of the session inherits it, as on a cluster whose nodes share a config.
+S3_PORT = _free_port()
+os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "AWS_ACCESS_KEY_ID": "seater-test",
+                   "AWS_SECRET_ACCESS_KEY": "seater-test", "AWS_REGION": "us-east-1",
+                   "AWS_EC2_METADATA_DISABLED": "true"})
 
 def _shared_data() -> Path:
     """The project's shared data: $SEATER_DATA, else ../shared/data beside the clone, else /work/shared/data."""
@@ -61,3 +79,27 @@ def ml100k_path() -> Path:
     if not ML100K.exists():
         pytest.fail(f"ml-100k data not found at {ML100K} (set SEATER_ML100K)")
     return ML100K
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3 API on 127.0.0.1 (moto's standalone server) with an empty bucket -> "s3://seater-test"."""
+    import boto3
+
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", S3_PORT), 0.5).close()
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    pytest.fail(f"the S3 test server did not start on port {S3_PORT}")
+                time.sleep(0.1)
+        boto3.client("s3").create_bucket(Bucket="seater-test")
+        yield "s3://seater-test"
+    finally:
+        server.terminate()
+        server.wait(10)

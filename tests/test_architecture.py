@@ -1,5 +1,5 @@
 """The package's import graph points one way: cli/jobs -> pipeline -> train, eval, serve -> model ->
-tree, data -> config, formats, artifacts. No two modules import each other, directly or in a cycle."""
+tree, data -> config, formats, artifacts, storage. No two modules import each other, directly or in a cycle."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "seater_dist"
 # Lower number = lower layer; a module may import only from its own layer or below.
 LAYERS = {
     "seater_dist.config": 0, "seater_dist.formats": 0, "seater_dist.artifacts": 0, "seater_dist.ray_env": 0,
-    "seater_dist.quiet": 0,
+    "seater_dist.quiet": 0, "seater_dist.storage": 0,
     "seater_dist.tree": 1, "seater_dist.data": 1,
     "seater_dist.model": 2,
     "seater_dist.train": 3, "seater_dist.eval": 3, "seater_dist.serve": 3,
@@ -40,7 +40,8 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
             if node.level:
                 parts = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(parts + ([base] if base else []))
-            found |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+            # `from pkg import module` imports that module; `from pkg import name` imports pkg itself
+            found |= {f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names}
     return {m for m in found if m in known and m != name and not m.startswith(name + ".")}
 
 

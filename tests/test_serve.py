@@ -1,5 +1,6 @@
 """Serving (seater_dist.serve): the sharded search is the single-process search; the HTTP contract; a
-replica killed under load is replaced; a rollout fails no request; the Serve and KubeRay config files.
+replica killed under load is replaced; a rollout fails no request; the Serve config files (the KubeRay
+RayService: tests/test_cluster_manifests.py).
 
 The pure tests need no Ray. The HTTP tests share one Serve on 127.0.0.1 (the session's Ray, a free port),
 started by the ``service`` fixture and shut down (Serve only, never Ray) at the end of the module.
@@ -8,7 +9,6 @@ started by the ``service`` fixture and shut down (Serve only, never Ray) at the 
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -31,14 +31,11 @@ from seater_dist.model.seater import SeaterModel
 from seater_dist.model.toy_trees import random_balanced_tree
 from seater_dist.serve.app import build_app, deployment_names
 from seater_dist.serve.merge import merge_top
-from seater_dist.serve.parts import (IndexShardPart, SasrecEncoderPart, ShardedSeater, resolve_checkpoint,
+from seater_dist.serve.parts import (IndexShardPart, SasrecEncoderPart, ShardedSeater,
                                      shard_roots, sharded_beam_search)
 from seater_dist.serve.request import RequestError, parse_recommend
 
 ROOT = Path(__file__).resolve().parents[1]
-CRDS = next((Path(c) for c in (os.environ.get("SEATER_KUBERAY_CRDS"), ROOT.parent / "shared" / "kuberay-crds",
-                                 "/work/shared/kuberay-crds") if c and Path(c).is_dir()),
-            ROOT.parent / "shared" / "kuberay-crds")  # as conftest finds the shared data: beside the clone, else /work
 N, K, BEAM, T = 300, 4, 50, 6  # D = 5
 
 
@@ -179,14 +176,6 @@ def test_popular_items_come_from_the_runs_dataset_else_from_the_model(run_dir):
     assert model.recommend([[]], top_n=5)[0]["items"] == expected["items"]
 
 
-def test_checkpoint_uri_is_fetched_once_into_the_cache(run_dir, tmp_path):
-    uri = (run_dir / "seater" / "best").as_uri()  # file://...
-    local = resolve_checkpoint(uri, cache=tmp_path / "cache")
-    assert local != run_dir / "seater" / "best" and (local / "model.pt").is_file()
-    assert resolve_checkpoint(uri, cache=tmp_path / "cache") == local
-    assert load_checkpoint(local).model_version == load_checkpoint(run_dir / "seater" / "best").model_version
-
-
 # ------------------------------------------------------------------------------------------ pure: the contract
 
 
@@ -234,40 +223,6 @@ def test_serve_configs_are_valid_serve_deploy_schemas_naming_the_apps_deployment
         assert app.import_path == "seater_dist.serve.app:build_app"
         assert [d.name for d in app.deployments] == deployment_names(kind, app.args["shards"])
         assert config.http_options.host == "127.0.0.1"
-
-
-def _unknown_fields(doc, schema, where="") -> list[str]:
-    """Fields the API server would prune: not in ``properties`` of a schema that allows no others."""
-    found = []
-    if isinstance(doc, dict) and "properties" in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
-        if "additionalProperties" not in schema:
-            found += [f"{where}.{k}" for k in doc if k not in schema["properties"]]
-        for key, value in doc.items():
-            if key in schema["properties"]:
-                found += _unknown_fields(value, schema["properties"][key], f"{where}.{key}")
-    elif isinstance(doc, list) and "items" in schema:
-        for i, value in enumerate(doc):
-            found += _unknown_fields(value, schema["items"], f"{where}[{i}]")
-    return found
-
-
-def test_kuberay_rayservice_is_valid_against_the_crd_and_its_serve_config_against_serve():
-    import jsonschema
-    from ray.serve.schema import ServeDeploySchema
-
-    crd_file = CRDS / "ray.io_rayservices.yaml"
-    if not crd_file.is_file():
-        pytest.fail(f"KubeRay CRDs not found at {CRDS} (set SEATER_KUBERAY_CRDS)")
-    crd = yaml.safe_load(crd_file.read_text())
-    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
-    doc = yaml.safe_load((ROOT / "cluster" / "kuberay-rayservice.yaml").read_text())
-    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == crd["spec"]["names"]["kind"]
-    jsonschema.validate(doc, schema)
-    assert _unknown_fields(doc, schema) == []
-    serve_config = ServeDeploySchema.model_validate(yaml.safe_load(doc["spec"]["serveConfigV2"]))
-    app = serve_config.applications[0]
-    assert [d.name for d in app.deployments] == deployment_names("seater", app.args["shards"])
-    assert all(d.autoscaling_config for d in app.deployments)
 
 
 def test_seater_serve_refuses_a_bad_checkpoint_in_one_line_before_starting_ray(tmp_path, capsys):

@@ -12,7 +12,9 @@ directory, a regular file, and has its recorded sha256. The content is hashed in
 first time; the result is kept as a stamp, ``.verified.json`` in the directory (each file's size,
 modification time and inode, for this manifest), so later opens (every Train worker, evaluate) re-hash
 only files whose stamp no longer matches. A read-only dataset keeps its stamp in the process instead.
-Reads use exactly the files the manifest lists.
+Reads use exactly the files the manifest lists. A dataset at a URI (``s3://...``) is read from a
+verified local copy (:func:`seater_dist.storage.local_copy`), except :meth:`Dataset.ray_dataset`, whose
+read tasks, on whichever node they run, read the shards from the URI itself.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from seater_dist import storage
 from seater_dist.artifacts import member, read_manifest, sha256_file
 from seater_dist.data.errors import DataError
 from seater_dist.data.ops import EVAL_SCHEMA, SPLITS, TRAIN_SCHEMA
@@ -43,10 +46,14 @@ _stamps_guard = threading.Lock()
 
 @dataclass
 class Dataset:
-    """A prepared dataset directory. ``item_ids``: np.ndarray [num_items] of raw ids (str) by dense index."""
+    """A prepared dataset directory. ``item_ids``: np.ndarray [num_items] of raw ids (str) by dense index.
+
+    ``path`` is local; ``source`` is where it was opened from (the same path, or the URI it was copied from).
+    """
 
     path: Path
     manifest: dict[str, Any]
+    source: str = ""
     _item_ids: np.ndarray | None = field(default=None, repr=False)
 
     @property
@@ -100,6 +107,10 @@ class Dataset:
         schema = TRAIN_SCHEMA if split == "train" else EVAL_SCHEMA
         if not files:
             return ray.data.from_arrow(schema.empty_table())
+        if storage.is_remote(self.source):  # read where every node can: the verified objects themselves
+            fs, root = storage.resolve(self.source)
+            names = [Path(f).relative_to(self.path).as_posix() for f in files]
+            return ray.data.read_parquet([f"{root}/{n}" for n in names], schema=schema, filesystem=fs)
         return ray.data.read_parquet(files, schema=schema)
 
 
@@ -107,8 +118,10 @@ def load_dataset(path: str | Path, verify: bool = True) -> Dataset:
     """Open a `dataset/` directory; DataError naming what is missing or altered if it is not a whole one.
 
     verify: check every file against the manifest (:func:`verify_dataset`; cheap after the first time).
+    ``path``: a local path or a URI (copied once to a local cache, checked as it is copied).
     """
-    path = Path(path)
+    source = str(path)
+    path = storage.local_copy(path, DataError)
     if not path.is_dir():
         raise DataError(f"{path}: not a dataset directory (it does not exist or is a file); "
                         "make one with `seater prepare`")
@@ -122,7 +135,7 @@ def load_dataset(path: str | Path, verify: bool = True) -> Dataset:
         raise DataError(f"{path / 'manifest.json'}: incomplete (no counts or protocol); {_REMAKE}")
     if verify:
         verify_dataset(path, manifest)
-    return Dataset(path, manifest)
+    return Dataset(path, manifest, source=source)
 
 
 def verify_dataset(path: str | Path, manifest: dict[str, Any]) -> None:

@@ -44,6 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from seater_dist import storage
 from seater_dist.artifacts import atomic_dir, sha256_file
 from seater_dist.config import PrepareSettings
 from seater_dist.data import ops
@@ -99,13 +100,35 @@ def _run(settings: PrepareSettings, engine: str) -> PrepareResult:
     fs, files = list_input_files(settings.input, settings.format)
     opts = integer_ids(fs, files, opts)
     chunks = plan_chunks(fs, files, opts)
-    if "://" in settings.out:
-        raise DataError(f"out: {settings.out}: prepare writes to a local or mounted path (URIs are read-only inputs)")
-    with atomic_dir(settings.out, "dataset") as tmp:
+    # A URI output is made in a local staging directory and published (manifest last) at the end. The
+    # driver writes every file of it; read tasks, on any node, put their rejected rows in `rejected`,
+    # beside the output when it is remote (the driver collects them).
+    with storage.staged_output(settings.out) as local, atomic_dir(local, "dataset") as tmp:
         (tmp / "rejected").mkdir()
         runner = _RayRun if engine == "ray" else _LocalRun
-        result = runner(settings, opts, files, chunks, tmp).run()
+        rejected = (storage.join(settings.out.rstrip("/") + f".rejected-{uuid.uuid4().hex[:8]}")
+                    if storage.is_remote(settings.out) else str(tmp / "rejected"))
+        try:
+            result = runner(settings, opts, files, chunks, tmp, rejected).run()
+        finally:
+            _collect_rejected(rejected, tmp / "rejected")
         return _finish(settings, files, tmp, result, time.time() - t0)
+
+
+def _collect_rejected(where: str, local: Path) -> None:
+    """Bring the rejected-row files the read tasks wrote at a URI into the local ``rejected/`` and delete them
+    there (nothing to do when the tasks wrote into ``rejected/`` itself)."""
+    if not storage.is_remote(where):
+        return
+    import pyarrow.fs as pafs
+
+    fs, root = storage.resolve(where)
+    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    for info in infos:
+        if info.type == pafs.FileType.File and info.path.endswith(".parquet"):
+            (local / storage.name_of(info.path)).write_bytes(storage.read_bytes(f"{where}/{storage.name_of(info.path)}"))
+    if infos:
+        fs.delete_dir(root)
 
 
 def _check_settings(s: PrepareSettings) -> None:
@@ -144,8 +167,9 @@ def _rows_with_items(counts: pa.Table, kept: pa.Array) -> int:
 
 class _Engine:
     def __init__(self, settings: PrepareSettings, opts: ReaderOptions, files: list[str], chunks: list[Chunk],
-                 tmp: Path) -> None:
+                 tmp: Path, rejected: str) -> None:
         self.s, self.opts, self.files, self.chunks, self.tmp = settings, opts, files, chunks, tmp
+        self.rejected = rejected  # where read tasks write rejected rows (tmp/rejected, or a URI)
         self.r = _Result()
 
     def run(self) -> _Result:
@@ -257,7 +281,7 @@ class _RayRun(_Engine):
         import ray
 
         n_parts = self.s.num_blocks or _auto_partitions(self.files)
-        ctx = {"opts": self.opts, "files": self.files, "rejected_dir": str(self.tmp / "rejected"),
+        ctx = {"opts": self.opts, "files": self.files, "rejected_dir": self.rejected,
                "policy": self.s.duplicates}
         ds = ray.data.from_items([c.to_dict() for c in self.chunks], override_num_blocks=len(self.chunks))
         ds = ds.map_batches(_read_chunks, batch_size=1, batch_format="pyarrow", fn_kwargs={"ctx": ctx})
@@ -265,6 +289,7 @@ class _RayRun(_Engine):
         ds = ds.map_batches(_sort_block, batch_size=None, batch_format="pyarrow", fn_kwargs={"ctx": ctx})
         self.sorted = ds.materialize()
         self.r.after_dedupe = self.sorted.count()
+        _collect_rejected(self.rejected, self.tmp / "rejected")
         reasons = Counter(_read_rejected(self.tmp, columns=["reason"]).column("reason").to_pylist())
         self.r.valid_rows = self.r.after_dedupe + reasons["duplicate"] + reasons["mind_history_repeat"]
         self.r.blocks = self.sorted.num_blocks()
@@ -306,7 +331,12 @@ class _RayRun(_Engine):
             kw = {"refs": [users_ref, split_ref], "split": split, "protocol": self.s.protocol,
                   "fraction": self.s.history_fraction}
             out = self.seqs.map_batches(_split_block, batch_size=None, batch_format="pyarrow", fn_kwargs=kw)
-            out.write_parquet(str(self.tmp / split))
+            # Written here, block by block in block order, so that the files are where the driver is.
+            for i, ref in enumerate(out.to_arrow_refs()):
+                block = ray.get(ref)
+                if block.num_rows:
+                    pq.write_table(block, self.tmp / split / f"part-{i:05d}.parquet")
+                del block
 
 
 def _auto_partitions(files: list[str]) -> int:
@@ -365,6 +395,11 @@ def _split_block(seqs: pa.Table, refs: list, split: str, protocol: str, fraction
 
 
 def _write_rejected(rej: pa.Table, directory: str, name: str) -> None:
+    if storage.is_remote(directory):  # one object, written whole
+        sink = pa.BufferOutputStream()
+        pq.write_table(rej, sink)
+        storage.write_bytes(f"{directory}/{name}.parquet", sink.getvalue().to_pybytes())
+        return
     path = Path(directory) / f"{name}.parquet"
     tmp = path.with_suffix(f".{uuid.uuid4().hex[:6]}.tmp")
     pq.write_table(rej, tmp)

@@ -46,6 +46,7 @@ import pyarrow.csv as pcsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from seater_dist import storage
 from seater_dist.data.errors import DataError
 from seater_dist.formats import FORMATS
 
@@ -112,7 +113,7 @@ def list_input_files(path: str, fmt: str) -> tuple[pafs.FileSystem, list[str]]:
     Files whose names start with ``_`` or ``.`` are skipped (Hadoop/Spark convention for metadata).
     Raises DataError if the path does not exist or holds no data file.
     """
-    fs, root = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+    fs, root = storage.resolve(path) if "://" in path else (pafs.LocalFileSystem(), path)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
         raise DataError(f"{path}: input not found")
@@ -161,7 +162,13 @@ def plan_chunks(fs: pafs.FileSystem, files: list[str], opts: ReaderOptions,
             chunks += _plan_parquet(fs, file, index, opts)
         else:
             chunks += _plan_text(fs, file, index, opts, chunk_bytes)
+    scheme = _URI_SCHEMES.get(fs.type_name)
+    if scheme:  # each chunk names its file as a URI, so that a read task on any node opens it from there
+        chunks = [replace(c, file=f"{scheme}://{c.file}") for c in chunks]
     return chunks
+
+
+_URI_SCHEMES = {"s3": "s3", "gcs": "gs", "hdfs": "hdfs", "abfs": "abfs"}  # pyarrow type_name -> URI scheme
 
 
 def _is_parquet(file: str) -> bool:
@@ -297,7 +304,7 @@ def _header_columns(file: str, header: bytes, opts: ReaderOptions) -> tuple[str,
 
 def read_chunk(chunk: Chunk, opts: ReaderOptions) -> tuple[pa.Table, pa.Table]:
     """Parse one chunk: (good interactions in the canonical schema, rejected rows)."""
-    fs, path = pafs.FileSystem.from_uri(chunk.file) if "://" in chunk.file else (pafs.LocalFileSystem(), chunk.file)
+    fs, path = storage.resolve(chunk.file) if "://" in chunk.file else (pafs.LocalFileSystem(), chunk.file)
     if chunk.kind == "parquet":
         with fs.open_input_file(path) as f:
             table = pq.ParquetFile(f).read_row_group(chunk.start)

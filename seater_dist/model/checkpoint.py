@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from seater_dist import storage
 from seater_dist.artifacts import (ArtifactError, atomic_dir, member, read_manifest, sha256_file, verify_files,
                                    write_manifest)
 from seater_dist.config import SasrecSettings, SeaterSettings, Settings, SettingsError
@@ -94,7 +95,7 @@ class Checkpoint:
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, settings: SeaterSettings | SasrecSettings,
                     item_ids: np.ndarray, *, tree: ItemTree | None = None,
                     extra: dict[str, Any] | None = None) -> Path:
-    """Write a checkpoint directory atomically (replacing an existing one). Returns the path.
+    """Write a checkpoint directory (local or URI) atomically (replacing an existing one). Returns the path.
 
     model: a SeaterModel (then ``tree`` is required) or a SASRec, possibly DDP-wrapped (``.module``);
     item_ids: raw id (str) of item index 0..N-1.
@@ -109,7 +110,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, settings: SeaterS
             raise CheckpointError("a SEATER checkpoint needs its tree")
         if model.num_items != tree.num_items or model.tok_emb.num_embeddings != tree.num_tokens:
             raise CheckpointError("model and tree disagree on the number of items/tokens")
-    with atomic_dir(path, "checkpoint") as tmp:
+    with storage.staged_output(path) as local, atomic_dir(local, "checkpoint") as tmp:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / "model.pt")
         (tmp / "settings.json").write_text(settings.to_json())
         pq.write_table(pa.table({"item_index": np.arange(model.num_items, dtype=np.int64),
@@ -122,7 +123,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, settings: SeaterS
                              "num_items": int(model.num_items), "catalogue": catalogue_id(item_ids),
                              **({"k": tree.k, "depth": tree.depth, "num_tokens": tree.num_tokens} if tree else {}),
                              "extra": extra or {}})
-    return Path(path)
+    return path if storage.is_remote(path) else Path(path)
 
 
 def _kind_of(model: nn.Module) -> str:
@@ -137,18 +138,19 @@ def embeddings_provenance(embeddings: str | os.PathLike) -> dict[str, Any]:
     """The catalogue of a SASRec checkpoint that holds exactly this ``item_embeddings.npy`` (the checkpoint
     beside it, ``best/``, as `seater embed` writes them, or the one it sits in) -> ``{"catalogue": id}``,
     recorded in a tree's manifest so that training can check the tree against its dataset; {} if none."""
-    path = Path(embeddings)
+    text = str(embeddings)
+    parent = text.rstrip("/").rsplit("/", 1)[0] if storage.is_remote(text) else str(Path(text).resolve().parent)
     digest = None
-    for candidate in (path.parent / "best", path.parent):
+    for candidate in (storage.join(parent, "best"), parent):
         try:
             manifest = read_checkpoint_manifest(candidate)
         except CheckpointError:
             continue
         if manifest["model"] != "sasrec" or "catalogue" not in manifest:
             continue
-        digest = digest or sha256_file(path)
+        digest = digest or sha256_file(storage.local_copy(embeddings))
         if manifest["checksums"].get("item_embeddings.npy") == digest:
-            return {"catalogue": manifest["catalogue"], "embeddings_checkpoint": str(candidate.resolve())}
+            return {"catalogue": manifest["catalogue"], "embeddings_checkpoint": candidate}
     return {}
 
 
@@ -166,6 +168,7 @@ def check_same_catalogue(what: str | os.PathLike, manifest: dict[str, Any], data
 
 def read_checkpoint_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """manifest.json of a checkpoint directory, checked for kind, schema version and model kind."""
+    path = storage.local_copy(path, CheckpointError)
     manifest = read_manifest(path, "checkpoint", SCHEMA_VERSION, CheckpointError)
     if manifest.get("model") not in MODEL_KINDS:
         raise CheckpointError(f"{Path(path) / 'manifest.json'}: model {manifest.get('model')!r}, expected one of "
@@ -177,6 +180,7 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A checkpoint's manifest, after checking every file it lists (inside, regular, unchanged) and, for
     SEATER, the manifest of its tree: what :func:`load_checkpoint` checks before it reads anything, cheap
     enough for a driver to run before it starts actors or workers that load the checkpoint."""
+    path = storage.local_copy(path, CheckpointError)
     manifest = read_checkpoint_manifest(path)
     verify_files(path, manifest, error=CheckpointError)
     if manifest["model"] == "seater":
@@ -192,9 +196,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Read and verify a checkpoint of either model -> :class:`Checkpoint` (model in eval mode).
 
     Every file's checksum is verified first; ``validate_tree`` also re-checks the tree's invariants (slow at
-    millions of items, and redundant when the checksums match).
+    millions of items, and redundant when the checksums match). ``path``: local, or a URI (copied once to a
+    local cache, every file checked as it is copied).
     """
-    path = Path(path)
+    path = storage.local_copy(path, CheckpointError)
     manifest = verify_checkpoint(path)
     kind = manifest["model"]
     num_items = int(manifest["num_items"])

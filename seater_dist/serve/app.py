@@ -44,6 +44,7 @@ from ray.serve import Application
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from seater_dist import storage
 from seater_dist.serve.merge import BeamMerge, EncodeResult, Expansion, ShardBeams, Stale, merge_top
 from seater_dist.serve.request import RequestError, check_size, parse_recommend
 
@@ -131,10 +132,9 @@ def _build_part(a: ServeArgs, make: Any) -> Any:
     the replicas of one machine do this one at a time: loading holds the whole checkpoint in memory for a
     moment (twice the token table at 6.1M items), and several replicas loading at once add up."""
     from seater_dist.model.checkpoint import load_checkpoint
-    from seater_dist.serve.parts import resolve_checkpoint
 
     with _one_at_a_time(a.serial_load):
-        ckpt = load_checkpoint(resolve_checkpoint(a.checkpoint))
+        ckpt = load_checkpoint(a.checkpoint)  # a URI is copied once per node (seater_dist.storage)
         part = make(ckpt)
         del ckpt
         gc.collect()
@@ -444,15 +444,11 @@ def _manifest(checkpoint: str) -> dict[str, Any]:
     """The checkpoint's manifest (local path or pyarrow.fs URI), checked for kind and schema version."""
     from seater_dist.model.checkpoint import read_checkpoint_manifest
 
-    if "://" not in checkpoint:
+    if not storage.is_remote(checkpoint):
         return read_checkpoint_manifest(checkpoint)
     import json
 
-    import pyarrow.fs as pafs
-
-    fs, root = pafs.FileSystem.from_uri(checkpoint)
-    with fs.open_input_stream(f"{root.rstrip('/')}/manifest.json") as f:
-        return json.loads(f.read())
+    return json.loads(storage.read_bytes(storage.join(checkpoint, "manifest.json")))  # not the whole checkpoint
 
 
 def _cluster_has_gpu() -> bool:

@@ -32,8 +32,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from seater_dist import storage
 from seater_dist.data.samples import left_pad
 from seater_dist.model.checkpoint import Checkpoint, CheckpointError, catalogue_id, load_checkpoint
 from seater_dist.model.layers import KVCache, eval_mode
@@ -59,39 +58,6 @@ _TREE_ARRAYS = ("codes", "children", "parent", "level")
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
-
-
-def resolve_checkpoint(uri: str | os.PathLike, cache: str | os.PathLike | None = None) -> Path:
-    """A local checkpoint directory for a path or a pyarrow.fs URI (s3://, gs://, hdfs://, file://).
-
-    URIs are copied once into ``cache`` (default $SEATER_SERVE_CACHE, else a directory under the system temp
-    dir), keyed by the URI and the remote manifest's content, so that a new checkpoint at the same URI is
-    fetched again; :func:`load_checkpoint` then verifies every file's checksum.
-    """
-    text = str(uri)
-    if "://" not in text:
-        return Path(text)
-    import pyarrow.fs as pafs
-
-    fs, root = pafs.FileSystem.from_uri(text)
-    with fs.open_input_stream(f"{root.rstrip('/')}/manifest.json") as f:
-        manifest = f.read()
-    key = hashlib.sha256(text.encode() + b"\n" + manifest).hexdigest()[:16]
-    base = Path(cache or os.environ.get("SEATER_SERVE_CACHE") or Path(tempfile.gettempdir()) / "seater-serve-cache")
-    dest = base / key
-    if (dest / "manifest.json").is_file():
-        return dest
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=base))
-    try:
-        pafs.copy_files(root, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        os.replace(tmp, dest)
-    except OSError:
-        if not (dest / "manifest.json").is_file():  # not a concurrent replica that won the rename
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
 
 
 def tree_checksum(manifest: dict[str, Any]) -> str | None:
@@ -120,7 +86,7 @@ def find_popularity(checkpoint: Path, manifest: dict[str, Any], explicit: str | 
     its item ids are exactly the checkpoint's catalogue.
     """
     if explicit:
-        path = Path(explicit)
+        path = storage.local_copy(explicit)
         path = path / "items.parquet" if path.is_dir() else path
         if not path.is_file():
             raise FileNotFoundError(f"{path}: popularity file not found (a dataset directory or its items.parquet)")

@@ -19,6 +19,7 @@ from seater_dist.config import SasrecSettings, SeaterSettings
 from seater_dist.data.dataset import load_dataset
 from seater_dist.data.samples import expand_next_item, shifted_sequences
 from seater_dist.model.checkpoint import save_checkpoint
+from seater_dist.storage import local_copy
 
 
 class Task(Protocol):
@@ -77,7 +78,7 @@ class SeaterTask(_Checkpointing):
 
         model = SeaterModel(self.tree, self.settings, sparse_embedding=True)
         if self.settings.token_init == "embeddings":
-            model.init_tokens_from(self.tree, np.load(self.embeddings_path, allow_pickle=False))
+            model.init_tokens_from(self.tree, np.load(local_copy(self.embeddings_path), allow_pickle=False))
         return model
 
     def batch_fn(self):

@@ -8,6 +8,11 @@ Output directory layout (``out``):
     best/           the best epoch's checkpoint by validation ``select_metric``
     history.json    one record per epoch (train losses, validation metrics, seconds, bytes per step)
     ray_results/    Ray Train's run (all reported checkpoints; resumable with resume=True)
+
+``out``, the dataset, the tree and the embeddings may be URIs (``s3://...``, see :mod:`seater_dist.storage`):
+the workers then copy their inputs from there on whichever node they run, Ray Train keeps its run in
+``out/ray_results`` (or ``storage_path``) itself, and best/ (manifest last), item_embeddings.npy and,
+last, history.json are published to ``out`` when training ends. history.json marks a finished run.
 """
 
 from __future__ import annotations
@@ -15,15 +20,19 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+
 from seater_dist.artifacts import MANIFEST, ArtifactError, atomic_dir, check_replaceable, output_lock
 from seater_dist.config import SasrecSettings, SeaterSettings, SettingsError, TrainSettings, metric_cutoffs, metric_k
 from seater_dist.data.dataset import load_dataset
 from seater_dist.model.checkpoint import CheckpointError, read_checkpoint_manifest
+from seater_dist.storage import is_remote, join, local_copy, publish, read_bytes, resolve, write_bytes
 from seater_dist.train.loop import train_loop_per_worker
 
 
@@ -31,7 +40,7 @@ from seater_dist.train.loop import train_loop_per_worker
 class TrainResult:
     """A finished run: its best checkpoint (``out/best``), every epoch's record, the best epoch's metrics."""
 
-    best_checkpoint: Path
+    best_checkpoint: Path | str  # a URI when the run's ``out`` is one
     history: list[dict[str, Any]]
     best_epoch: int
     best_metrics: dict[str, float]
@@ -40,14 +49,14 @@ class TrainResult:
     @classmethod
     def load(cls, out: str | Path) -> "TrainResult | None":
         """The result of a run that finished under ``out`` (best/ and history.json written), else None."""
-        out = Path(out)
+        best = join(out, "best")
         try:
-            manifest = read_checkpoint_manifest(out / "best")
-            history = json.loads((out / "history.json").read_text())
+            history = json.loads(read_bytes(join(out, "history.json")))
+            manifest = read_checkpoint_manifest(best)
         except (CheckpointError, OSError, ValueError):
             return None
         metrics = manifest.get("extra", {}).get("metrics", {})
-        return cls(out / "best", history, int(metrics.get("best_epoch", -1)), metrics, 0.0)
+        return cls(best if is_remote(out) else Path(best), history, int(metrics.get("best_epoch", -1)), metrics, 0.0)
 
 
 def train_seater(dataset_path: str | Path, tree_path: str | Path, out: str | Path,
@@ -60,7 +69,7 @@ def train_seater(dataset_path: str | Path, tree_path: str | Path, out: str | Pat
     ``embeddings`` (the .npy the tree was built from) is needed by ``token_init: embeddings``.
     """
     model = model or SeaterSettings()
-    config = {"task": "seater", "tree_path": str(Path(tree_path).resolve()),
+    config = {"task": "seater", "tree_path": _where(tree_path),
               "model_settings": model.model_dump(mode="json")}
     if model.token_init == "embeddings":
         config["embeddings_path"] = _checked_embeddings(embeddings, tree_path)
@@ -78,11 +87,16 @@ def _checked_embeddings(embeddings: str | Path | None, tree_path: str | Path) ->
         raise SettingsError("seater.token_init: 'embeddings' needs the item embeddings the tree was built from "
                             "(seater train --embeddings FILE.npy)")
     want = ItemTree.load(tree_path, validate=False).manifest.get("embeddings_sha256")
-    got = embeddings_sha256(np.ascontiguousarray(np.load(embeddings, allow_pickle=False), dtype=np.float32))
+    got = embeddings_sha256(np.ascontiguousarray(np.load(local_copy(embeddings), allow_pickle=False), dtype=np.float32))
     if want != got:
         raise SettingsError(f"{embeddings}: not the embeddings the tree {tree_path} was built from "
                             f"(sha256 {got[:12]}, the tree's manifest says {str(want)[:12]})")
-    return str(Path(embeddings).resolve())
+    return _where(embeddings)
+
+
+def _where(path: str | Path) -> str:
+    """An input as the workers get it: a URI as is (each worker copies it on its node), a path made absolute."""
+    return str(path) if is_remote(path) else str(Path(path).resolve())
 
 
 def train_sasrec(dataset_path: str | Path, out: str | Path, train: TrainSettings | None = None,
@@ -95,16 +109,13 @@ def train_sasrec(dataset_path: str | Path, out: str | Path, train: TrainSettings
     return _fit(config, dataset_path, out, train or TrainSettings(), resume, inject_fault)
 
 
-def _storage(out: Path, settings: TrainSettings) -> str:
-    return settings.storage_path or str(Path(out).resolve() / "ray_results")
+def _storage(out: str | Path, settings: TrainSettings) -> str:
+    return settings.storage_path or join(out if is_remote(out) else Path(out).resolve(), "ray_results")
 
 
 def resumable(out: str | Path, settings: TrainSettings, task: str) -> bool:
     """Whether an earlier run of ``task`` ("seater" or "sasrec") exists in this run's Ray Train storage."""
-    import pyarrow.fs as pafs
-
-    storage = _storage(Path(out), settings)
-    fs, root = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
+    fs, root = resolve(_storage(out, settings))
     return fs.get_file_info(f"{root.rstrip('/')}/{task}").type == pafs.FileType.Directory
 
 
@@ -133,10 +144,36 @@ def _fit(config: dict[str, Any], dataset_path: str | Path, out: str | Path, sett
     if metric_k(settings.select_metric) not in ks:
         raise SettingsError(f"select_metric: {settings.select_metric} is not reported by this dataset's protocol "
                             f"(cut-offs {', '.join(map(str, ks))})")
+    if is_remote(out):
+        return _fit_remote(config, dataset, str(out), settings, ks, resume, inject_fault)
     out = Path(out).resolve()
     _check_train_out(out)
     with output_lock(out, inside=True):
         return _fit_locked(config, dataset, out, settings, ks, resume, inject_fault)
+
+
+def _fit_remote(config: dict[str, Any], dataset: Any, out: str, settings: TrainSettings, ks: tuple[int, ...],
+                resume: bool, inject_fault: dict[str, Any] | None) -> TrainResult:
+    """Train into a local staging directory with Ray Train's run kept at ``out/ray_results``, then publish
+    best/, item_embeddings.npy and, last, history.json (an earlier history.json is removed first, so an
+    interrupted run is never taken for a finished one)."""
+    fs, root = resolve(out)
+    if fs.get_file_info(f"{root}/{MANIFEST}").type == pafs.FileType.File:
+        raise ArtifactError(f"{out}: is an artifact ({MANIFEST} inside), not a training output; choose another --out")
+    if fs.get_file_info(f"{root}/history.json").type == pafs.FileType.File:
+        fs.delete_file(f"{root}/history.json")
+    settings = settings.model_copy(update={"storage_path": _storage(out, settings)})
+    staging = Path(tempfile.mkdtemp(prefix="seater-train-"))
+    try:
+        result = _fit_locked(config, dataset, staging, settings, ks, resume, inject_fault)
+        publish(staging / "best", join(out, "best"))
+        if (staging / "item_embeddings.npy").is_file():
+            publish(staging / "item_embeddings.npy", join(out, "item_embeddings.npy"))
+        write_bytes(join(out, "history.json"), (staging / "history.json").read_bytes())
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    result.best_checkpoint = join(out, "best")
+    return result
 
 
 def _check_train_out(out: Path) -> None:
@@ -157,7 +194,7 @@ def _check_inputs(config: dict[str, Any], dataset: Any, run_dir: Path, resume: b
 
     tree = None
     if config["task"] == "seater":
-        tree_path = Path(config["tree_path"])
+        tree_path = local_copy(config["tree_path"], TreeError)
         tree = read_manifest(tree_path, "tree", TREE_SCHEMA_VERSION, TreeError)
         verify_files(tree_path, tree, error=TreeError)
         check_same_catalogue(tree_path, tree, dataset.path, dataset.item_ids, error=TreeError)
@@ -209,8 +246,8 @@ def _run_trainer(config: dict[str, Any], dataset: Any, out: Path, settings: Trai
 
     from seater_dist.train.loop import make_task
 
-    dataset_path = dataset.path
-    config = {**config, "dataset_path": str(Path(dataset_path).resolve()), "train_settings": settings.model_dump(mode="json"),
+    dataset_path = dataset.source if is_remote(dataset.source) else str(Path(dataset.path).resolve())
+    config = {**config, "dataset_path": dataset_path, "train_settings": settings.model_dump(mode="json"),
               "ks": list(ks), "inject_fault": inject_fault,
               "threads_per_worker": max(1, round(settings.cpus_per_worker))}
     task = make_task(config)

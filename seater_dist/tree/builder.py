@@ -32,10 +32,10 @@ import hashlib
 import logging
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 
+from seater_dist import storage
 from seater_dist.config import TreeSettings
 from seater_dist.tree.ablation import random_paths, unbalanced_paths
 from seater_dist.tree.balance import group_nodes, group_of_rank
@@ -115,8 +115,9 @@ def _balanced_paths(runner: Runner, n: int, k: int, s: TreeSettings) -> tuple[np
 
 # -------------------------------------------------------------------------------------------- input
 def load_embeddings(path: str | os.PathLike) -> np.ndarray:
-    """The item embeddings of a ``.npy`` file, memory-mapped (never unpickled); TreeError naming the file."""
-    path = Path(path)
+    """The item embeddings of a ``.npy`` file (local or URI), memory-mapped (never unpickled); TreeError
+    naming the file."""
+    path = storage.local_copy(path, TreeError)
     if path.is_dir():
         raise TreeError(f"{path}: a directory; --embeddings takes the .npy file of item embeddings "
                         f"(e.g. {path / 'item_embeddings.npy'}, written by `seater embed`)")
