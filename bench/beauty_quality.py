@@ -95,7 +95,7 @@ def run_protocol(data: str, out: Path, protocol: str, epochs: int, ablations: bo
         if not (ckpt / "best" / "manifest.json").exists():
             print(f"== {protocol}: training {name}", flush=True)
             timed(name, lambda: train_sasrec(root / "dataset", ckpt, train, SasrecSettings(loss=loss)))
-        results[name] = evaluate(ckpt / "best", root / "dataset", "test", EvalSettings(), out=ckpt).to_dict()
+        results[name] = evaluate(ckpt / "best", root / "dataset", "test", EvalSettings()).to_dict()  # -> ckpt/eval_test/
 
     def tree_dir(k: int, source: str = "sampled") -> Path:
         """The k-ary tree over a SASRec's embeddings (sampled softmax or full CE), built once per (k, source)."""
@@ -127,7 +127,7 @@ def run_protocol(data: str, out: Path, protocol: str, epochs: int, ablations: bo
                                              embeddings=root / f"sasrec_{source}" / "item_embeddings.npy"))
         if name in GRID or name in VARIANTS:  # tuning runs are compared on validation only (see curves())
             continue
-        results[name] = evaluate(ckpt / "best", root / "dataset", "test", EvalSettings(), out=ckpt).to_dict()
+        results[name] = evaluate(ckpt / "best", root / "dataset", "test", EvalSettings()).to_dict()  # -> ckpt/eval_test/
         results[name]["train_history_epochs"] = len(json.loads((ckpt / "history.json").read_text()))
     return {"metrics": results, "seconds": seconds, "tree_depth": tree.depth, "ks": ks}
 
@@ -158,7 +158,7 @@ def finalize_partial(out: Path, protocol: str) -> dict[str, Any]:
         names = {_dir_name(n): n for n in [*ABLATIONS, *VARIANTS]}
         name = {"sasrec_sampled": "sasrec (sampled)", "sasrec_ce": "sasrec (ce)", **names}.get(
             model_dir.name, model_dir.name)
-        metrics = evaluate(best_dir, root / "dataset", "test", EvalSettings(), out=model_dir).to_dict()
+        metrics = evaluate(best_dir, root / "dataset", "test", EvalSettings(), out=model_dir / "eval_test").to_dict()
         finished = best_dir == model_dir / "best"
         metrics["note"] = (f"{len(history)} epochs, best epoch {best['epoch']}"
                            + ("" if finished else " (stopped by the session's time budget)"))
@@ -213,6 +213,45 @@ def grid_table(out: Path, protocol: str) -> str:
                       *rows])
 
 
+def plot_curves(out: Path, protocol: str) -> Path | None:
+    """OUT/PROTOCOL/validation_curves.png: validation Recall@50 by epoch of every run on disk (SASRec and
+    SEATER variants alike), each run's best epoch marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {d.name: h for d in sorted((out / protocol).iterdir()) if d.is_dir() and (h := _longest_history(d))}
+    if not runs:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for name, history in runs.items():
+        epochs, values = [r["epoch"] for r in history], [r["valid_recall@50"] for r in history]
+        line, = ax.plot(epochs, values, label=name, linestyle="--" if name.startswith("sasrec") else "-")
+        best = max(range(len(values)), key=values.__getitem__)
+        ax.plot([epochs[best]], [values[best]], marker="o", color=line.get_color())
+    ax.set(title=f"Amazon Beauty ({protocol}): validation Recall@50 by epoch", xlabel="epoch",
+           ylabel="validation Recall@50")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / protocol / "validation_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(out: Path, summary: dict[str, Any]) -> None:
+    """OUT/results.md (test tables, validation curves per epoch, the grid) and one PNG of the curves per
+    protocol; printed too."""
+    md = "\n\n".join(table(p, r) + "\n\n" + curves(out, p) + "\n\n" + grid_table(out, p)
+                     for p, r in summary.items())
+    (out / "results.md").write_text(md + "\n")
+    plots = [plot_curves(out, p) for p in summary]
+    print("\n" + md, flush=True)
+    print("plots: " + ", ".join(str(p) for p in plots if p), flush=True)
+
+
 def table(protocol: str, res: dict[str, Any]) -> str:
     ks = res["ks"]
     cols = [f"{m}@{k}" for k in ks for m in ("recall", "ndcg")] + [f"hr@{k}" for k in ks if protocol == "comirec"]
@@ -263,10 +302,7 @@ def main() -> None:
             entry = summary.setdefault(protocol, {"metrics": {}, "seconds": {}, "ks": list(metric_cutoffs(protocol))})
             entry["metrics"].update(finalize_partial(out, protocol))
         summary_path.write_text(json.dumps(summary, indent=2, default=str))
-        md = "\n\n".join(table(p, r) + "\n\n" + curves(out, p) + "\n\n" + grid_table(out, p)
-                         for p, r in summary.items())
-        (out / "results.md").write_text(md + "\n")
-        print("\n" + md, flush=True)
+        write_report(out, summary)
         return
     for protocol in ([args.only] if args.only else ["comirec", "loo"]):
         result = run_protocol(args.data, out, protocol, args.epochs, args.ablations, args.ce, args.workers,
@@ -280,10 +316,7 @@ def main() -> None:
         result["seconds"] = {**previous["seconds"], **result["seconds"]}
         summary[protocol] = result
         summary_path.write_text(json.dumps(summary, indent=2, default=str))
-        md = "\n\n".join(table(p, r) + "\n\n" + curves(out, p) + "\n\n" + grid_table(out, p)
-                         for p, r in summary.items())
-        (out / "results.md").write_text(md + "\n")
-        print("\n" + md, flush=True)
+        write_report(out, summary)
 
 
 if __name__ == "__main__":
