@@ -24,15 +24,27 @@ from seater_dist.model.seater import SeaterModel
 
 
 class ItemIdIndex:
-    """Raw item id (str) <-> item index, as a sorted array (compact at millions of ids, unlike a dict)."""
+    """Raw item id (str) <-> item index, as one sorted array of the ids (compact at millions of ids, unlike a
+    dict): ``_sorted`` [N] the ids in sorted order, ``_order`` [N] their item indices, ``_rank`` [N] the
+    position of each item index in ``_sorted``. The ids are held once."""
 
     def __init__(self, item_ids: np.ndarray) -> None:
-        self.ids = np.asarray(item_ids).astype(str)
-        self._order = np.argsort(self.ids, kind="stable")
-        self._sorted = self.ids[self._order]
+        ids = np.asarray(item_ids).astype(str)
+        self._order = np.argsort(ids, kind="stable")
+        self._sorted = ids[self._order]
+        del ids
+        self._rank = np.empty_like(self._order)
+        self._rank[self._order] = np.arange(self._order.size)
         if self._sorted.size > 1 and (self._sorted[1:] == self._sorted[:-1]).any():
             dup = str(self._sorted[1:][self._sorted[1:] == self._sorted[:-1]][0])
             raise ValueError(f"item id {dup!r} appears more than once in the item table")
+
+    def __len__(self) -> int:
+        return int(self._sorted.size)
+
+    def raw(self, indices: np.ndarray) -> np.ndarray:
+        """Item indices [n] -> their raw ids [n] (str)."""
+        return self._sorted[self._rank[np.asarray(indices, dtype=np.int64)]]
 
     def lookup(self, raw: Sequence[str]) -> np.ndarray:
         """Raw ids -> item indices int64, -1 for unknown ids."""
@@ -94,7 +106,7 @@ class SeaterRetriever:
                 keep = items[row] >= 0
                 results.append(
                     {
-                        "items": self.index.ids[items[row][keep]].tolist(),
+                        "items": self.index.raw(items[row][keep]).tolist(),
                         "scores": scores[row][keep].astype(float).tolist(),
                         "ignored": ignored[row],
                     }

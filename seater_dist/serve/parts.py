@@ -156,7 +156,7 @@ class SeaterEncoderPart:
             history = torch.full((1, self.history_len), model.pad, dtype=torch.long)
             items, scores = model.beam_search(history, max(self.beam, n), n)
             keep = items[0] >= 0
-            return self.index.ids[items[0][keep].numpy()].tolist(), scores[0][keep].tolist()
+            return self.index.raw(items[0][keep].numpy()).tolist(), scores[0][keep].tolist()
 
         source = find_popularity(ckpt.path, ckpt.manifest, popularity)
         self.popular, self.popular_scores, self.popularity_source = popular_items(source, self.index, self.beam, answer)
@@ -404,7 +404,7 @@ class SasrecEncoderPart:
             state = self._states([np.zeros(0, dtype=np.int64)])
             ids, scores = topk_inner_product(state, ckpt.item_table, n)
             keep = ids[0] >= 0
-            return self.index.ids[ids[0][keep]].tolist(), scores[0][keep].astype(float).tolist()
+            return self.index.raw(ids[0][keep]).tolist(), scores[0][keep].astype(float).tolist()
 
         source = find_popularity(ckpt.path, ckpt.manifest, popularity)
         self.popular, self.popular_scores, self.popularity_source = popular_items(
