@@ -7,7 +7,8 @@ For a user with ground truth set G and ranked list R (best first):
     NDCG@K   = DCG / IDCG,  DCG = Σ_{hits at 0-based rank r < K} 1/log2(r + 2),
                IDCG = Σ_{i < min(|G|, K)} 1/log2(i + 2)        (over all positives, not over the hits)
 
-Distributed evaluation adds up :func:`metric_sums` of its shards, then calls :func:`finalize`.
+Training's validation adds up :func:`metric_sums` of its batches, then calls :func:`finalize`; offline
+evaluation keeps :func:`per_user_metrics` (one value per user) for its per-user table and intervals.
 
     >>> compute_metrics(np.array([[3, 1, 2]]), [np.array([1, 9])], ks=(2,))
     {'hr@2': 1.0, 'ndcg@2': 0.38685280723454163, 'recall@2': 0.5}
@@ -19,8 +20,10 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-def metric_sums(topk: np.ndarray, ground_truth: Sequence[np.ndarray], ks: Iterable[int] = (20, 50)) -> dict[str, float]:
-    """Per-metric SUMS over users plus ``users`` (the count).
+
+def per_user_metrics(topk: np.ndarray, ground_truth: Sequence[np.ndarray],
+                     ks: Iterable[int] = (20, 50)) -> dict[str, np.ndarray]:
+    """Every metric of every user: ``{"hr@K": float64 [U], "recall@K": ..., "ndcg@K": ...}``.
 
     topk int [U, K_max]: ranked item ids, -1 padded; ground_truth: U arrays of item ids (duplicates count
     once). A repeated item in a ranked list counts only at its first rank. Raises ValueError on shape
@@ -32,20 +35,25 @@ def metric_sums(topk: np.ndarray, ground_truth: Sequence[np.ndarray], ks: Iterab
         raise ValueError(f"topk must be [U, K] with U = len(ground_truth) = {len(ground_truth)}, got {topk.shape}")
     if ks and max(ks) > topk.shape[1]:
         raise ValueError(f"K={max(ks)} exceeds the {topk.shape[1]} ranked items per user")
-    users = topk.shape[0]
-    sums: dict[str, float] = {"users": float(users)}
-    if users == 0:
-        return {**sums, **{f"{m}@{k}": 0.0 for k in ks for m in ("hr", "recall", "ndcg")}}
+    if topk.shape[0] == 0:
+        return {f"{m}@{k}": np.zeros(0) for k in ks for m in ("hr", "recall", "ndcg")}
     hits, gt_size = _hit_matrix(topk, ground_truth)  # bool [U, K_max], int [U]
     discount = 1.0 / np.log2(np.arange(topk.shape[1]) + 2.0)
+    values: dict[str, np.ndarray] = {}
     for k in ks:
         h = hits[:, :k]
         n_hit = h.sum(1)
         ideal = np.cumsum(discount[:k])[np.minimum(gt_size, k) - 1]
-        sums[f"hr@{k}"] = float((n_hit > 0).sum())
-        sums[f"recall@{k}"] = float((n_hit / gt_size).sum())
-        sums[f"ndcg@{k}"] = float(((h * discount[:k]).sum(1) / ideal).sum())
-    return sums
+        values[f"hr@{k}"] = (n_hit > 0).astype(np.float64)
+        values[f"recall@{k}"] = n_hit / gt_size
+        values[f"ndcg@{k}"] = (h * discount[:k]).sum(1) / ideal
+    return values
+
+
+def metric_sums(topk: np.ndarray, ground_truth: Sequence[np.ndarray], ks: Iterable[int] = (20, 50)) -> dict[str, float]:
+    """Per-metric SUMS over users of :func:`per_user_metrics`, plus ``users`` (the count)."""
+    values = per_user_metrics(topk, ground_truth, ks)
+    return {"users": float(len(ground_truth)), **{name: float(v.sum()) for name, v in values.items()}}
 
 
 def _hit_matrix(topk: np.ndarray, ground_truth: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
