@@ -25,6 +25,7 @@ EPILOG = """\
 Start here:
   seater demo --out runs/demo                      # synthetic data, every stage, about 5 minutes on 2 cores
   seater run --input Beauty.txt --format sequences --protocol comirec --out runs/beauty
+  seater compare runs/beauty/sasrec runs/beauty/seater   # SEATER against SASRec on the same test users, paired
 Use a cluster:  seater run ... --address ray://head:10001   (or export RAY_ADDRESS)
 Settings: every stage's settings live in one YAML file (--config), one section per stage; see docs/.
 """
@@ -40,8 +41,13 @@ EXAMPLES: dict[str, str] = {
     "build-tree": "  seater build-tree --embeddings runs/beauty/sasrec/item_embeddings.npy --k 8 --out runs/beauty/tree",
     "train": "  seater train --data runs/beauty/dataset --tree runs/beauty/tree --out runs/beauty/seater --workers 2\n"
     "  seater train --data runs/beauty/dataset --tree runs/beauty/tree --out runs/beauty/seater --resume",
-    "evaluate": "  seater evaluate --checkpoint runs/beauty/seater/best --data runs/beauty/dataset --split test\n"
-    "  seater evaluate --checkpoint runs/beauty/sasrec/best --data runs/beauty/dataset --split test",
+    "evaluate": "  seater evaluate --checkpoint runs/beauty/seater/best --data runs/beauty/dataset --split test"
+    "   # -> runs/beauty/seater/eval_test/\n"
+    "  seater evaluate --checkpoint runs/beauty/sasrec/best --data runs/beauty/dataset --split test\n"
+    "  seater evaluate --checkpoint runs/beauty/seater/best --data runs/beauty/dataset --out runs/beauty/eval_seater",
+    "compare": "  seater compare runs/beauty/sasrec runs/beauty/seater    # A = SASRec, B = SEATER (their eval_test/)\n"
+    "  seater compare runs/beauty/eval_seater runs/beauty_k16/seater/eval_test --out comparison.json\n"
+    "  seater compare runs/beauty runs/beauty_k16               # two `seater run` outputs: SEATER against SEATER",
     "recommend": "  seater recommend --checkpoint runs/beauty/seater/best --history 12 873 9 --top-n 10",
     "run": "  seater run --input Beauty.txt --format sequences --protocol comirec --out runs/beauty\n"
     "  seater run --input Beauty.txt --format sequences --protocol loo --out runs/beauty_loo --config run.yaml",
@@ -171,8 +177,22 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--checkpoint", required=True, help="a checkpoint directory (e.g. OUT/best of train or embed)")
     sp.add_argument("--data", required=True, help="the dataset/ directory the checkpoint was trained on")
     sp.add_argument("--split", choices=["valid", "test"], default="test", help="which users (default test)")
-    sp.add_argument("--out", help="where to write metrics.json (default: beside the checkpoint)")
+    sp.add_argument("--out", help="the evaluation directory to write: metrics.json (each metric and its 95%% "
+                    "interval), per_user.parquet, manifest.json (default: eval_<split>/ beside the checkpoint; an "
+                    "earlier evaluation there is replaced, any other directory refused)")
     config(sp, "`eval:`")
+
+    sp = add("compare", "Compare two evaluations of the same users, paired: per metric A, B, B-A with its "
+             "95-percent bootstrap interval, and a permutation-test p-value.", _cmd_compare)
+    sp.add_argument("run_a", metavar="RUN_A", help="evaluation A: an evaluation directory (`seater evaluate`), or a "
+                    "directory holding one: a training output (its eval_test/) or a `seater run` output (SEATER's)")
+    sp.add_argument("run_b", metavar="RUN_B", help="evaluation B, the same way; the table reports B-A")
+    sp.add_argument("--out", help="also write the comparison as JSON to this file")
+    sp.add_argument("--resamples", type=_count, default=1000,
+                    help="bootstrap resamples of each interval (default 1000)")
+    sp.add_argument("--permutations", type=_count, default=5000,
+                    help="random sign flips of each p-value (default 5000; the smallest p is 1/(1 + this))")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the resampling (default 0: same input, same table)")
 
     sp = add("recommend", "Recommend items for one history from a SEATER checkpoint (raw item ids).", _cmd_recommend)
     sp.add_argument("--checkpoint", required=True, help="a SEATER checkpoint directory")
@@ -289,7 +309,22 @@ def _cmd_evaluate(a: argparse.Namespace) -> Any:
     from seater_dist.eval.offline import evaluate
 
     result = evaluate(a.checkpoint, a.data, a.split, _run_settings(a.config).eval, out=a.out)
-    return {**result.metrics, "model": result.model, "users": result.users, "seconds": result.seconds}
+    rows = {name: f"{value:.4f}  (95% CI {result.ci95[name][0]:.4f}-{result.ci95[name][1]:.4f})"
+            for name, value in result.metrics.items()}
+    return {**rows, "model": result.model, "users": result.users, "seconds": result.seconds, "out": result.out}
+
+
+def _cmd_compare(a: argparse.Namespace) -> Any:
+    from seater_dist.eval.compare import compare, format_table, write_comparison
+
+    result = compare(a.run_a, a.run_b, resamples=a.resamples, permutations=a.permutations, seed=a.seed)
+    print(format_table(result))
+    if a.out:
+        write_comparison(result, a.out)
+    better = [r.metric for r in result.rows if r.significant and r.diff > 0]
+    worse = [r.metric for r in result.rows if r.significant and r.diff < 0]
+    return {"users": result.users, "B better (p < 0.05)": ", ".join(better) or "none",
+            "B worse (p < 0.05)": ", ".join(worse) or "none", **({"json": a.out} if a.out else {})}
 
 
 def _cmd_recommend(a: argparse.Namespace) -> Any:

@@ -138,7 +138,8 @@ def _run_pipeline(input_path: str, fmt: str, protocol: str, out: Path, settings:
     _report_epochs(progress, "SEATER", seater, settings.train.select_metric)
 
     t = stage(5, "evaluate", "evaluate both on the test users (Ray Data)")
-    results = {name: evaluate(run.best_checkpoint, out / "dataset", "test", settings.eval, out=out / name)
+    results = {name: evaluate(run.best_checkpoint, out / "dataset", "test", settings.eval,
+                              out=out / name / "eval_test")
                for name, run in (("seater", seater), ("sasrec", sasrec))}
     seconds["evaluate"] = time.time() - t
     report = RunReport(

@@ -10,7 +10,7 @@ import pytest
 from seater_dist.cli import _parser, main
 from seater_dist.config import RunSettings, SettingsError, TrainSettings
 
-COMMANDS = ["synth", "prepare", "embed", "build-tree", "train", "evaluate", "recommend", "run", "demo"]
+COMMANDS = ["synth", "prepare", "embed", "build-tree", "train", "evaluate", "compare", "recommend", "run", "demo"]
 
 
 def test_help_lists_every_command_and_each_has_examples(capsys):

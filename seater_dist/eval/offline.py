@@ -1,52 +1,83 @@
 """Offline evaluation at cluster scale: Ray Data batch inference over the valid/test users.
 
-Each actor of a Ray Data actor pool loads the checkpoint once, ranks a batch of users with the model's
-``topk`` (beam search for SEATER, exact inner-product search for SASRec) and returns only the batch's
-metric sums (one small row per batch), so the driver never holds per-user results.
+Each actor of a Ray Data actor pool loads the checkpoint once and ranks batches of users with the model's
+``topk`` (beam search for SEATER, exact inner-product search for SASRec), returning one row per user: its
+top-K and its value of every metric. The driver sorts the rows by user before anything is added up, so
+every figure is the same to the last digit whatever the number of actors, and writes one artifact:
 
-    result = evaluate("runs/b/seater/best", "runs/b/dataset", split="test")
-    result.metrics["recall@50"], result.users
+    OUT/metrics.json       {"recall@50": 0.31, "recall@50_ci95": [0.30, 0.32], ..., "users": 2236, ...}
+    OUT/per_user.parquet   user_index, user_id, items (top-K raw item ids, best first), one float64 column
+                           per metric
+    OUT/manifest.json      what was evaluated (model, split, catalogue, the users' questions) and checksums
+
+The intervals are percentile-bootstrap intervals over users (:mod:`seater_dist.eval.stats`); two
+evaluations of the same users are compared with :mod:`seater_dist.eval.compare`.
+
+    result = evaluate("runs/b/seater/best", "runs/b/dataset", split="test")   # writes runs/b/seater/eval_test/
+    result.metrics["recall@50"], result.ci95["recall@50"], result.users
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from seater_dist.artifacts import output_lock
+from seater_dist import storage
+from seater_dist.artifacts import ArtifactError, atomic_dir, read_manifest, verify_files, write_manifest
 from seater_dist.config import EvalSettings, metric_cutoffs
-from seater_dist.data.dataset import load_dataset
-from seater_dist.eval.metrics import finalize, metric_sums
-from seater_dist.model.checkpoint import check_same_catalogue, load_checkpoint, verify_checkpoint
+from seater_dist.data.dataset import Dataset, load_dataset
+from seater_dist.eval import stats
+from seater_dist.eval.metrics import per_user_metrics
+from seater_dist.model.checkpoint import catalogue_id, check_same_catalogue, load_checkpoint, verify_checkpoint
 
 SPLITS = ("valid", "test")
+ARTIFACT = "evaluation"
+SCHEMA_VERSION = 1
+METRICS_FILE = "metrics.json"
+PER_USER_FILE = "per_user.parquet"
+BOOTSTRAP = {"method": "percentile bootstrap over users", "level": stats.LEVEL, "resamples": stats.RESAMPLES,
+             "seed": stats.SEED}
 
 
 @dataclass
 class EvalResult:
-    """Means over users of every metric (``recall@K``, ``hr@K``, ``ndcg@K``), and what was evaluated."""
+    """Means over users of every metric (``recall@K``, ``hr@K``, ``ndcg@K``), their 95% intervals, and what
+    was evaluated. ``seconds``: the whole call; ``rank_seconds``: the Ray Data part (load, rank, collect)."""
 
     metrics: dict[str, float]
+    ci95: dict[str, list[float]]
     users: int
     seconds: float
+    rank_seconds: float
     split: str
     checkpoint: str
     model: str
+    out: str
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``metrics.json`` layout: metric names at the top level, then the rest."""
+        """The ``metrics.json`` layout: each metric and its ``<metric>_ci95`` at the top level, then the rest."""
         out = asdict(self)
-        return {**out.pop("metrics"), **out}
+        metrics, ci95 = out.pop("metrics"), out.pop("ci95")
+        return {**metrics, **{f"{name}_ci95": ci95[name] for name in metrics}, **out, "bootstrap": BOOTSTRAP}
+
+
+def evaluation_dir(parent: str | Path, split: str) -> str:
+    """Where an evaluation of ``split`` goes by default: ``parent/eval_<split>`` (beside the checkpoint)."""
+    return storage.join(parent, f"eval_{split}")
 
 
 class _BatchScorer:
-    """Ray Data callable class: a batch of users -> one row of metric sums."""
+    """Ray Data callable class: a batch of users -> one row per user (user_index, topk, each metric)."""
 
     def __init__(self, checkpoint: str, ks: tuple[int, ...], threads: int) -> None:
         import torch
@@ -58,17 +89,19 @@ class _BatchScorer:
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
         histories = [np.asarray(h, dtype=np.int64) for h in batch["history"]]
         truth = [np.asarray(g, dtype=np.int64) for g in batch["ground_truth"]]
-        sums = metric_sums(self.checkpoint.topk(histories, max(self.ks)), truth, ks=self.ks)
-        return {key: np.array([value], dtype=np.float64) for key, value in sums.items()}
+        topk = self.checkpoint.topk(histories, max(self.ks))  # int64 [B, K_max], -1 padded
+        values = per_user_metrics(topk, truth, ks=self.ks)
+        return {"user_index": np.asarray(batch["user_index"], dtype=np.int64), "topk": topk, **values}
 
 
 def evaluate(checkpoint: str | Path, dataset_path: str | Path, split: str = "test",
              settings: EvalSettings | None = None, out: str | Path | None = None) -> EvalResult:
     """Metrics of a SEATER or SASRec checkpoint on a dataset split, at the dataset protocol's cut-offs.
 
-    Writes ``metrics.json`` to ``out`` (default: beside the checkpoint). Before any work starts: the
-    checkpoint's and the dataset's files are verified, a checkpoint trained on another catalogue than the
-    dataset's is refused, and ``out`` must be writable and held by no other writer (its output lock).
+    Writes the evaluation artifact (module docstring) to ``out``, default ``eval_<split>/`` beside the
+    checkpoint; an existing evaluation there is replaced, any other directory is refused. Before any work
+    starts: the checkpoint's and the dataset's files are verified, a checkpoint trained on another
+    catalogue than the dataset's is refused, and ``out`` must be writable and held by no other writer.
     """
     settings = settings or EvalSettings()
     if split not in SPLITS:
@@ -76,39 +109,150 @@ def evaluate(checkpoint: str | Path, dataset_path: str | Path, split: str = "tes
     t0 = time.time()
     dataset = load_dataset(dataset_path)
     manifest = verify_checkpoint(checkpoint)  # here, not first inside an actor
-    check_same_catalogue(Path(checkpoint), manifest, dataset.path, dataset.item_ids)
+    check_same_catalogue(str(checkpoint), manifest, dataset.path, dataset.item_ids)
     if int(dataset.manifest["counts"].get(f"{split}_users", 1)) == 0:
         raise ValueError(f"{dataset.path}: the {split} split holds no users to evaluate")
-    target = Path(out) if out else Path(checkpoint).parent
-    with output_lock(target, inside=True):
-        return _evaluate(checkpoint, manifest, dataset, split, settings, target, t0)
+    target = str(out) if out else evaluation_dir(_parent(checkpoint), split)
+    with storage.staged_output(target) as local, atomic_dir(local, ARTIFACT) as tmp:
+        return _evaluate(str(checkpoint), manifest, dataset, split, settings, target, tmp, t0)
 
 
-def _evaluate(checkpoint: str | Path, manifest: dict[str, Any], dataset: Any, split: str, settings: EvalSettings,
-              target: Path, t0: float) -> EvalResult:
+def _parent(path: str | Path) -> str:
+    """The directory holding a checkpoint (a path or a URI)."""
+    text = str(path).rstrip("/")
+    return text.rsplit("/", 1)[0] if storage.is_remote(text) else str(Path(text).parent)
+
+
+def _evaluate(checkpoint: str, manifest: dict[str, Any], dataset: Dataset, split: str, settings: EvalSettings,
+              target: str, tmp: Path, t0: float) -> EvalResult:
+    ks = metric_cutoffs(dataset.protocol)
+    t_rank = time.time()
+    rows = _rank(checkpoint, dataset, split, settings, ks)
+    rank_seconds = time.time() - t_rank
+    names = sorted(name for name in rows if "@" in name)
+    values = np.stack([rows[name] for name in names], axis=1)  # float64 [U, M], users in user_index order
+    bounds = stats.bootstrap_ci(values)
+    result = EvalResult(
+        metrics={name: math.fsum(values[:, i]) / len(values) for i, name in enumerate(names)},
+        ci95={name: [float(lo), float(hi)] for name, (lo, hi) in zip(names, bounds)},
+        users=len(values), seconds=0.0, rank_seconds=round(rank_seconds, 2), split=split, checkpoint=checkpoint,
+        model=manifest["model"], out=target)
+    table = _per_user_table(dataset, rows, names)
+    pq.write_table(table, tmp / PER_USER_FILE)
+    result.seconds = round(time.time() - t0, 2)
+    (tmp / METRICS_FILE).write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True))
+    write_manifest(tmp, {
+        "artifact": ARTIFACT, "schema_version": SCHEMA_VERSION, "model": manifest["model"],
+        "checkpoint": checkpoint, "model_version": manifest["checksums"]["model.pt"][:12],
+        "dataset": dataset.source or str(dataset.path), "protocol": dataset.protocol, "split": split,
+        "ks": list(ks), "metrics": names, "users": result.users,
+        "catalogue": manifest.get("catalogue") or catalogue_id(dataset.item_ids),
+        "questions": _questions_id(dataset, split, table.column("user_id"), rows["user_index"]),
+        "bootstrap": BOOTSTRAP,
+    })
+    return result
+
+
+def _rank(checkpoint: str, dataset: Dataset, split: str, settings: EvalSettings,
+          ks: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Every user of ``split`` ranked by the actor pool -> columns sorted by user_index (see _collect)."""
     from ray.data import ActorPoolStrategy
 
-    ks = metric_cutoffs(dataset.protocol)
-    ds = dataset.ray_dataset(split).select_columns(["history", "ground_truth"])
+    ds = dataset.ray_dataset(split).select_columns(["user_index", "history", "ground_truth"])
     if settings.max_users:
         ds = ds.limit(settings.max_users)
-    sums_ds = ds.map_batches(
+    # Blocks of at most one batch: the users of a single large shard still spread over every actor.
+    ds = ds.repartition(target_num_rows_per_block=settings.batch_size)
+    scored = ds.map_batches(
         _BatchScorer,
-        fn_constructor_kwargs={"checkpoint": str(Path(checkpoint).resolve()), "ks": ks,
+        fn_constructor_kwargs={"checkpoint": checkpoint if storage.is_remote(checkpoint)
+                               else str(Path(checkpoint).resolve()), "ks": ks,
                                "threads": max(1, round(settings.cpus_per_actor))},
         batch_size=settings.batch_size, batch_format="numpy",
-        compute=ActorPoolStrategy(min_size=1, max_size=settings.concurrency),
+        compute=ActorPoolStrategy(min_size=1, max_size=settings.concurrency, initial_size=settings.concurrency),
         num_cpus=settings.cpus_per_actor, num_gpus=1 if settings.use_gpu else 0,
     )
-    totals: dict[str, float] = {}
-    for row in sums_ds.iter_rows():
-        for key, value in row.items():
-            totals[key] = totals.get(key, 0.0) + float(value)
-    if not totals.get("users"):
+    # Blocks in input order: the same users form the same batches whatever the number of actors, so even a
+    # model whose floating-point result depends on its batch ranks every user identically.
+    scored.context.execution_options.preserve_order = True
+    rows = _collect(scored)
+    if not len(rows.get("user_index", ())):
         raise ValueError(f"{dataset.path}: the {split} split holds no users to evaluate")
-    result = EvalResult(finalize(totals), int(totals.get("users", 0)), round(time.time() - t0, 2), split,
-                        str(checkpoint), manifest["model"])
-    tmp = target / f".metrics.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True))
-    os.replace(tmp, target / "metrics.json")
-    return result
+    return rows
+
+
+def _collect(scored: Any) -> dict[str, np.ndarray]:
+    """The actors' rows, concatenated and sorted by user_index (each user exactly once)."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+        for name, column in batch.items():
+            parts.setdefault(name, []).append(np.asarray(column))
+    rows = {name: np.concatenate(chunks) for name, chunks in parts.items()}
+    if not rows:
+        return rows
+    order = np.argsort(rows["user_index"], kind="stable")
+    rows = {name: column[order] for name, column in rows.items()}
+    repeated = np.flatnonzero(np.diff(rows["user_index"]) == 0)
+    if repeated.size:
+        raise ValueError(f"user_index {int(rows['user_index'][repeated[0]])} was ranked twice (a bug upstream)")
+    return rows
+
+
+def _per_user_table(dataset: Dataset, rows: dict[str, np.ndarray], names: list[str]) -> pa.Table:
+    """per_user.parquet: user_index, user_id (raw), items (the top-K raw item ids, best first), each metric."""
+    users = dataset.users()
+    where = pc.index_in(pa.array(rows["user_index"]), users.column("user_index"))
+    if where.null_count:
+        raise ValueError(f"{dataset.path}: users.parquet lacks users of the split (re-create the dataset)")
+    topk = rows["topk"]
+    ranked = topk >= 0
+    items = pa.array(dataset.item_ids, pa.string()).take(pa.array(topk[ranked]))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(ranked.sum(1))]).astype(np.int32))
+    return pa.table({
+        "user_index": pa.array(rows["user_index"], pa.int64()),
+        "user_id": users.column("user_id").take(where).cast(pa.string()),
+        "items": pa.ListArray.from_arrays(offsets, items),
+        **{name: pa.array(rows[name], pa.float64()) for name in names},
+    })
+
+
+def _questions_id(dataset: Dataset, split: str, user_ids: pa.ChunkedArray, user_index: np.ndarray) -> str:
+    """sha256 of what the evaluated users were asked: each user's raw id, history and ground truth (item
+    indices), in raw-id order. Two evaluations with the same id ranked for the same users the same histories
+    against the same ground truth (with the same catalogue, compared apart)."""
+    table = dataset.table(split)
+    table = table.take(pc.index_in(pa.array(user_index), table.column("user_index")))
+    order = pc.sort_indices(user_ids)
+    digest = hashlib.sha256()
+    for value in user_ids.take(order).to_pylist():
+        digest.update(value.encode() + b"\n")
+    for name in ("history", "ground_truth"):
+        lists = table.column(name).take(order).combine_chunks()
+        digest.update(pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
+        digest.update(pc.list_flatten(lists).to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+@dataclass
+class Evaluation:
+    """An evaluation artifact as read back: its manifest, metrics.json and per-user table."""
+
+    path: str
+    manifest: dict[str, Any]
+    metrics: dict[str, Any]
+    per_user: pa.Table
+
+
+def read_evaluation(path: str | Path) -> Evaluation:
+    """Read and verify an evaluation directory (a path or a URI); ArtifactError naming the file otherwise."""
+    local = storage.local_copy(path)
+    manifest = read_manifest(local, ARTIFACT, SCHEMA_VERSION)
+    verify_files(local, manifest, [METRICS_FILE, PER_USER_FILE])
+    try:
+        metrics = json.loads((local / METRICS_FILE).read_text())
+    except ValueError as err:
+        raise ArtifactError(f"{Path(local) / METRICS_FILE}: not valid JSON ({err})") from None
+    return Evaluation(str(path), manifest, metrics, pq.read_table(local / PER_USER_FILE))
