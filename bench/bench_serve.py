@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from bench import synthetic
+
 RESULTS = Path(__file__).resolve().parent / "results"
 GIB = 1024**3
 
@@ -128,31 +130,9 @@ def drive(url: str, rate: float, duration: float, histories_file: Path, top_n: i
 
 def checkpoints(work: Path, items: int, k: int, beam: int, seed: int) -> tuple[Path, Path]:
     """Synthetic SEATER and SASRec checkpoints over the same N items (cached: reused when present)."""
-    import torch
-
-    from seater_dist.config import SasrecSettings, SeaterSettings
-    from seater_dist.model.checkpoint import save_checkpoint
-    from seater_dist.model.sasrec import SASRec
-    from seater_dist.model.seater import SeaterModel
-    from seater_dist.model.toy_trees import random_balanced_tree
-
-    seater, sasrec = work / "seater", work / "sasrec"
-    ids = np.array([f"item-{i}" for i in range(items)], dtype=object)
-    torch.manual_seed(seed)
-    if not (seater / "manifest.json").is_file():
-        t0 = time.perf_counter()
-        tree = random_balanced_tree(items, k, seed=seed)
-        settings = SeaterSettings(beam_size=beam)
-        save_checkpoint(seater, SeaterModel(tree, settings), settings, ids, tree=tree)
-        log(f"SEATER checkpoint: {items:,} items, k={k}, depth {tree.depth}, {tree.num_tokens:,} tokens "
-            f"({time.perf_counter() - t0:.0f} s)")
-        del tree
-    if not (sasrec / "manifest.json").is_file():
-        t0 = time.perf_counter()
-        settings = SasrecSettings()
-        save_checkpoint(sasrec, SASRec(items, settings), settings, ids)
-        log(f"SASRec checkpoint: {items:,} items ({time.perf_counter() - t0:.0f} s)")
-    return seater, sasrec
+    ids = synthetic.item_ids(items)
+    return (synthetic.seater_checkpoint(work / "seater", ids, k, beam, seed, log),
+            synthetic.sasrec_checkpoint(work / "sasrec", ids, seed, log))
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -343,7 +323,7 @@ def main() -> None:
         return load_worker(args)
 
     out = args.out or RESULTS / ("bench_serve.json" if args.items == 6_100_000 else f"bench_serve_{args.items}.json")
-    work = args.work / f"serve-N{args.items}-k{args.k}-b{args.beam}-s{args.seed}"
+    work = synthetic.checkpoint_dir(args.work, args.items, args.k, args.beam, args.seed)
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     seater_path, sasrec_path = checkpoints(work, args.items, args.k, args.beam, args.seed)
