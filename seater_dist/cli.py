@@ -9,6 +9,7 @@ typed result for the summary.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -20,6 +21,7 @@ from typing import Any, Callable
 
 from seater_dist.config import RunSettings
 from seater_dist.formats import FORMAT_NAMES, FORMATS, PROTOCOL_NAMES, PROTOCOLS
+from seater_dist.storage import join
 
 EPILOG = """\
 Start here:
@@ -27,6 +29,8 @@ Start here:
   seater run --input Beauty.txt --format sequences --protocol comirec --out runs/beauty
   seater compare runs/beauty/sasrec runs/beauty/seater   # SEATER against SASRec on the same test users, paired
 Use a cluster:  seater run ... --address ray://head:10001   (or export RAY_ADDRESS)
+Object storage: every path may be a URI (s3://, gs://, hdfs://; credentials from the environment, e.g.
+  AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID): seater run ... --out s3://bucket/runs/r1
 Settings: every stage's settings live in one YAML file (--config), one section per stage; see docs/.
 """
 
@@ -50,7 +54,9 @@ EXAMPLES: dict[str, str] = {
     "  seater compare runs/beauty runs/beauty_k16               # two `seater run` outputs: SEATER against SEATER",
     "recommend": "  seater recommend --checkpoint runs/beauty/seater/best --history 12 873 9 --top-n 10",
     "run": "  seater run --input Beauty.txt --format sequences --protocol comirec --out runs/beauty\n"
-    "  seater run --input Beauty.txt --format sequences --protocol loo --out runs/beauty_loo --config run.yaml",
+    "  seater run --input Beauty.txt --format sequences --protocol loo --out runs/beauty_loo --config run.yaml\n"
+    "  seater run --input s3://bucket/logs/ --format interactions --out s3://bucket/runs/r1   # object storage\n"
+    "  seater run --input s3://bucket/logs/ --format interactions --out s3://bucket/runs/r1 --resume",
     "demo": "  seater demo --out runs/demo",
     "serve": "  seater serve --checkpoint runs/demo/seater/best --shards 2      # http://127.0.0.1:8000\n"
     "  seater serve --checkpoint runs/demo/sasrec/best --index hnsw --port 8001  # the SASRec baseline, same API\n"
@@ -221,7 +227,10 @@ def _parser() -> argparse.ArgumentParser:
 
     sp = add("run", "Run every stage: prepare, embed, build-tree, train, evaluate, report.", _cmd_run)
     _input_flags(sp)
-    sp.add_argument("--out", required=True, help="directory for every stage's artifact and report.json")
+    sp.add_argument("--out", required=True, help="directory or URI (s3://bucket/run, credentials from the "
+                                                  "environment) for every stage's artifact and report.json")
+    sp.add_argument("--resume", action="store_true",
+                    help="keep the stages that finished under --out and continue an interrupted training run")
     config(sp, "every stage's")
     workers(sp)
 
@@ -271,19 +280,21 @@ def _cmd_embed(a: argparse.Namespace) -> Any:
 
     s = with_workers(_run_settings(a.config), a.workers)
     result = train_sasrec(a.data, a.out, s.sasrec_train, s.sasrec)
-    return {**_train_summary(result), "embeddings": str(Path(a.out) / "item_embeddings.npy")}
+    return {**_train_summary(result), "embeddings": join(a.out, "item_embeddings.npy")}
 
 
 def _cmd_build_tree(a: argparse.Namespace) -> Any:
     from seater_dist.artifacts import check_replaceable, output_lock
     from seater_dist.model.checkpoint import embeddings_provenance
+    from seater_dist.storage import is_remote
     from seater_dist.tree.builder import build_tree, load_embeddings
 
     settings = _run_settings(a.config).tree.model_copy(update={"k": a.k, "kind": a.kind})
     settings = type(settings).model_validate(settings.model_dump())  # validate the flags' values too
-    check_replaceable(a.out, "tree")
+    if not is_remote(a.out):
+        check_replaceable(a.out, "tree")
     emb = load_embeddings(a.embeddings)
-    with output_lock(a.out):
+    with contextlib.nullcontext() if is_remote(a.out) else output_lock(a.out):
         t0 = time.time()
         tree = build_tree(emb, settings)
         tree.save(a.out, extra_manifest=embeddings_provenance(a.embeddings))
@@ -354,8 +365,8 @@ def _cmd_run(a: argparse.Namespace) -> Any:
     from seater_dist.pipeline import run_pipeline, with_workers
 
     settings = with_workers(_run_settings(a.config), a.workers)
-    report = run_pipeline(a.input, a.format, a.protocol, a.out, settings)
-    return {"seconds": sum(report.seconds.values()), "report": str(Path(a.out) / "report.json")}
+    report = run_pipeline(a.input, a.format, a.protocol, a.out, settings, resume=a.resume)
+    return {"seconds": sum(report.seconds.values()), "report": join(a.out, "report.json")}
 
 
 def _cmd_demo(a: argparse.Namespace) -> Any:

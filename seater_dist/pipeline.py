@@ -9,16 +9,23 @@ under ``out``:
 
     report = run_pipeline("Beauty.txt", "sequences", "comirec", "runs/beauty", RunSettings())
     report.seater["recall@50"], report.sasrec["recall@50"]
+
+``out`` may be a URI (``s3://bucket/run``): every stage then reads and writes its artifact there
+(:mod:`seater_dist.storage`), nothing is left on the local disk but temporary files, and ``resume``
+picks up what the bucket holds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from seater_dist import storage
 from seater_dist.artifacts import output_lock
 from seater_dist.config import PrepareSettings, RunSettings, SynthSettings, TrainSettings, metric_cutoffs
 from seater_dist.data.dataset import load_dataset
@@ -85,16 +92,20 @@ def run_pipeline(input_path: str, fmt: str, protocol: str, out: str | Path, sett
 
     ``resume``: keep every stage whose artifact under ``out`` is complete, continue an interrupted
     training run from its last epoch, and run the rest. ``out`` is held by this run alone (its output lock:
-    a second run, or a stage run by hand into it, is refused at start).
+    a second run, or a stage run by hand into it, is refused at start; a URI has no lock: one run per prefix).
     """
-    with output_lock(out, inside=True):
-        return _run_pipeline(input_path, fmt, protocol, Path(out), settings, progress, resume)
+    remote = storage.is_remote(out)
+    with contextlib.nullcontext() if remote else output_lock(out, inside=True):
+        return _run_pipeline(input_path, fmt, protocol, str(out) if remote else Path(out), settings, progress,
+                             resume)
 
 
-def _run_pipeline(input_path: str, fmt: str, protocol: str, out: Path, settings: RunSettings,
+def _run_pipeline(input_path: str, fmt: str, protocol: str, out: str | Path, settings: RunSettings,
                   progress: Callable[[str], None], resume: bool) -> RunReport:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    def at(*parts: str) -> str | Path:  # a stage's artifact under out (a URI stays one)
+        joined = storage.join(out, *parts)
+        return joined if storage.is_remote(out) else Path(joined)
+
     ks = metric_cutoffs(protocol)
     seconds: dict[str, float] = {}
 
@@ -103,10 +114,10 @@ def _run_pipeline(input_path: str, fmt: str, protocol: str, out: Path, settings:
         return time.time()
 
     t = stage(1, "prepare", f"prepare {input_path} ({fmt}, protocol {protocol})")
-    counts = _finished_dataset(out / "dataset") if resume else None
+    counts = _finished_dataset(at("dataset")) if resume else None
     if counts is None:
         prep = prepare(PrepareSettings.build(input=str(input_path), format=fmt, protocol=protocol,
-                                             out=str(out / "dataset"), **settings.prepare.model_dump()))
+                                             out=str(at("dataset")), **settings.prepare.model_dump()))
         counts = {"users": prep.users, "items": prep.items, "interactions": prep.interactions}
     else:
         progress("      kept the finished dataset (--resume)")
@@ -114,32 +125,31 @@ def _run_pipeline(input_path: str, fmt: str, protocol: str, out: Path, settings:
     progress(f"      {counts['users']:,} users, {counts['items']:,} items, {counts['interactions']:,} interactions")
 
     t = stage(2, "embed", f"embed: SASRec ({settings.sasrec.loss} loss) on {settings.sasrec_train.workers} worker(s)")
-    sasrec = _train_or_resume(progress, resume, out / "sasrec", settings.sasrec_train, "sasrec", lambda again: train_sasrec(
-        out / "dataset", out / "sasrec", settings.sasrec_train, settings.sasrec, resume=again))
+    sasrec = _train_or_resume(progress, resume, at("sasrec"), settings.sasrec_train, "sasrec", lambda again: train_sasrec(
+        at("dataset"), at("sasrec"), settings.sasrec_train, settings.sasrec, resume=again))
     seconds["embed"] = time.time() - t
     _report_epochs(progress, "SASRec", sasrec, settings.sasrec_train.select_metric)
 
     t = stage(3, "build-tree", f"build-tree: k = {settings.tree.k}")
-    tree = _finished_tree(out / "tree", out / "sasrec" / "item_embeddings.npy") if resume else None
+    embeddings = at("sasrec", "item_embeddings.npy")
+    tree = _finished_tree(at("tree"), embeddings) if resume else None
     if tree is None:
-        embeddings = out / "sasrec" / "item_embeddings.npy"
         tree = build_tree(load_embeddings(embeddings), settings.tree)
-        tree.save(out / "tree", extra_manifest=embeddings_provenance(embeddings))
+        tree.save(at("tree"), extra_manifest=embeddings_provenance(embeddings))
     else:
         progress("      kept the finished tree (--resume)")
     seconds["build_tree"] = time.time() - t
     progress(f"      {tree.num_items:,} items, depth {tree.depth}, {tree.num_internal:,} internal nodes")
 
     t = stage(4, "train", f"train: SEATER on {settings.train.workers} worker(s)")
-    seater = _train_or_resume(progress, resume, out / "seater", settings.train, "seater", lambda again: train_seater(
-        out / "dataset", out / "tree", out / "seater", settings.train, settings.seater, resume=again,
-        embeddings=out / "sasrec" / "item_embeddings.npy"))
+    seater = _train_or_resume(progress, resume, at("seater"), settings.train, "seater", lambda again: train_seater(
+        at("dataset"), at("tree"), at("seater"), settings.train, settings.seater, resume=again,
+        embeddings=embeddings))
     seconds["train"] = time.time() - t
     _report_epochs(progress, "SEATER", seater, settings.train.select_metric)
 
     t = stage(5, "evaluate", "evaluate both on the test users (Ray Data)")
-    results = {name: evaluate(run.best_checkpoint, out / "dataset", "test", settings.eval,
-                              out=out / name / "eval_test")
+    results = {name: evaluate(run.best_checkpoint, at("dataset"), "test", settings.eval, out=at(name, "eval_test"))
                for name, run in (("seater", seater), ("sasrec", sasrec))}
     seconds["evaluate"] = time.time() - t
     report = RunReport(
@@ -150,17 +160,19 @@ def _run_pipeline(input_path: str, fmt: str, protocol: str, out: Path, settings:
         best_epoch={"seater": seater.best_epoch, "sasrec": sasrec.best_epoch},
         test_users=results["seater"].users,
     )
-    (out / "report.json").write_text(report.to_json())
     table = results_table(report, ks)
-    (out / "report.md").write_text(table + "\n")
-    plot_training({"SEATER": seater.history, "SASRec": sasrec.history}, out / "training.png",
-                  settings.train.select_metric)
+    with tempfile.TemporaryDirectory(prefix="seater-plot-") as tmp:
+        plot_training({"SEATER": seater.history, "SASRec": sasrec.history}, Path(tmp) / "training.png",
+                      settings.train.select_metric)
+        storage.write_bytes(at("training.png"), (Path(tmp) / "training.png").read_bytes())
+    storage.write_bytes(at("report.md"), (table + "\n").encode())
+    storage.write_bytes(at("report.json"), report.to_json().encode())  # last: the run is finished
     progress("\n" + table)
-    progress(f"\nplot: {out / 'training.png'}   report: {out / 'report.json'}")
+    progress(f"\nplot: {at('training.png')}   report: {at('report.json')}")
     return report
 
 
-def _finished_dataset(path: Path) -> dict[str, int] | None:
+def _finished_dataset(path: str | Path) -> dict[str, int] | None:
     try:
         counts = load_dataset(path).manifest["counts"]
     except (DataError, KeyError):
@@ -168,7 +180,7 @@ def _finished_dataset(path: Path) -> dict[str, int] | None:
     return {key: int(counts[key]) for key in ("users", "items", "interactions")}
 
 
-def _finished_tree(path: Path, embeddings: Path) -> ItemTree | None:
+def _finished_tree(path: str | Path, embeddings: str | Path) -> ItemTree | None:
     """The tree under ``path`` if it is whole and built from ``embeddings`` as they are now, else None."""
     try:
         tree = ItemTree.load(path, validate=False)
@@ -178,7 +190,7 @@ def _finished_tree(path: Path, embeddings: Path) -> ItemTree | None:
     return tree if tree.manifest.get("embeddings_sha256") == current else None
 
 
-def _train_or_resume(progress: Callable[[str], None], resume: bool, out: Path, settings: TrainSettings, task: str,
+def _train_or_resume(progress: Callable[[str], None], resume: bool, out: str | Path, settings: TrainSettings, task: str,
                      train: Callable[[bool], TrainResult]) -> TrainResult:
     """A finished run under ``out`` is kept on resume; an interrupted one continues; otherwise a fresh run."""
     if resume:
@@ -192,6 +204,9 @@ def _train_or_resume(progress: Callable[[str], None], resume: bool, out: Path, s
 
 def run_demo(out: str | Path, settings: RunSettings, progress: Callable[[str], None] = print) -> RunReport:
     """Synthesise the `small` preset into ``out/synth``, then :func:`run_pipeline` on it (comirec)."""
+    if storage.is_remote(out):
+        raise ValueError(f"{out}: the demo writes to a local directory; `seater run --out URI` writes to object "
+                         "storage")
     out = Path(out)
     with output_lock(out, inside=True):  # held from the synth on (run_pipeline re-enters it)
         progress("[0/5] synth: the `small` preset (planted topic hierarchy, power-law popularity, drifting users)")
