@@ -32,7 +32,7 @@ def tiny(ray_session, tmp_path_factory):
 
     from seater_dist.config import PrepareSettings, SasrecSettings, SeaterSettings
     from seater_dist.data.dataset import load_dataset
-    from seater_dist.data.prepare import prepare
+    from seater_dist.data.prepare import prepare_local
     from seater_dist.eval.offline import evaluate
     from seater_dist.model.checkpoint import save_checkpoint
     from seater_dist.model.sasrec import SASRec
@@ -43,8 +43,8 @@ def tiny(ray_session, tmp_path_factory):
     rng = np.random.default_rng(0)
     lines = [" ".join([f"u{u}"] + [f"i{x}" for x in rng.integers(0, 80, rng.integers(5, 12))]) for u in range(400)]
     (root / "seqs.txt").write_text("\n".join(lines) + "\n")
-    prepare(PrepareSettings.build(input=str(root / "seqs.txt"), format="sequences", protocol="comirec",
-                                  out=str(root / "dataset"), min_user_count=2, min_item_count=2))
+    prepare_local(PrepareSettings.build(input=str(root / "seqs.txt"), format="sequences", protocol="comirec",
+                                        out=str(root / "dataset"), min_user_count=2, min_item_count=2))
     ds = load_dataset(root / "dataset")
     torch.manual_seed(0)
     tree = random_balanced_tree(ds.num_items, 4, seed=0)
