@@ -11,6 +11,7 @@ group and every process it started (Ray's workers run in groups of their own) ar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -32,7 +33,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: `ray`, and the `python` the job runs with
 JOB = "python jobs/train_microvideo.py --preset tiny"  # as in README "From laptop to cluster"
-SUBMIT_TIMEOUT_S = 480
+SUBMIT_TIMEOUT_S = 600  # per submission
 # Ray's default worker ports are 10002-19999 and the kernel's ephemeral range starts at 32768: pick between.
 PORT_LOW, PORT_HIGH = 20000, 32000
 WORKER_PORTS = 200
@@ -131,7 +132,8 @@ def _wait_for_dashboard(head: Head, timeout_s: float = 90) -> None:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if head.proc.poll() is not None:
-            raise RuntimeError(f"ray start exited with {head.proc.returncode}: {head.proc.stdout.read()}")
+            log = (head.temp_dir / "ray-start.log").read_text()[-4000:]
+            raise RuntimeError(f"ray start exited with {head.proc.returncode}: {log}")
         try:
             with urllib.request.urlopen(f"{head.dashboard}/api/version", timeout=2) as r:
                 if r.status == 200:
@@ -150,8 +152,9 @@ def ray_head() -> Iterator[Head]:
         _free_ports(9, WORKER_PORTS)
     temp_dir = Path(tempfile.mkdtemp(prefix="sdray-", dir="/tmp"))
     env = _ray_env()
-    # State API calls inside the job (Ray Train's placement-group cleaner) go to this head's dashboard instead
-    # of scanning the machine for GCS processes, which finds every Ray here and gives up.
+    # State API calls inside the job (Ray Train's placement-group cleaner) go to this head's dashboard instead of
+    # looking for the cluster by its GCS processes, which fails with "multiple active Ray instances" beside
+    # another Ray on this machine.
     env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dash}"
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2",
            "--object-store-memory=300000000", f"--temp-dir={temp_dir}", "--include-dashboard=true",
@@ -161,8 +164,9 @@ def ray_head() -> Iterator[Head]:
            f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
            f"--ray-client-server-port={client}", f"--min-worker-port={workers}",
            f"--max-worker-port={workers + WORKER_PORTS - 1}", "--disable-usage-stats"]
-    proc = subprocess.Popen(cmd, cwd=temp_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    with open(temp_dir / "ray-start.log", "wb") as log:  # a file, not a pipe: --block keeps writing to it
+        proc = subprocess.Popen(cmd, cwd=temp_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     head = Head(proc, f"http://127.0.0.1:{dash}", temp_dir, env)
     try:
         _wait_for_dashboard(head)
@@ -170,7 +174,8 @@ def ray_head() -> Iterator[Head]:
     finally:
         _stop(head)
         for p in _leftovers(temp_dir):  # nothing of ours may outlive the test
-            p.kill()
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
