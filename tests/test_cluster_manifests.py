@@ -293,3 +293,12 @@ def test_commands_are_found_across_comment_continuation_lines():
     text = ("#   ray job submit --working-dir . -- python jobs/train_microvideo.py \\\n"
             "#       --preset microvideo --out /mnt/efs/seater\n")
     assert job_commands(text) == ["python jobs/train_microvideo.py --preset microvideo --out /mnt/efs/seater"]
+
+
+def test_rayservice_serves_the_checkpoint_the_rayjob_writes():
+    job = _load(ROOT / "cluster" / KUBERAY["RayJob"])
+    args = _job_module(ROOT / "jobs" / "train_microvideo.py").build_parser().parse_args(
+        shlex.split(job["spec"]["entrypoint"])[2:])
+    service = _load(ROOT / "cluster" / KUBERAY["RayService"])
+    checkpoint = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]["checkpoint"]
+    assert checkpoint == f"{args.out.rstrip('/')}/seater/best"
