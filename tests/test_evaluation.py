@@ -21,13 +21,13 @@ pytestmark = pytest.mark.ray
 
 SEATER = {"d_model": 16, "n_heads": 2, "ffn_dim": 32, "history_len": 5, "beam_size": 50}
 SASREC = {"d_model": 16, "n_heads": 2, "num_blocks": 1, "max_len": 6, "num_negatives": 8}
-EVAL = {"batch_size": 8, "cpus_per_actor": 0.5}  # 40 test users: five batches to share between the actors
+EVAL = {"batch_size": 8, "cpus_per_actor": 0.5}  # 300 test users: ~38 batches, enough for both actors to get some
 
 
 @pytest.fixture(scope="module")
 def tiny(ray_session, tmp_path_factory):
-    """A 400-user comirec dataset over about 80 items, an untrained SEATER (k = 4) and an untrained SASRec,
-    and SEATER's evaluation with one actor and with two."""
+    """A 3,000-user comirec dataset over 80 items (300 test users, in one shard), an untrained SEATER (k = 4)
+    and an untrained SASRec, and SEATER's evaluation with one actor and with two."""
     import torch
 
     from seater_dist.config import PrepareSettings, SasrecSettings, SeaterSettings
@@ -41,7 +41,7 @@ def tiny(ray_session, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("evaluation")
     rng = np.random.default_rng(0)
-    lines = [" ".join([f"u{u}"] + [f"i{x}" for x in rng.integers(0, 80, rng.integers(5, 12))]) for u in range(400)]
+    lines = [" ".join([f"u{u}"] + [f"i{x}" for x in rng.integers(0, 80, rng.integers(5, 12))]) for u in range(3000)]
     (root / "seqs.txt").write_text("\n".join(lines) + "\n")
     prepare_local(PrepareSettings.build(input=str(root / "seqs.txt"), format="sequences", protocol="comirec",
                                         out=str(root / "dataset"), min_user_count=2, min_item_count=2))
@@ -160,7 +160,7 @@ def _altered(src: str, dest: Path, keep_users: int | None = None, **manifest_cha
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"keep_users": 30}, "not the same users (40 and 30 users, 10 in only one"),
+    ({"keep_users": 30}, "not the same users ({all} and 30 users, {rest} in only one"),
     ({"split": "valid"}, "not the same split (test and valid)"),
     ({"catalogue": "f" * 64}, "not the same catalogue"),
     ({"questions": "e" * 64}, "other histories or ground truth"),
@@ -171,6 +171,7 @@ def test_compare_refuses_evaluations_that_are_not_of_the_same_users(capsys, tiny
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
     assert code == 2 and len(err) == 1, captured
+    message = message.format(all=f"{tiny.test_users:,}", rest=f"{tiny.test_users - 30:,}")
     assert err[0].startswith("seater compare: error: ") and message in err[0] and str(other) in err[0]
     assert "metric" not in captured.out  # no table
 
