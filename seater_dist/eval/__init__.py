@@ -1,1 +1,1 @@
-"""Metrics, protocols, distributed offline evaluation."""
+"""Metrics, distributed offline evaluation, confidence intervals and the paired comparison of two evaluations."""
