@@ -21,7 +21,7 @@ import contextlib
 import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,6 +32,7 @@ from seater_dist.data.dataset import load_dataset
 from seater_dist.data.errors import DataError
 from seater_dist.data.prepare import prepare
 from seater_dist.data.synth import synthesize
+from seater_dist.eval.compare import compare
 from seater_dist.eval.offline import evaluate
 from seater_dist.model.checkpoint import embeddings_provenance
 from seater_dist.train.trainer import TrainResult, resumable, train_sasrec, train_seater
@@ -62,6 +63,8 @@ class RunReport:
     counts: dict[str, int]
     best_epoch: dict[str, int]
     test_users: int
+    ci95: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # model -> metric -> [lo, hi]
+    paired: dict[str, dict[str, Any]] = field(default_factory=dict)  # metric -> SEATER - SASRec: diff, ci95, p
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -159,8 +162,10 @@ def _run_pipeline(input_path: str, fmt: str, protocol: str, out: str | Path, set
         counts=counts,
         best_epoch={"seater": seater.best_epoch, "sasrec": sasrec.best_epoch},
         test_users=results["seater"].users,
+        ci95={name: result.ci95 for name, result in results.items()},
+        paired=_paired(at("sasrec", "eval_test"), at("seater", "eval_test")),
     )
-    table = results_table(report, ks)
+    table = results_table(report, ks) + "\n\n" + paired_table(report, ks)
     with tempfile.TemporaryDirectory(prefix="seater-plot-") as tmp:
         plot_training({"SEATER": seater.history, "SASRec": sasrec.history}, Path(tmp) / "training.png",
                       settings.train.select_metric)
@@ -170,6 +175,13 @@ def _run_pipeline(input_path: str, fmt: str, protocol: str, out: str | Path, set
     progress("\n" + table)
     progress(f"\nplot: {at('training.png')}   report: {at('report.json')}")
     return report
+
+
+def _paired(sasrec_eval: str | Path, seater_eval: str | Path) -> dict[str, dict[str, Any]]:
+    """SEATER against SASRec on the same test users, per metric: mean difference, its paired 95% interval,
+    the paired p-value (seater_dist.eval.compare)."""
+    comparison = compare(str(sasrec_eval), str(seater_eval))
+    return {r.metric: {"diff": r.diff, "ci95": r.ci95, "p": r.p} for r in comparison.rows}
 
 
 def _finished_dataset(path: str | Path) -> dict[str, int] | None:
@@ -233,6 +245,22 @@ def results_table(report: RunReport, ks: tuple[int, ...]) -> str:
         base = report.sasrec.get(c, 0.0)
         gains.append(f"{100 * (report.seater.get(c, 0.0) / base - 1):+.1f}%" if base else "n/a")
     lines.append("| seater vs sasrec | " + " | ".join(gains) + " |")
+    return "\n".join(lines)
+
+
+def paired_table(report: RunReport, ks: tuple[int, ...]) -> str:
+    """Markdown: each model's 95% interval per metric, and SEATER - SASRec paired over the same users."""
+    cols = [f"{m}@{k}" for m in ("recall", "hr", "ndcg") for k in ks if f"{m}@{k}" in report.paired]
+    lines = [f"SEATER - SASRec on the same {report.test_users:,} test users (paired bootstrap 95% interval, "
+             "sign-flip p; * p < 0.05):", "", "| metric | SASRec [95% CI] | SEATER [95% CI] | SEATER - SASRec "
+             "[95% CI] | p |", "|---|---|---|---|---|"]
+    for c in cols:
+        lo_a, hi_a = report.ci95["sasrec"][c]
+        lo_b, hi_b = report.ci95["seater"][c]
+        pair = report.paired[c]
+        lines.append(f"| {c} | {report.sasrec[c]:.4f} [{lo_a:.4f}, {hi_a:.4f}] | {report.seater[c]:.4f} "
+                     f"[{lo_b:.4f}, {hi_b:.4f}] | {pair['diff']:+.4f} [{pair['ci95'][0]:+.4f}, "
+                     f"{pair['ci95'][1]:+.4f}] | {pair['p']:.4f}{' *' if pair['p'] < 0.05 else ''} |")
     return "\n".join(lines)
 
 

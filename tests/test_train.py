@@ -48,6 +48,13 @@ def test_run_writes_every_artifact_and_a_comparable_report(tiny_run):
     from seater_dist.data.dataset import load_dataset
 
     assert saved["test_users"] == load_dataset(out / "dataset").table("test").num_rows
+    for model in ("seater", "sasrec"):  # each figure inside its own 95% interval
+        for key, (lo, hi) in saved["ci95"][model].items():
+            assert lo <= saved[model][key] <= hi, (model, key)
+    for key, pair in saved["paired"].items():  # the paired difference is the difference of the two means
+        assert pair["diff"] == pytest.approx(saved["seater"][key] - saved["sasrec"][key], abs=1e-12)
+        assert pair["ci95"][0] <= pair["diff"] <= pair["ci95"][1] and 0.0 < pair["p"] <= 1.0
+    assert "SEATER - SASRec on the same" in (out / "report.md").read_text()
 
 
 def test_two_workers_hold_identical_parameters_every_epoch(tiny_run):
