@@ -10,7 +10,12 @@ import pytest
 from seater_dist.cli import _parser, main
 from seater_dist.config import RunSettings, SettingsError, TrainSettings
 
-COMMANDS = ["synth", "prepare", "embed", "build-tree", "train", "evaluate", "compare", "recommend", "run", "demo"]
+COMMANDS = ["synth", "prepare", "embed", "build-tree", "train", "evaluate", "compare", "recommend", "serve", "run",
+            "demo"]
+
+
+def test_the_command_list_is_the_parsers():
+    assert sorted(_parser()._subparsers._group_actions[0].choices) == sorted(COMMANDS)  # type: ignore[attr-defined]
 
 
 def test_help_lists_every_command_and_each_has_examples(capsys):
