@@ -250,7 +250,8 @@ def publish(local: str | os.PathLike, path: str | os.PathLike) -> None:
 
     A directory: the destination's manifests are deleted first, objects the new content does not have
     are deleted, every other file is uploaded, then every ``manifest.json`` deepest first (the top one
-    last). Hidden files (locks, verification stamps) stay local. A local destination is a copy.
+    last). Hidden files (locks, verification stamps) stay local. A destination holding anything but an
+    artifact of the same kind (or an interrupted publish's remains) is refused before anything changes.
     """
     local = Path(local)
     fs, root = resolve(path)
@@ -262,12 +263,47 @@ def publish(local: str | os.PathLike, path: str | os.PathLike) -> None:
     keep = {p.relative_to(local).as_posix() for p in files}
     old = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
            if i.type == pafs.FileType.File]
+    _check_replaceable(fs, root, str(path), old, _kind(local / MANIFEST))
+    marker = f"{root}/{PUBLISHING}"
+    with fs.open_output_stream(marker) as f:  # "ours, being written": a later publish may replace it
+        f.write(b"")
     for info in sorted(old, key=lambda i: PurePosixPath(i.path).name != MANIFEST):  # manifests first
         rel = info.path[len(root):].lstrip("/")
-        if PurePosixPath(rel).name == MANIFEST or rel not in keep:
+        if rel != PUBLISHING and (PurePosixPath(rel).name == MANIFEST or rel not in keep):
             fs.delete_file(info.path)
     for p in [p for p in files if p.name != MANIFEST] + manifests:
         _upload(fs, p, f"{root}/{p.relative_to(local).as_posix()}")
+    fs.delete_file(marker)
+
+
+PUBLISHING = ".seater-publishing"  # present while a publish is under way (or was interrupted)
+
+
+def _kind(manifest: Path) -> str | None:
+    try:
+        return json.loads(manifest.read_text()).get("artifact")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _check_replaceable(fs: pafs.FileSystem, root: str, uri: str, old: list[pafs.FileInfo], kind: str | None) -> None:
+    """A publish replaces only what publishing made: nothing, an artifact of the same kind, or the remains
+    of an interrupted publish. Anything else under the prefix is refused, and nothing is deleted."""
+    if not old:
+        return
+    names = {i.path[len(root):].lstrip("/") for i in old}
+    if PUBLISHING in names:
+        return
+    if kind is not None and MANIFEST in names:
+        with fs.open_input_stream(f"{root}/{MANIFEST}") as f:
+            try:
+                theirs = json.loads(f.read()).get("artifact")
+            except (ValueError, AttributeError):
+                theirs = None
+        if theirs == kind:
+            return
+    raise ArtifactError(f"{uri}: holds {len(names)} object(s) that are not a {kind or 'published'} artifact; "
+                        "refusing to replace them (choose another output path or remove them yourself)")
 
 
 def _hidden(rel: Path) -> bool:

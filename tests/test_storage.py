@@ -9,6 +9,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from seater_dist import storage
+from seater_dist.artifacts import ArtifactError
 from seater_dist.cli import main
 from seater_dist.tree.item_tree import ItemTree, TreeError
 from seater_dist.model.toy_trees import random_balanced_tree
@@ -62,6 +63,20 @@ def test_a_write_interrupted_half_way_is_refused_by_the_reader(s3, monkeypatch):
     monkeypatch.setattr(storage, "_upload", real_upload)
     random_balanced_tree(60, 4, seed=2).save(uri)  # writing it again makes it whole
     assert ItemTree.load(uri).num_items == 60
+
+
+def test_publishing_never_replaces_what_it_did_not_write(s3):
+    storage.write_bytes(f"{s3}/precious/notes.txt", b"keep me")
+    with pytest.raises(ArtifactError, match="not a tree artifact; refusing to replace"):
+        random_balanced_tree(50, 4, seed=1).save(f"{s3}/precious")
+    assert objects(f"{s3}/precious") == {"notes.txt"}
+    dataset_like = f"{s3}/other-kind"
+    random_balanced_tree(50, 4, seed=1).save(dataset_like)
+    fs, root = storage.resolve(dataset_like)
+    with fs.open_output_stream(f"{root}/manifest.json") as f:
+        f.write(json.dumps({"artifact": "dataset"}).encode())
+    with pytest.raises(ArtifactError, match="refusing to replace"):
+        random_balanced_tree(50, 4, seed=2).save(dataset_like)
 
 
 def test_seater_run_keeps_every_artifact_in_s3_and_reads_them_back(ray_session, s3, tmp_path, monkeypatch, capsys):
