@@ -226,7 +226,7 @@ def plot_curves(out: Path, protocol: str) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(9, 5))
     for name, history in runs.items():
-        epochs, values = [r["epoch"] for r in history], [r["valid_recall@50"] for r in history]
+        epochs, values = [r["epoch"] + 1 for r in history], [r["valid_recall@50"] for r in history]
         line, = ax.plot(epochs, values, label=name, linestyle="--" if name.startswith("sasrec") else "-")
         best = max(range(len(values)), key=values.__getitem__)
         ax.plot([epochs[best]], [values[best]], marker="o", color=line.get_color())
