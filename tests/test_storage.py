@@ -86,8 +86,8 @@ def test_seater_run_keeps_every_artifact_in_s3_and_reads_them_back(ray_session, 
     config = tmp_path / "run.yaml"
     config.write_text(f"seater: {json.dumps(SEATER)}\nsasrec: {json.dumps(SASREC)}\ntree: {{k: 4}}\n"
                       "prepare: {min_user_count: 2, min_item_count: 2}\n"
-                      "train: {workers: 2, cpus_per_worker: 0.5, batch_size: 16, epochs: 1}\n"
-                      "sasrec_train: {workers: 2, cpus_per_worker: 0.5, batch_size: 16, epochs: 1}\n")
+                      "train: {workers: 1, cpus_per_worker: 1, batch_size: 16, epochs: 1}\n"
+                      "sasrec_train: {workers: 1, cpus_per_worker: 1, batch_size: 16, epochs: 1}\n")
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
