@@ -19,7 +19,8 @@ from seater_dist.tree.item_tree import ItemTree
 
 
 def settings(**kw) -> SeaterSettings:
-    return SeaterSettings(**{**dict(d_model=8, n_heads=2, ffn_dim=16, dropout=0.0, history_len=4), **kw})
+    no_dropout = dict(dropout=0.0, input_dropout=0.0)
+    return SeaterSettings(**{**dict(d_model=8, n_heads=2, ffn_dim=16, history_len=4, **no_dropout), **kw})
 
 
 # ----------------------------------------------------------------------------- L_ali (Eq. 6)

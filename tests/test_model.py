@@ -14,7 +14,7 @@ from seater_dist.model.toy_trees import random_balanced_tree
 
 
 def tiny_settings(**overrides) -> SeaterSettings:
-    base = dict(d_model=16, n_heads=2, ffn_dim=32, dropout=0.0, history_len=6, beam_size=8)
+    base = dict(d_model=16, n_heads=2, ffn_dim=32, dropout=0.0, input_dropout=0.0, history_len=6, beam_size=8)
     return SeaterSettings(**{**base, **overrides})
 
 
