@@ -209,6 +209,16 @@ def _check_report(out: Path) -> dict:
     return report
 
 
+def _submit_and_succeed(head, name: str, args: str, record_property, timing: str):
+    """Submit the job, record how long it took as ``timing``, and assert it SUCCEEDED (else show its log)."""
+    t0 = time.time()
+    done = _submit(head, name, args)
+    record_property(timing, round(time.time() - t0, 1))
+    print(f"{name}: {time.time() - t0:.1f} s")
+    assert done.returncode == 0 and _succeeded(head, name), (done.stdout + done.stderr)[-6000:]
+    return done
+
+
 @pytest.mark.cluster
 def test_ray_job_submit_runs_the_pipeline_and_a_resubmission_keeps_the_finished_stages(ray_head, tmp_path,
                                                                                           record_property):
@@ -216,12 +226,7 @@ def test_ray_job_submit_runs_the_pipeline_and_a_resubmission_keeps_the_finished_
     before = address_file.read_text() if address_file.exists() else None
     out = tmp_path / "job"
 
-    t0 = time.time()
-    first = _submit(ray_head, "seater-tiny-1", f"--out {out}")
-    record_property("first_submit_s", round(time.time() - t0, 1))
-    print(f"first submission: {time.time() - t0:.1f} s")
-    log = first.stdout + first.stderr
-    assert first.returncode == 0 and _succeeded(ray_head, "seater-tiny-1"), log[-6000:]
+    first = _submit_and_succeed(ray_head, "seater-tiny-1", f"--out {out}", record_property, "first_submit_s")
     report = _check_report(out)
     assert "(--resume)" not in first.stdout
     best = out / "seater" / "best" / "manifest.json"
@@ -235,12 +240,8 @@ def test_ray_job_submit_runs_the_pipeline_and_a_resubmission_keeps_the_finished_
         assert not {".venv", ".git", "runs"} & {c.name for c in p.iterdir()}
         assert sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) < 20 * 2**20
 
-    t1 = time.time()
-    second = _submit(ray_head, "seater-tiny-2", f"--out {out} --resume")
-    record_property("resume_submit_s", round(time.time() - t1, 1))
-    print(f"resumed submission: {time.time() - t1:.1f} s")
-    log = second.stdout + second.stderr
-    assert second.returncode == 0 and _succeeded(ray_head, "seater-tiny-2"), log[-6000:]
+    second = _submit_and_succeed(ray_head, "seater-tiny-2", f"--out {out} --resume", record_property,
+                                 "resume_submit_s")
     for line in (f"synth: kept {out / 'synth'}", "kept the finished dataset", f"kept the finished run in {out / 'sasrec'}",
                  "kept the finished tree", f"kept the finished run in {out / 'seater'}"):
         assert line in second.stdout, second.stdout[-6000:]
