@@ -5,7 +5,9 @@
 
 Synthetic checkpoints with random weights (speed does not depend on them), cached under --work: SEATER over a
 random balanced tree of N items (k = 16, d = 64, t = 20, b = 50) and a SASRec (d = 64) over the same N items.
-Each configuration is deployed on a local 2-CPU Ray with `seater_dist.serve.app.build_app` (Serve on
+SEATER runs in both service layouts (ServeArgs.layout: "split" deployments, or a "single" deployment holding
+the encoder and the shards). Each configuration is deployed on a local 2-CPU Ray with
+`seater_dist.serve.app.build_app` (Serve on
 127.0.0.1 only) and driven by an open-loop load generator in a second process (aiohttp): requests are
 scheduled at a fixed rate (10, 25, 50 per second) whatever the answers, latency is measured from each
 request's scheduled time (so a slow service cannot hide its queue), a request not answered within --timeout
@@ -303,6 +305,9 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=20.0, help="seconds of load per rate (default 20)")
     ap.add_argument("--timeout", type=float, default=10.0, help="a request unanswered after this many seconds fails")
     ap.add_argument("--shards", type=int, nargs="+", default=[1, 2], help="SEATER shard counts (default 1 2)")
+    ap.add_argument("--layouts", choices=["split", "single"], nargs="+", default=["split", "single"],
+                    help="SEATER service layouts (ServeArgs.layout; default both): split = router, encoder and "
+                         "shard deployments; single = one deployment holding them all")
     ap.add_argument("--sasrec", choices=["flat", "hnsw"], nargs="*", default=["flat", "hnsw"],
                     help="SASRec indexes to serve (default both; none: --sasrec with no value)")
     ap.add_argument("--ef-search", type=int, default=128, help="SASRec HNSW efSearch (default 128)")
@@ -345,7 +350,9 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": port},
                 logging_config={"log_level": "WARNING", "enable_access_log": False})
     url = f"http://127.0.0.1:{port}"
-    configs = [(f"SEATER S={s}", {"checkpoint": str(seater_path), "shards": s}) for s in args.shards]
+    configs = [(f"SEATER S={s}" + ("" if layout == "split" else " single"),
+                {"checkpoint": str(seater_path), "shards": s, "layout": layout})
+               for layout in args.layouts for s in args.shards]
     configs += [(f"SASRec {ix}", {"checkpoint": str(sasrec_path), "shards": 1, "index": ix, "ef_search": args.ef_search,
                                   "hnsw_m": args.hnsw_m, "ef_construction": args.ef_construction,
                                   "index_cache": str(work / "faiss")}) for ix in args.sasrec]

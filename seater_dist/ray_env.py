@@ -43,6 +43,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
         import ray.data
 
         ray.data.DataContext.get_current().enable_progress_bars = False
+        # Our evaluation actors each hold a whole model by design (EvalSettings sizes how many): Ray Data's
+        # high-memory detector would print a multi-line "consider setting memory=" notice every 30 s.
+        detectors = ray.data.DataContext.get_current().issue_detectors_config
+        detectors.detectors = [d for d in detectors.detectors if d.__name__ != "HighMemoryIssueDetector"]
         logging.getLogger("ray.train").setLevel(logging.WARNING)
         kwargs.setdefault("logging_config", ray.LoggingConfig(log_level="WARNING"))
         quiet_process()

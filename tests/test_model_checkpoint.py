@@ -184,3 +184,14 @@ def test_item_id_index_lookup_and_duplicates():
     assert index.lookup([]).tolist() == []
     with pytest.raises(ValueError, match="'a' appears more than once"):
         ItemIdIndex(np.array(["a", "b", "a"]))
+
+
+def test_a_loaded_seater_ranks_but_refuses_to_train_and_reads_its_ids_on_first_use(trained):
+    """load_checkpoint builds a ranking-only model (no L_rank sampler: seconds at millions of items) and reads
+    items.parquet only when the raw ids are asked for."""
+    path, model, settings, tree, item_ids = trained
+    ckpt = load_checkpoint(path)
+    assert ckpt.model.rank_sampler is None and ckpt._item_ids is None
+    with pytest.raises(RuntimeError, match="trainable=False"):
+        ckpt.model.train()(torch.randint(0, N, (2, 5)), torch.randint(0, N, (2,)))
+    assert list(ckpt.item_ids) == list(item_ids) and ckpt._item_ids is not None

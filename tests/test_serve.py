@@ -292,7 +292,10 @@ def service(ray_session, run_dir, tmp_path_factory):
                              "serial_load": False}),
                   name="wide", route_prefix="/wide", logging_config=quiet),
         RunTarget(build_app({"checkpoint": str(run_dir / "sasrec" / "best"), "shards": 2, "serial_load": False}),
-                  name="sasrec", route_prefix="/sasrec", logging_config=quiet)])
+                  name="sasrec", route_prefix="/sasrec", logging_config=quiet),
+        RunTarget(build_app({"checkpoint": str(run_dir / "seater" / "best"), "shards": 2, "layout": "single",
+                             "serial_load": False}),
+                  name="single", route_prefix="/single", logging_config=quiet)])
     url = f"http://127.0.0.1:{port}"
     _wait_for(lambda: requests.get(f"{url}/healthz", timeout=5).status_code == 200, 240, "the service")
     yield {"url": url, "config": config, "tmp": tmp, "port": port}
@@ -380,6 +383,30 @@ def test_four_shard_service_with_a_full_beam_returns_the_single_process_ranking(
             assert r.json()["items"] == expected["items"] and len(expected["items"]) == N
     finally:
         serve.delete("wide")
+
+
+@pytest.mark.ray
+def test_single_layout_answers_as_the_split_service_does_from_one_deployment(service, run_dir):
+    """layout: single (one deployment holding the encoder and both shards, no calls between deployments):
+    the same answers as SeaterRetriever, the popular fallback, a 4xx for a bad request."""
+    from ray import serve
+
+    url = f"{service['url']}/single"
+    try:
+        retriever = SeaterRetriever.from_checkpoint(run_dir / "seater" / "best")
+        for history, top_n in zip(_histories(4, seed=7), [50, 10, 1, 50]):
+            r = _post(url, {"history": history, "top_n": top_n})
+            assert r.status_code == 200, r.text
+            expected = retriever.recommend([history], top_n=top_n)[0]
+            assert r.json()["items"] == expected["items"] and r.json()["model_version"] == retriever.model_version
+            np.testing.assert_allclose(r.json()["scores"], expected["scores"], rtol=0, atol=1e-5)
+        unknown = _post(url, {"history": ["not-an-item"], "top_n": 5}).json()
+        assert unknown["fallback"] == "popular" and len(unknown["items"]) == 5
+        assert _post(url, {"history": ["sku-0001"], "top_n": -1}).status_code == 422
+        running = sorted(serve.status().applications["single"].deployments)
+        assert running == deployment_names("seater", 2, "single") == ["Router"]
+    finally:
+        serve.delete("single")
 
 
 @pytest.mark.ray

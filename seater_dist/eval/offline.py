@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -40,7 +41,10 @@ from seater_dist.eval import stats
 from seater_dist.eval.metrics import per_user_metrics
 from seater_dist.model.checkpoint import catalogue_id, check_same_catalogue, load_checkpoint, verify_checkpoint
 
+log = logging.getLogger(__name__)
+
 SPLITS = ("valid", "test")
+PROGRESS_SECONDS = 15.0
 ARTIFACT = "evaluation"
 SCHEMA_VERSION = 1
 METRICS_FILE = "metrics.json"
@@ -175,18 +179,26 @@ def _rank(checkpoint: str, dataset: Dataset, split: str, settings: EvalSettings,
     # Blocks in input order: the same users form the same batches whatever the number of actors, so even a
     # model whose floating-point result depends on its batch ranks every user identically.
     scored.context.execution_options.preserve_order = True
-    rows = _collect(scored)
+    expected = int(dataset.manifest["counts"].get(f"{split}_users", 0))
+    rows = _collect(scored, min(expected, settings.max_users or expected))
     if not len(rows.get("user_index", ())):
         raise ValueError(f"{dataset.path}: the {split} split holds no users to evaluate")
     return rows
 
 
-def _collect(scored: Any) -> dict[str, np.ndarray]:
-    """The actors' rows, concatenated and sorted by user_index (each user exactly once)."""
+def _collect(scored: Any, expected: int) -> dict[str, np.ndarray]:
+    """The actors' rows, concatenated and sorted by user_index (each user exactly once); logs progress
+    about every PROGRESS_SECONDS against ``expected`` users (0: unknown)."""
     parts: dict[str, list[np.ndarray]] = {}
+    done, t0, last = 0, time.time(), time.time()
     for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
         for name, column in batch.items():
             parts.setdefault(name, []).append(np.asarray(column))
+        done += len(batch["user_index"])
+        if time.time() - last >= PROGRESS_SECONDS:
+            last = time.time()
+            of = f" of {expected:,}" if expected else ""
+            log.info("evaluate: %s%s users ranked (%.0f users/s)", f"{done:,}", of, done / (last - t0))
     rows = {name: np.concatenate(chunks) for name, chunks in parts.items()}
     if not rows:
         return rows

@@ -1,6 +1,6 @@
 """SEATER model, losses, constrained beam search, retriever; SASRec. Plain PyTorch, no Ray.
 
-* ``seater.SeaterModel(tree, settings, sparse_embedding=False)``: ``forward(history, target)`` ->
+* ``seater.SeaterModel(tree, settings, sparse_embedding=False, trainable=True)``: ``forward(history, target)`` ->
   {"loss", "gen", "ali", "rank"}; ``encode``; ``beam_search(history, beam_size, top_n)``;
   ``item_log_probs(history, items)`` (Eq. 1 in log space); ``topk(histories, top_k)`` (retrieval).
 * ``losses``: L_gen, L_ali (paper's exclusion rule), L_rank and its exact-prefix negative sampler.

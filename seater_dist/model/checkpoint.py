@@ -28,7 +28,7 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,10 +71,18 @@ class Checkpoint:
     kind: str
     model: nn.Module
     settings: SeaterSettings | SasrecSettings
-    item_ids: np.ndarray
     manifest: dict[str, Any]
     tree: ItemTree | None = None
     item_table: np.ndarray | None = None
+    _item_ids: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def item_ids(self) -> np.ndarray:
+        """Raw id (str) of item index 0..N-1, read from items.parquet on first use (ranking by index, as an
+        evaluation does, never needs them; at millions of items they take seconds to read)."""
+        if self._item_ids is None:
+            self._item_ids = read_item_ids(member(self.path, "items.parquet", CheckpointError), self.num_items)
+        return self._item_ids
 
     @property
     def num_items(self) -> int:
@@ -205,14 +213,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     num_items = int(manifest["num_items"])
     settings_type: type[Settings] = SeaterSettings if kind == "seater" else SasrecSettings
     settings = _read_settings(member(path, "settings.json", CheckpointError), settings_type)
-    item_ids = read_item_ids(member(path, "items.parquet", CheckpointError), num_items)
     tree, table = None, None
     with torch.device("meta"):  # parameters without memory or random init: the loaded tensors take their place
         if kind == "seater":
             tree = ItemTree.load(path / "tree", validate=validate_tree)
             if tree.num_items != num_items:
                 raise CheckpointError(f"{path / 'tree'}: holds {tree.num_items} items, the manifest says {num_items}")
-            model: nn.Module = SeaterModel(tree, settings)
+            model: nn.Module = SeaterModel(tree, settings, trainable=False)
         else:
             model = SASRec(num_items, settings)
     if kind == "sasrec":
@@ -224,7 +231,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except Exception as err:  # noqa: BLE001 - unpickling errors come in many types
         raise CheckpointError(f"{weights}: does not fit the model described by settings.json "
                               f"({' '.join(str(err).split())[:300]})") from None
-    return Checkpoint(path, kind, model.to(map_location).eval(), settings, item_ids, manifest, tree, table)
+    return Checkpoint(path, kind, model.to(map_location).eval(), settings, manifest, tree, table)
 
 
 def _read_settings(path: Path, settings_type: type[Settings]) -> Any:

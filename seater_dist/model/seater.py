@@ -44,9 +44,12 @@ class SeaterModel(nn.Module):
         tree: the item tree (its arrays become non-persistent buffers).
         settings: sizes, loss switches and weights.
         sparse_embedding: make ``tok_emb`` produce sparse (row) gradients.
+        trainable: build the L_rank negative sampler (``forward``); False for a model that only ranks
+            (a loaded checkpoint), which then starts faster at millions of items.
     """
 
-    def __init__(self, tree: ItemTree, settings: SeaterSettings, sparse_embedding: bool = False) -> None:
+    def __init__(self, tree: ItemTree, settings: SeaterSettings, sparse_embedding: bool = False,
+                 trainable: bool = True) -> None:
         super().__init__()
         self.settings = settings
         self.num_items, self.k, self.depth = tree.num_items, tree.k, tree.depth
@@ -63,7 +66,7 @@ class SeaterModel(nn.Module):
         self.decoder = nn.ModuleList(DecoderLayer(*layer_args) for _ in range(settings.decoder_layers))
         self.w_s = nn.Parameter(nn.init.xavier_normal_(torch.empty(d, d)))  # Eq. 8 similarity (authors' init)
         self._register_tree(tree)
-        self.rank_sampler = losses.PrefixNegativeSampler(tree)
+        self.rank_sampler = losses.PrefixNegativeSampler(tree) if trainable else None
         # The tree buffers are identical on every worker and hundreds of MB at millions of items: DDP must not
         # broadcast them every step (it reads this attribute when it wraps the module).
         self._ddp_params_and_buffers_to_ignore = [name for name, _ in self.named_buffers()]
@@ -190,6 +193,8 @@ class SeaterModel(nn.Module):
         memory, pad_mask = self.encode(history)
         ids = self.identifiers(target)[:, None, :]  # [B, 1, D]
         if s.use_ranking:
+            if self.rank_sampler is None:
+                raise RuntimeError("this SeaterModel was built with trainable=False: it ranks but cannot train")
             negatives, shared, valid = self.rank_sampler(ids[:, 0], s.num_rank_negatives)
             ids = torch.cat([ids, self.identifiers(negatives)], dim=1)  # [B, 1+q', D]: positive first
         inputs = self.decoder_inputs(ids)

@@ -81,6 +81,10 @@ class ServeArgs(BaseModel):
     batch_size: int = Field(16, ge=1, description="Most requests one encoder/shard batch holds.")
     serial_load: bool = Field(True, description="Replicas on one machine load the checkpoint one at a time "
                               "(bounds the peak memory of a deployment; slower to start).")
+    layout: Literal["split", "single"] = Field("split", description="split: a Router, an Encoder and S shard "
+                                               "deployments, each scaled on its own; single: one deployment whose "
+                                               "replicas hold the encoder and every shard (no calls between "
+                                               "deployments: less CPU and latency per request; scales as a whole).")
 
 
 def _args(args: dict[str, Any] | ServeArgs) -> ServeArgs:
@@ -182,10 +186,15 @@ class Encoder:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def encode(self, batches: list[list[list[str]]]) -> list[list[EncodeResult]]:
         """Each call sends a router's batch of histories; concurrent calls are encoded together."""
-        results = await asyncio.to_thread(self.part.encode, [h for batch in batches for h in batch])
+        results = await self.encode_now([h for batch in batches for h in batch])
+        return _split(results, [len(b) for b in batches])
+
+    async def encode_now(self, histories: list[list[str]]) -> list[EncodeResult]:
+        """One batch of histories, encoded at once (``layout: single`` calls this directly)."""
+        results = await asyncio.to_thread(self.part.encode, histories)
         for r in results:
             r.info = self.part.info
-        return _split(results, [len(b) for b in batches])
+        return results
 
     def info(self) -> dict[str, Any]:
         return self.part.info
@@ -209,6 +218,13 @@ class BeamShard:
     async def search(self, requests: list[tuple[str, np.ndarray, np.ndarray, int]]) -> list[list[ShardBeams] | Stale]:
         """(version, memories [B, t, d], pad masks [B, t], beam) per call (a router's batch) -> B ShardBeams,
         or Stale for another version. Concurrent calls are searched together."""
+        return await self.search_all(requests)
+
+    async def search_now(self, request: tuple[str, np.ndarray, np.ndarray, int]) -> list[ShardBeams] | Stale:
+        """One router batch, searched at once (``layout: single`` calls this directly)."""
+        return (await self.search_all([request]))[0]
+
+    async def search_all(self, requests: list[tuple[str, np.ndarray, np.ndarray, int]]) -> list[list[ShardBeams] | Stale]:
         out: list[list[ShardBeams] | Stale] = [Stale(self.version)] * len(requests)
         current = [i for i, r in enumerate(requests) if r[0] == self.version]
         for beam in sorted({requests[i][3] for i in current}):
@@ -251,6 +267,13 @@ class IndexShard:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def search(self, requests: list[tuple[str, np.ndarray, int]]) -> list[Any]:
         """(version, user states [B, d], n) per call -> B (item ids, scores, raw ids) of at most n, or Stale."""
+        return await self.search_all(requests)
+
+    async def search_now(self, request: tuple[str, np.ndarray, int]) -> Any:
+        """One router batch, searched at once (``layout: single`` calls this directly)."""
+        return (await self.search_all([request]))[0]
+
+    async def search_all(self, requests: list[tuple[str, np.ndarray, int]]) -> list[Any]:
         out: list[Any] = [Stale(self.version)] * len(requests)
         current = [i for i, r in enumerate(requests) if r[0] == self.version]
         if current:
@@ -279,6 +302,30 @@ class _Unavailable(Exception):
 _RETRY = (_Retry, RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
 
 
+class _Local:
+    """An Encoder or shard object in this replica, called the way its deployment handle is:
+    ``local.method.remote(*args)`` awaits ``method(*args)`` (``layout: single``). The batched methods map to
+    their unbatched twins: the Router batches already, and a ``@serve.batch`` queue belongs to its replica's
+    own deployment."""
+
+    UNBATCHED = {"encode": "encode_now", "search": "search_now"}
+
+    def __init__(self, target: Any) -> None:
+        self._target = target
+
+    def __getattr__(self, name: str) -> "_LocalMethod":
+        return _LocalMethod(getattr(self._target, self.UNBATCHED.get(name, name)))
+
+
+class _LocalMethod:
+    def __init__(self, method: Any) -> None:
+        self._method = method
+
+    async def remote(self, *args: Any) -> Any:
+        result = self._method(*args)
+        return await result if asyncio.iscoroutine(result) else result
+
+
 def _error(status: int, error: str, field: str, problem: str) -> JSONResponse:
     return JSONResponse({"error": error, "field": field, "problem": problem}, status_code=status)
 
@@ -299,10 +346,15 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:  # 
                   ray_actor_options={"num_cpus": 0.05}, autoscaling_config=_autoscaling(2, 32), **_COMMON)
 @serve.ingress(api)
 class Router:
-    """HTTP in front of the encoder and the shards; holds no model state."""
+    """HTTP in front of the encoder and the shards: deployment handles (``layout: split``; the Router holds no
+    model state), or, with ``encoder=None`` (``layout: single``), the encoder and every shard built here."""
 
     def __init__(self, encoder: Any, shards: list[Any], kind: str, args: dict[str, Any]) -> None:
         a = _args(args)
+        if encoder is None:
+            shard_class = (BeamShard if kind == "seater" else IndexShard).func_or_class
+            shards = [_Local(shard_class(args, s, a.shards)) for s in range(a.shards)]
+            encoder = _Local(Encoder.func_or_class(args))
         self.encoder, self.shards, self.kind = encoder, list(shards), kind
         self.max_body, self.retry_timeout = a.max_body_bytes, a.retry_timeout_s
         self._info: dict[str, Any] | None = None
@@ -434,8 +486,10 @@ class Router:
 # ------------------------------------------------------------------------------------------ the builder
 
 
-def deployment_names(kind: str, shards: int) -> list[str]:
+def deployment_names(kind: str, shards: int, layout: str = "split") -> list[str]:
     """The deployments ``build_app`` creates, by name (what a config file's ``deployments:`` may list)."""
+    if layout == "single":
+        return ["Router"]
     shard = "BeamShard" if kind == "seater" else "IndexShard"
     return ["Router", "Encoder", *(f"{shard}{s}" for s in range(shards))]
 
@@ -482,18 +536,17 @@ def build_app(args: dict[str, Any]) -> Application:
             actor["num_gpus"] = 0.5
         return {"ray_actor_options": actor, "autoscaling_config": _autoscaling(a.max_replicas, target)}
 
-    if kind == "seater":
-        roots = min(int(manifest["k"]), int(manifest["num_items"]))
-        if a.shards > roots:
-            raise ValueError(f"serve args: shards: {a.shards} > {roots}, the children of the tree's root "
-                             f"(each shard owns at least one top-level subtree)")
-        shards = [BeamShard.options(name=f"BeamShard{s}", **opts(8, 0.1)).bind(plain, s, a.shards)
-                  for s in range(a.shards)]
-    else:
-        if a.shards > int(manifest["num_items"]):
-            raise ValueError(f"serve args: shards: {a.shards} > {manifest['num_items']} items")
-        shards = [IndexShard.options(name=f"IndexShard{s}", **opts(8, 0.1)).bind(plain, s, a.shards)
-                  for s in range(a.shards)]
+    if kind == "seater" and a.shards > (roots := min(int(manifest["k"]), int(manifest["num_items"]))):
+        raise ValueError(f"serve args: shards: {a.shards} > {roots}, the children of the tree's root "
+                         f"(each shard owns at least one top-level subtree)")
+    if kind == "sasrec" and a.shards > int(manifest["num_items"]):
+        raise ValueError(f"serve args: shards: {a.shards} > {manifest['num_items']} items")
+    if a.layout == "single":  # the encoder's and the shards' reservations, in one replica
+        single = opts(8, 0.05 + 0.1 * (a.shards + 1))
+        return Router.options(max_ongoing_requests=32, **single).bind(None, [], kind, plain)
+    shard_class = BeamShard if kind == "seater" else IndexShard
+    shards = [shard_class.options(name=f"{shard_class.name}{s}", **opts(8, 0.1)).bind(plain, s, a.shards)
+              for s in range(a.shards)]
     encoder = Encoder.options(**opts(8, 0.1)).bind(plain)
     router_opts = opts(32, 0.05)
     router_opts["ray_actor_options"].pop("num_gpus", None)

@@ -171,7 +171,6 @@ class SeaterEncoderPart:
         model.tok_emb = torch.nn.Embedding.from_pretrained(model.tok_emb.weight.detach()[:n_rows].clone(),
                                                            freeze=True)
         model.decoder = torch.nn.ModuleList()
-        model.rank_sampler = torch.nn.Module()
         for name in ("child_table", "item_codes", "token_parent", "token_level"):
             setattr(model, name, torch.zeros(0, dtype=torch.long))
         self.model = model.to(self.device).eval()
@@ -289,7 +288,7 @@ class BeamShardPart:
         if self.global_of.size < state["tok_emb.weight"].shape[0]:  # one shard: every row, no copy
             state["tok_emb.weight"] = state["tok_emb.weight"][torch.from_numpy(self.global_of)]  # a copy of ours
         with torch.device("meta"):
-            model = SeaterModel(local_tree, ckpt.settings)
+            model = SeaterModel(local_tree, ckpt.settings, trainable=False)
         model.load_state_dict(state, assign=True)
         self.model = model.to(self.device).eval()
         self.rows = int(self.global_of.size)

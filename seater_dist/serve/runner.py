@@ -69,7 +69,7 @@ def run_service(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, addr
     serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
     app = build_app(args.model_dump())
     kind = manifest["model"] if "://" not in args.checkpoint else "checkpoint"
-    out(f"deploying {kind} with {args.shards} shard(s): {', '.join(deployment_names(kind, args.shards))} "
+    out(f"deploying {kind} with {args.shards} shard(s): {', '.join(deployment_names(kind, args.shards, args.layout))} "
         "(every replica loads the checkpoint) ...")
     serve.run(app, name=APP_NAME, route_prefix="/", logging_config=logging_config)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
