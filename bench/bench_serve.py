@@ -308,6 +308,8 @@ def main() -> None:
     ap.add_argument("--layouts", choices=["split", "single"], nargs="+", default=["split", "single"],
                     help="SEATER service layouts (ServeArgs.layout; default both): split = router, encoder and "
                          "shard deployments; single = one deployment holding them all")
+    ap.add_argument("--min-replicas", type=int, default=1,
+                    help="SEATER: replicas every deployment starts with (ServeArgs.min_replicas; default 1)")
     ap.add_argument("--sasrec", choices=["flat", "hnsw"], nargs="*", default=["flat", "hnsw"],
                     help="SASRec indexes to serve (default both; none: --sasrec with no value)")
     ap.add_argument("--ef-search", type=int, default=128, help="SASRec HNSW efSearch (default 128)")
@@ -350,8 +352,10 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": port},
                 logging_config={"log_level": "WARNING", "enable_access_log": False})
     url = f"http://127.0.0.1:{port}"
-    configs = [(f"SEATER S={s}" + ("" if layout == "split" else " single"),
-                {"checkpoint": str(seater_path), "shards": s, "layout": layout})
+    configs = [(f"SEATER S={s}" + ("" if layout == "split" else " single")
+                + ("" if args.min_replicas == 1 else f" x{args.min_replicas}"),
+                {"checkpoint": str(seater_path), "shards": s, "layout": layout, "min_replicas": args.min_replicas,
+                 "max_replicas": max(2, args.min_replicas)})
                for layout in args.layouts for s in args.shards]
     configs += [(f"SASRec {ix}", {"checkpoint": str(sasrec_path), "shards": 1, "index": ix, "ef_search": args.ef_search,
                                   "hnsw_m": args.hnsw_m, "ef_construction": args.ef_construction,

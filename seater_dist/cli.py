@@ -223,6 +223,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--index", choices=["flat", "hnsw"], default="flat",
                     help="SASRec: exact inner product (flat) or HNSW (approximate, faster at millions of items)")
     sp.add_argument("--ef-search", type=int, default=128, help="SASRec HNSW: candidates per query (default 128)")
+    sp.add_argument("--min-replicas", type=int, default=1, help="replicas every deployment starts with and keeps "
+                    "(default 1; a new replica takes as long as loading the checkpoint)")
     sp.add_argument("--max-replicas", type=int, default=2, help="autoscaling ceiling of every deployment (default 2)")
     sp.add_argument("--layout", choices=["split", "single"], default="split",
                     help="split: router, encoder and shard deployments, each scaled on its own (default); single: "
@@ -360,7 +362,8 @@ def _cmd_serve(a: argparse.Namespace) -> Any:
     from seater_dist.serve.runner import run_service
 
     args = ServeArgs(checkpoint=a.checkpoint, shards=a.shards, beam_size=a.beam_size, popularity=a.popularity,
-                     index=a.index, ef_search=a.ef_search, max_replicas=a.max_replicas, layout=a.layout)
+                     index=a.index, ef_search=a.ef_search, min_replicas=a.min_replicas, max_replicas=a.max_replicas,
+                     layout=a.layout)
     return run_service(args, host=a.host, port=a.port, address=a.address)
 
 

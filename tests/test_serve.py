@@ -143,6 +143,10 @@ def test_shards_must_not_outnumber_the_roots_children(run_dir):
         build_app({"checkpoint": str(run_dir / "seater" / "best"), "shards": 5})
     with pytest.raises(ValueError, match="serve args: shardz: Extra inputs are not permitted"):
         build_app({"checkpoint": str(run_dir / "seater" / "best"), "shardz": 2})
+    with pytest.raises(ValueError, match=r"shards: 5 > 4"):  # the single layout checks it too
+        build_app({"checkpoint": str(run_dir / "seater" / "best"), "shards": 5, "layout": "single"})
+    with pytest.raises(ValueError, match="min_replicas: 3 > max_replicas 2"):
+        build_app({"checkpoint": str(run_dir / "seater" / "best"), "min_replicas": 3, "max_replicas": 2})
 
 
 @pytest.mark.parametrize("shards", [1, 3])

@@ -15,7 +15,7 @@ Deployments (names used by the config files):
 * ``BeamShard0..S-1`` (SEATER): beam search inside the shard's subtrees of the root. Batched.
 * ``IndexShard0..S-1`` (SASRec): a faiss index (flat or HNSW) over a range of items. Batched.
 
-Every deployment autoscales (min 1, max ``max_replicas``), reserves a fraction of a CPU (the whole app
+Every deployment autoscales (from ``min_replicas``, default 1, to ``max_replicas``), reserves a fraction of a CPU (the whole app
 fits 2 CPUs), takes ``num_gpus`` when the cluster has GPUs, and is replaced replica by replica on a new
 config with ``max_surge_percent=100``: new replicas start before old ones drain, so a rollout fails no
 request. Every answer is computed by one model version: the encoder stamps its version on the request and
@@ -75,6 +75,8 @@ class ServeArgs(BaseModel):
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="Larger request bodies get 413.")
     threads: int = Field(1, ge=1, description="torch/faiss threads per replica.")
     gpu: bool | None = Field(None, description="Place encoder and shards on GPUs (default: if the cluster has any).")
+    min_replicas: int = Field(1, ge=1, description="Replicas every deployment starts with and keeps (warm "
+                              "capacity: a new replica takes as long as loading the checkpoint to start).")
     max_replicas: int = Field(2, ge=1, description="Autoscaling ceiling of every deployment.")
     retry_timeout_s: float = Field(30.0, gt=0, description="How long the router retries a request whose replica "
                                    "died or changed version before answering 503.")
@@ -91,8 +93,8 @@ def _args(args: dict[str, Any] | ServeArgs) -> ServeArgs:
     return args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
 
 
-def _autoscaling(max_replicas: int, target: float) -> dict[str, Any]:
-    return {"min_replicas": 1, "initial_replicas": 1, "max_replicas": max_replicas,
+def _autoscaling(max_replicas: int, target: float, min_replicas: int = 1) -> dict[str, Any]:
+    return {"min_replicas": min_replicas, "initial_replicas": min_replicas, "max_replicas": max_replicas,
             "target_ongoing_requests": target, "upscale_delay_s": 5.0, "downscale_delay_s": 60.0}
 
 
@@ -524,6 +526,8 @@ def build_app(args: dict[str, Any]) -> Application:
         raise ValueError(f"serve args: {field}: {first['msg']}") from None
     if "://" not in a.checkpoint:  # replicas may run in another directory: give them an absolute path
         a = a.model_copy(update={"checkpoint": str(Path(a.checkpoint).expanduser().resolve())})
+    if a.min_replicas > a.max_replicas:
+        raise ValueError(f"serve args: min_replicas: {a.min_replicas} > max_replicas {a.max_replicas}")
     manifest = _manifest(a.checkpoint)
     kind = manifest["model"]
     gpu = _cluster_has_gpu() if a.gpu is None else a.gpu
@@ -534,16 +538,15 @@ def build_app(args: dict[str, Any]) -> Application:
         actor: dict[str, Any] = {"num_cpus": cpus, "runtime_env": {"env_vars": serve_env()}}
         if gpu:
             actor["num_gpus"] = 0.5
-        return {"ray_actor_options": actor, "autoscaling_config": _autoscaling(a.max_replicas, target)}
+        return {"ray_actor_options": actor, "autoscaling_config": _autoscaling(a.max_replicas, target, a.min_replicas)}
 
     if kind == "seater" and a.shards > (roots := min(int(manifest["k"]), int(manifest["num_items"]))):
         raise ValueError(f"serve args: shards: {a.shards} > {roots}, the children of the tree's root "
                          f"(each shard owns at least one top-level subtree)")
     if kind == "sasrec" and a.shards > int(manifest["num_items"]):
         raise ValueError(f"serve args: shards: {a.shards} > {manifest['num_items']} items")
-    if a.layout == "single":  # the encoder's and the shards' reservations, in one replica
-        single = opts(8, 0.05 + 0.1 * (a.shards + 1))
-        return Router.options(max_ongoing_requests=32, **single).bind(None, [], kind, plain)
+    if a.layout == "single":  # the encoder's and the shards' reservations in one replica, scaled as the shards are
+        return Router.options(**opts(8, 0.05 + 0.1 * (a.shards + 1))).bind(None, [], kind, plain)
     shard_class = BeamShard if kind == "seater" else IndexShard
     shards = [shard_class.options(name=f"{shard_class.name}{s}", **opts(8, 0.1)).bind(plain, s, a.shards)
               for s in range(a.shards)]
