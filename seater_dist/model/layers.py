@@ -165,11 +165,16 @@ class DecoderLayer(nn.Module):
 
 @contextmanager
 def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Run in eval mode without gradients, then restore the module's previous mode."""
+    """Run in eval mode without gradients, then restore the module's previous mode.
+
+    A module already in eval mode (``module.training`` False: the serving and evaluation case) is left as it
+    is: switching walks every submodule, which costs more than a small model's forward pass."""
     was_training = module.training
-    module.eval()
+    if was_training:
+        module.eval()
     try:
         with torch.no_grad():
             yield
     finally:
-        module.train(was_training)
+        if was_training:
+            module.train()
