@@ -25,6 +25,7 @@ QUICK: dict[str, list[str]] = {
     "bench_beam": ["--items", "200000", "--users", "512"],
     "bench_serve": ["--items", "20000", "--duration", "8"],
     "bench_eval": ["--items", "3000", "--users", "2000"],
+    "latency_vs_n": ["--items", "10000", "100000", "--users", "64", "--plot", "runs/latency_vs_n.png"],
     "bench_train": ["--quick"],
     "bench_tree": ["--part", "a"],
     "beauty_quality": ["--data", str(ROOT.parent / "shared" / "data" / "beauty" / "Beauty.txt"), "--only", "comirec",
