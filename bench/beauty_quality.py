@@ -41,9 +41,12 @@ VARIANTS = {
     "seater 2 layers": {"encoder_layers": 2, "decoder_layers": 2},
     "seater start from sasrec": {"token_init": "embeddings"},
     "seater l2 1e-4": {"weight_decay": 1e-4},
+    # the paper's Fig. 3: the same model over other trees of the same item embeddings
+    "seater unbalanced tree": {"tree_kind": "unbalanced"},
+    "seater random tree": {"tree_kind": "random"},
 }
 TRAIN_KEYS = ("weight_decay", "table_optimizer")
-TREE_KEYS = ("k", "tree_from")
+TREE_KEYS = ("k", "tree_from", "tree_kind")
 # The paper's tuning grid (§5.1), one factor at a time around the defaults (λa = λr = 0.05,
 # β = 1e-3, L2 = 1e-5, k = 8): λ in [0.01, 0.09] step 0.02, β in {1e-2, 1e-3, 1e-4}, L2 in
 # {1e-4, ..., 1e-7}, k in {2, ..., 32}. Points are picked on validation Recall@50 only; no test evaluation.
@@ -99,12 +102,15 @@ def run_protocol(data: str, out: Path, protocol: str, epochs: int, ablations: bo
             timed(name, lambda: train_sasrec(root / "dataset", ckpt, train, SasrecSettings(loss=loss)))
         results[name] = evaluate(ckpt / "best", root / "dataset", "test", EvalSettings()).to_dict()  # -> ckpt/eval_test/
 
-    def tree_dir(k: int, source: str = "sampled") -> Path:
-        """The k-ary tree over a SASRec's embeddings (sampled softmax or full CE), built once per (k, source)."""
-        path = root / ("tree" + ("" if k == 8 else f"_k{k}") + ("" if source == "sampled" else f"_{source}"))
+    def tree_dir(k: int, source: str = "sampled", kind: str = "balanced") -> Path:
+        """The k-ary tree over a SASRec's embeddings (sampled softmax or full CE), built once per (k, source,
+        kind); kind "unbalanced" / "random" are the paper's Fig. 3 trees."""
+        path = root / ("tree" + ("" if k == 8 else f"_k{k}") + ("" if source == "sampled" else f"_{source}")
+                       + ("" if kind == "balanced" else f"_{kind}"))
         if not (path / "manifest.json").exists():
             emb = np.load(root / f"sasrec_{source}" / "item_embeddings.npy")
-            built = timed(f"build-tree k={k} ({source})", lambda: build_tree(emb, TreeSettings(k=k)))
+            built = timed(f"build-tree k={k} ({source}, {kind})",
+                          lambda: build_tree(emb, TreeSettings(k=k, kind=kind)))
             built.save(path)
         return path
 
@@ -122,7 +128,8 @@ def run_protocol(data: str, out: Path, protocol: str, epochs: int, ablations: bo
         ckpt = root / _dir_name(name)
         if not (ckpt / "best" / "manifest.json").exists():
             print(f"== {protocol}: training {name}", flush=True)
-            tree_path = tree_dir(overrides.get("k", 8), overrides.get("tree_from", "sampled"))
+            tree_path = tree_dir(overrides.get("k", 8), overrides.get("tree_from", "sampled"),
+                                 overrides.get("tree_kind", "balanced"))
             source = overrides.get("tree_from", "sampled")
             timed(name, lambda: train_seater(root / "dataset", tree_path, ckpt, budget, SeaterSettings(**model),
                                              resume=resume and (ckpt / "ray_results").exists(),
