@@ -5,8 +5,8 @@
 
 Beam search keeps the b best prefixes at every level, so a larger beam can only find more of what the model
 itself ranks high; this measures how much Recall@20/50 that is worth and what it costs (ms per user, one
-thread, batches of 256 users, in this process: no Ray). A beam below 50 returns only b items, so its
-Recall@50 counts b. With --sasrec, the same users' exact inner-product search is the reference line.
+thread, batches of 256 users, in this process: no Ray; one untimed warm-up batch first). A beam b returns only
+b items, so below 20 (50) Recall@20 (@50) counts b items. With --sasrec, the same users' exact inner-product search is the reference line.
 Validation users by default: an analysis must not spend the test users.
 
 Writes bench/results/beam_sweep.json and a PNG (default docs/img/beam_sweep.png).
@@ -49,6 +49,9 @@ def ranked(ckpt: Any, histories: list[np.ndarray], beam: int | None, batch: int 
     from seater_dist.data.samples import left_pad
 
     out = np.full((len(histories), max(KS)), -1, dtype=np.int64)
+    if beam is not None:  # warm-up (first calls allocate), not timed
+        ckpt.model.beam_search(torch.from_numpy(left_pad(histories[:batch], ckpt.model.settings.history_len,
+                                                         ckpt.model.pad)), beam, min(beam, max(KS)))
     t0 = time.perf_counter()
     for start in range(0, len(histories), batch):
         part = histories[start : start + batch]

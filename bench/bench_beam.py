@@ -118,7 +118,7 @@ def main() -> None:
         f"{tree.num_tokens:,} tokens in {tree_s:.1f} s")
     settings = SeaterSettings(history_len=args.history, beam_size=args.beam)
     t0 = time.perf_counter()
-    model = SeaterModel(tree, settings).eval()
+    model = SeaterModel(tree, settings, trainable=False).eval()
     model_s = time.perf_counter() - t0
     rss_model = proc.memory_info().rss
     log(f"model ready in {model_s:.1f} s: table {tree.num_tokens:,} x {settings.d_model}, RSS {rss_model / GIB:.2f} GiB")

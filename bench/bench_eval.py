@@ -95,8 +95,18 @@ def main() -> None:
 
     from seater_dist.ray_env import init_ray
 
+    if args.users <= 4 * args.batch_size:
+        raise SystemExit(f"--users must exceed 4 x --batch-size ({4 * args.batch_size}): the short calls take "
+                         f"2 x actors x batch users")
     init_ray(num_cpus=2)
     work = args.cache / f"eval-N{args.items}-U{args.users}-s{args.seed}-runs"
+    # Untimed: the first evaluation of the process pays for imports, Ray Data's start and a cold page cache,
+    # which would otherwise fall on the 1-actor short call only.
+    from seater_dist.config import EvalSettings
+    from seater_dist.eval.offline import evaluate
+
+    evaluate(checkpoint, dataset, "test", EvalSettings(concurrency=1, cpus_per_actor=0.5, batch_size=args.batch_size,
+                                                       max_users=args.batch_size), out=work / "warm_up")
     runs = [run(checkpoint, dataset, actors, args.batch_size, work / f"actors_{actors}") for actors in (1, 2)]
     identical = runs[0]["metrics"] == runs[1]["metrics"] and runs[0]["ci95"] == runs[1]["ci95"]
     ratio = runs[1]["users_per_second"] / runs[0]["users_per_second"]

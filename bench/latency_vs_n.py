@@ -26,14 +26,15 @@ def measure(items: int, users: int, threads: int) -> dict:
     """bench_beam at ``items`` -> its result JSON (batches of ``users``: one warm-up call, one timed)."""
     out = RESULTS / f"latency_vs_n_{items}.json"
     cmd = [sys.executable, "-m", "bench.bench_beam", "--items", str(items), "--users", str(users), "--batch",
-           str(users), "--single-users", "16", "--single-users-exact", "4", "--threads", str(threads),
+           str(users), "--single-users", str(min(16, users)),
+           "--single-users-exact", str(min(4, users)), "--threads", str(threads),
            "--out", str(out)]
     print(f"== N = {items:,}: {' '.join(cmd[1:])}", flush=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, threads: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -47,7 +48,7 @@ def plot(rows: list[dict], path: Path) -> None:
                               ("exact_single", "exact inner product (faiss), one request", "--s")):
         ax.plot(n, [r["ms_per_user"][key] for r in rows], style, label=label)
     ax.set(xscale="log", yscale="log", xlabel="items N", ylabel="ms per user",
-           title="Retrieval latency against catalogue size (k = 16, b = 50, 2 threads)")
+           title=f"Retrieval latency against catalogue size (k = 16, b = 50, {threads} threads)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -76,7 +77,7 @@ def main() -> None:
               f"{ms['exact_batched']:>14.3f} {ms['exact_single']:>13.3f} "
               f"{ms['exact_batched'] / ms['seater_batched']:>20.1f}x")
     (RESULTS / "latency_vs_n.json").write_text(json.dumps(rows, indent=2))
-    plot(rows, args.plot)
+    plot(rows, args.plot, args.threads)
     print(f"wrote {RESULTS / 'latency_vs_n.json'} and {args.plot}")
 
 

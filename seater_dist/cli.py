@@ -224,7 +224,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="SASRec: exact inner product (flat) or HNSW (approximate, faster at millions of items)")
     sp.add_argument("--ef-search", type=int, default=128, help="SASRec HNSW: candidates per query (default 128)")
     sp.add_argument("--min-replicas", type=int, default=1, help="replicas every deployment starts with and keeps "
-                    "(default 1; a new replica takes as long as loading the checkpoint)")
+                    "(default 1; a new replica takes as long as loading the checkpoint; at most --max-replicas)")
     sp.add_argument("--max-replicas", type=int, default=2, help="autoscaling ceiling of every deployment (default 2)")
     sp.add_argument("--layout", choices=["split", "single"], default="split",
                     help="split: router, encoder and shard deployments, each scaled on its own (default); single: "

@@ -179,8 +179,10 @@ def _rank(checkpoint: str, dataset: Dataset, split: str, settings: EvalSettings,
     # Blocks in input order: the same users form the same batches whatever the number of actors, so even a
     # model whose floating-point result depends on its batch ranks every user identically.
     scored.context.execution_options.preserve_order = True
-    expected = int(dataset.manifest["counts"].get(f"{split}_users", 0))
-    rows = _collect(scored, min(expected, settings.max_users or expected))
+    expected = int(dataset.manifest["counts"].get(f"{split}_users", 0))  # 0: not recorded
+    if settings.max_users:
+        expected = min(expected, settings.max_users) if expected else settings.max_users
+    rows = _collect(scored, expected)
     if not len(rows.get("user_index", ())):
         raise ValueError(f"{dataset.path}: the {split} split holds no users to evaluate")
     return rows

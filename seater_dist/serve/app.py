@@ -15,8 +15,12 @@ Deployments (names used by the config files):
 * ``BeamShard0..S-1`` (SEATER): beam search inside the shard's subtrees of the root. Batched.
 * ``IndexShard0..S-1`` (SASRec): a faiss index (flat or HNSW) over a range of items. Batched.
 
-Every deployment autoscales (from ``min_replicas``, default 1, to ``max_replicas``), reserves a fraction of a CPU (the whole app
-fits 2 CPUs), takes ``num_gpus`` when the cluster has GPUs, and is replaced replica by replica on a new
+That is the ``split`` layout. In the ``single`` layout (``layout: single``) the application is the Router
+alone: each of its replicas loads the checkpoint once and holds the encoder's and every shard's part,
+called in-process (no hops between deployments).
+
+Every deployment autoscales (from ``min_replicas``, default 1, to ``max_replicas``), reserves a fraction of a
+CPU (the whole app fits 2 CPUs), takes ``num_gpus`` when the cluster has GPUs, and is replaced replica by replica on a new
 config with ``max_surge_percent=100``: new replicas start before old ones drain, so a rollout fails no
 request. Every answer is computed by one model version: the encoder stamps its version on the request and
 a shard of another version answers ``Stale``, upon which the router retries (bounded by
@@ -162,6 +166,44 @@ def _one_at_a_time(enabled: bool) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _encoder_part(a: ServeArgs, ckpt: Any) -> Any:
+    from seater_dist.serve.parts import SasrecEncoderPart, SeaterEncoderPart, choose_device
+
+    device = choose_device(a.gpu)
+    if ckpt.kind == "seater":
+        return SeaterEncoderPart(ckpt, a.beam_size, a.popularity, device, a.shards)
+    return SasrecEncoderPart(ckpt, a.beam_size, a.popularity, device, a.shards, a.index)
+
+
+def _beam_shard_part(a: ServeArgs, ckpt: Any, shard: int) -> Any:
+    from seater_dist.serve.parts import BeamShardPart, choose_device
+
+    return BeamShardPart(ckpt, shard, a.shards, choose_device(a.gpu))
+
+
+def _index_shard_part(a: ServeArgs, ckpt: Any, shard: int) -> Any:
+    from seater_dist.serve.parts import IndexShardPart
+
+    ckpt.model = None  # the index needs the item table only: free the model's copy before building
+    gc.collect()
+    return IndexShardPart(ckpt, shard, a.shards, a.index, a.hnsw_m, a.ef_construction, a.ef_search, a.threads,
+                          a.index_cache)
+
+
+def _single_parts(a: ServeArgs) -> tuple[Any, list[Any]]:
+    """The encoder's and every shard's parts from one load of the checkpoint (``layout: single``): one model
+    version by construction, and one load instead of S + 1. The order matters: a SEATER encoder part strips
+    the checkpoint's model of what it does not need, a SASRec index shard drops the model."""
+    def make(ckpt: Any) -> tuple[Any, list[Any]]:
+        if ckpt.kind == "seater":
+            shards = [_beam_shard_part(a, ckpt, s) for s in range(a.shards)]
+            return _encoder_part(a, ckpt), shards
+        encoder = _encoder_part(a, ckpt)
+        return encoder, [_index_shard_part(a, ckpt, s) for s in range(a.shards)]
+
+    return _build_part(a, make)
+
+
 # ------------------------------------------------------------------------------------------ workers
 
 
@@ -170,19 +212,10 @@ def _one_at_a_time(enabled: bool) -> Iterator[None]:
 class Encoder:
     """Raw ids -> encoder memory (SEATER) or user state (SASRec), or the popular items."""
 
-    def __init__(self, args: dict[str, Any]) -> None:
-        from seater_dist.serve.parts import SasrecEncoderPart, SeaterEncoderPart, choose_device
-
+    def __init__(self, args: dict[str, Any], part: Any = None) -> None:
         a = _args(args)
         _set_threads(a.threads)
-        device = choose_device(a.gpu)
-
-        def make(ckpt: Any) -> Any:
-            if ckpt.kind == "seater":
-                return SeaterEncoderPart(ckpt, a.beam_size, a.popularity, device, a.shards)
-            return SasrecEncoderPart(ckpt, a.beam_size, a.popularity, device, a.shards, a.index)
-
-        self.part: Any = _build_part(a, make)
+        self.part: Any = part if part is not None else _build_part(a, lambda ckpt: _encoder_part(a, ckpt))
         self.encode.set_max_batch_size(a.batch_size)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
@@ -205,14 +238,12 @@ class Encoder:
 @serve.deployment(name="BeamShard", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.1},
                   autoscaling_config=_autoscaling(2, 8), **_COMMON)
 class BeamShard:
-    """SEATER shard ``shard`` of ``num_shards``: beam search inside its subtrees of the root."""
+    """SEATER shard ``shard`` of ``args.shards``: beam search inside its subtrees of the root."""
 
-    def __init__(self, args: dict[str, Any], shard: int, num_shards: int) -> None:
-        from seater_dist.serve.parts import BeamShardPart, choose_device
-
+    def __init__(self, args: dict[str, Any], shard: int, part: Any = None) -> None:
         a = _args(args)
         _set_threads(a.threads)
-        self.part = _build_part(a, lambda ckpt: BeamShardPart(ckpt, shard, num_shards, choose_device(a.gpu)))
+        self.part = part if part is not None else _build_part(a, lambda ckpt: _beam_shard_part(a, ckpt, shard))
         self.version = self.part.version
         self.search.set_max_batch_size(a.batch_size)
 
@@ -248,21 +279,12 @@ class BeamShard:
 @serve.deployment(name="IndexShard", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.1},
                   autoscaling_config=_autoscaling(2, 8), **_COMMON)
 class IndexShard:
-    """SASRec shard ``shard`` of ``num_shards``: a faiss index over a range of the items."""
+    """SASRec shard ``shard`` of ``args.shards``: a faiss index over a range of the items."""
 
-    def __init__(self, args: dict[str, Any], shard: int, num_shards: int) -> None:
-        from seater_dist.serve.parts import IndexShardPart
-
+    def __init__(self, args: dict[str, Any], shard: int, part: Any = None) -> None:
         a = _args(args)
         _set_threads(a.threads)
-
-        def make(ckpt: Any) -> IndexShardPart:
-            ckpt.model = None  # the index needs the item table only: free the model's copy before building
-            gc.collect()
-            return IndexShardPart(ckpt, shard, num_shards, a.index, a.hnsw_m, a.ef_construction, a.ef_search,
-                                  a.threads, a.index_cache)
-
-        self.part = _build_part(a, make)
+        self.part = part if part is not None else _build_part(a, lambda ckpt: _index_shard_part(a, ckpt, shard))
         self.version = self.part.version
         self.search.set_max_batch_size(a.batch_size)
 
@@ -308,24 +330,28 @@ class _Local:
     """An Encoder or shard object in this replica, called the way its deployment handle is:
     ``local.method.remote(*args)`` awaits ``method(*args)`` (``layout: single``). The batched methods map to
     their unbatched twins: the Router batches already, and a ``@serve.batch`` queue belongs to its replica's
-    own deployment."""
+    own deployment (Ray keeps one queue per method and process)."""
 
     UNBATCHED = {"encode": "encode_now", "search": "search_now"}
 
     def __init__(self, target: Any) -> None:
         self._target = target
+        # One call at a time per part, as its deployment's @serve.batch would run them: the router keeps
+        # several batches under way, and the encoder may work on one while a shard works on another.
+        self._lock = asyncio.Lock()
 
     def __getattr__(self, name: str) -> "_LocalMethod":
-        return _LocalMethod(getattr(self._target, self.UNBATCHED.get(name, name)))
+        return _LocalMethod(getattr(self._target, self.UNBATCHED.get(name, name)), self._lock)
 
 
 class _LocalMethod:
-    def __init__(self, method: Any) -> None:
-        self._method = method
+    def __init__(self, method: Any, lock: asyncio.Lock) -> None:
+        self._method, self._lock = method, lock
 
     async def remote(self, *args: Any) -> Any:
-        result = self._method(*args)
-        return await result if asyncio.iscoroutine(result) else result
+        async with self._lock:
+            result = self._method(*args)
+            return await result if asyncio.iscoroutine(result) else result
 
 
 def _error(status: int, error: str, field: str, problem: str) -> JSONResponse:
@@ -354,9 +380,11 @@ class Router:
     def __init__(self, encoder: Any, shards: list[Any], kind: str, args: dict[str, Any]) -> None:
         a = _args(args)
         if encoder is None:
+            _set_threads(a.threads)
+            encoder_part, shard_parts = _single_parts(a)
             shard_class = (BeamShard if kind == "seater" else IndexShard).func_or_class
-            shards = [_Local(shard_class(args, s, a.shards)) for s in range(a.shards)]
-            encoder = _Local(Encoder.func_or_class(args))
+            shards = [_Local(shard_class(args, s, part)) for s, part in enumerate(shard_parts)]
+            encoder = _Local(Encoder.func_or_class(args, encoder_part))
         self.encoder, self.shards, self.kind = encoder, list(shards), kind
         self.max_body, self.retry_timeout = a.max_body_bytes, a.retry_timeout_s
         self._info: dict[str, Any] | None = None
@@ -548,7 +576,7 @@ def build_app(args: dict[str, Any]) -> Application:
     if a.layout == "single":  # the encoder's and the shards' reservations in one replica, scaled as the shards are
         return Router.options(**opts(8, 0.05 + 0.1 * (a.shards + 1))).bind(None, [], kind, plain)
     shard_class = BeamShard if kind == "seater" else IndexShard
-    shards = [shard_class.options(name=f"{shard_class.name}{s}", **opts(8, 0.1)).bind(plain, s, a.shards)
+    shards = [shard_class.options(name=f"{shard_class.name}{s}", **opts(8, 0.1)).bind(plain, s)
               for s in range(a.shards)]
     encoder = Encoder.options(**opts(8, 0.1)).bind(plain)
     router_opts = opts(32, 0.05)
