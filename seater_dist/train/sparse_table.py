@@ -7,11 +7,12 @@ touched, not with N. The same code runs on gloo (CPU) and NCCL (GPU): it uses on
 
 The table is then updated by one of two optimisers (``table_optimizer``):
 
-* ``adam`` (the default): ``torch.optim.Adam`` itself on the whole table, the averaged row gradient
-  scattered into a dense buffer: exactly the authors' optimiser (docs/method.md §4). An untouched row
-  still moves by its momentum, its moments decay, and L2 weight decay pulls it as Adam's coupled L2 does.
-  Communication stays row-sparse; the update is one pass over the table per step (cheap on a GPU and
-  at Beauty/Books scale on a CPU; see bench/README.md for its cost at 6.1M items on a CPU).
+* ``adam`` (the default): the update ``torch.optim.Adam`` makes on the whole table, exactly the authors'
+  optimiser (docs/method.md §4): an untouched row still moves by its momentum, its moments decay, and L2
+  weight decay pulls it as Adam's coupled L2 does. Communication stays row-sparse; the update is one pass
+  over the table per step, written out a chunk of rows at a time (the arithmetic of torch's single-tensor
+  Adam, its state kept in the torch optimiser) so that its temporaries are a chunk's size, not the
+  table's: at 6.1M items torch.optim.Adam's own step needs ~4 table-sized temporaries more per worker.
 * ``lazy_adam``: a row-sparse Adam (``torch.optim.SparseAdam`` with L2 added to the touched rows as
   torch.optim.Adam does): touched rows get Adam's update, untouched rows stay exactly as they are and
   their moments do not decay. Cost proportional to the rows touched; a different optimiser, which moves
@@ -57,6 +58,10 @@ def _distributed() -> bool:
 TableOptimizer = Literal["adam", "lazy_adam"]
 
 
+# Rows of the table updated at once by the dense Adam step (64k x 64 floats: 16 MB of temporaries).
+TABLE_CHUNK_ROWS = 1 << 16
+
+
 class SparseTableDDP:
     """DDP over every parameter but one embedding table, plus a row-sparse sync and Adam for it.
 
@@ -90,7 +95,6 @@ class SparseTableDDP:
             self.table_optimizer: torch.optim.Optimizer = torch.optim.SparseAdam([self.table.weight], lr=lr, betas=betas)
         else:
             self.table_optimizer = torch.optim.Adam([self.table.weight], lr=lr, betas=betas, weight_decay=weight_decay)
-        self._dense_grad: torch.Tensor | None = None  # adam: the averaged rows scattered into the table's shape
         self.dense_bytes = sum(p.numel() * p.element_size() for p in self.dense_params) if _distributed() else 0
 
     def zero_grad(self) -> None:
@@ -157,20 +161,49 @@ class SparseTableDDP:
         self.table_optimizer.step()
 
     def _dense_step(self) -> None:
-        """torch.optim.Adam on the whole table: every row's moments decay and every row moves, as in the
-        authors' training; the row gradient (if any) is scattered into a reused dense buffer."""
+        """torch.optim.Adam's step on the whole table (coupled L2, no amsgrad), TABLE_CHUNK_ROWS rows at a time.
+
+        Every row's moments decay and every row moves, as in the authors' training. The averaged row gradient
+        (sparse, or dense when a loss touched every row) is added chunk by chunk; the moments and the step
+        count live in ``self.table_optimizer``'s state, so its state_dict saves and resumes them.
+        """
         weight = self.table.weight
         grad = weight.grad
-        if grad is not None and grad.is_sparse:
-            if self._dense_grad is None:
-                self._dense_grad = torch.zeros_like(weight)
-            buffer = self._dense_grad
-            buffer.zero_()
-            buffer.index_add_(0, grad.indices()[0], grad.values())
-            weight.grad = buffer
-        elif grad is None:  # no row touched this step: a zero gradient still advances Adam's step
-            weight.grad = torch.zeros_like(weight) if self._dense_grad is None else self._dense_grad.zero_()
-        self.table_optimizer.step()
+        group = self.table_optimizer.param_groups[0]
+        lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        state = self.table_optimizer.state[weight]
+        if not state:  # what torch.optim.Adam creates on its first step
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(weight, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(weight, memory_format=torch.preserve_format)
+        state["step"] += 1
+        step = float(state["step"])
+        step_size = lr / (1 - beta1**step)
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        n = weight.shape[0]
+        sparse = grad is not None and grad.is_sparse
+        if sparse:
+            rows, values = grad.indices()[0], grad.values()  # coalesced: rows sorted, each once
+            bounds = torch.searchsorted(rows, torch.arange(0, n + TABLE_CHUNK_ROWS, TABLE_CHUNK_ROWS,
+                                                           device=rows.device)).tolist()
+        with torch.no_grad():
+            for i, start in enumerate(range(0, n, TABLE_CHUNK_ROWS)):
+                end = min(n, start + TABLE_CHUNK_ROWS)
+                param = weight[start:end]
+                if sparse:
+                    g = torch.zeros_like(param)
+                    g.index_add_(0, rows[bounds[i] : bounds[i + 1]] - start, values[bounds[i] : bounds[i + 1]])
+                elif grad is None:  # no row touched this step: a zero gradient still advances Adam's step
+                    g = torch.zeros_like(param)
+                else:
+                    g = grad[start:end]
+                if decay:
+                    g = g.add(param, alpha=decay)
+                exp_avg, exp_avg_sq = state["exp_avg"][start:end], state["exp_avg_sq"][start:end]
+                exp_avg.lerp_(g, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+                param.addcdiv_(exp_avg, denom, value=-step_size)
 
     def _clip(self, max_norm: float | None) -> float:
         sq = torch.zeros((), dtype=torch.float64)
