@@ -18,6 +18,10 @@
   process (RAY_LOG_ONCE_PER_PROCESS(ERROR)) by the one creating the actor, straight to fd 2, and Ray has no
   per-message level (RAY_BACKEND_LOG_LEVEL=fatal would hide every C++ error). :func:`filter_stderr` drops
   exactly these lines from the driver's fd 2 (also where worker output is printed) and passes all else.
+* The raylet's ``WARNING: N PYTHON worker processes have been started on node ... which is Nx the maximum
+  expected startup concurrency``: our stages start workers with fractional CPUs by design (two train
+  workers of 0.5 CPU, Ray Data actors, evaluation), which is what the warning counts. Dropped the same way
+  (:data:`DROPPED_LINES`).
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ PROGRESS_NOTICES = ("Progress bars disabled.", "Progress bars for operators disa
 # Only Ray's own actors: the same line for an actor of ours would be a real warning.
 ACTOR_ARGS_LINE = (r"core_worker\.cc:\d+: Actor with class name: '(?:MapWorker\(.*\)|PreemptionWatcher)' "
                    r"and ID: '[0-9a-f]+' has constructor arguments in the object store and max_restarts > 0")
+WORKER_STARTUP_LINE = r"WARNING: \d+ PYTHON worker processes have been started on node: [0-9a-f]+ with address"
+# The lines filter_stderr drops (one regex).
+DROPPED_LINES = f"(?:{ACTOR_ARGS_LINE})|(?:{WORKER_STARTUP_LINE})"
 
 
 def verbose() -> bool:
@@ -108,7 +115,7 @@ _filter: subprocess.Popen | None = None
 
 
 def filter_stderr() -> bool:
-    """Drop :data:`ACTOR_ARGS_LINE` lines from this process's fd 2 (Ray's C++ core worker writes them there,
+    """Drop :data:`DROPPED_LINES` from this process's fd 2 (Ray's C++ core worker writes them there,
     and the driver prints forwarded worker lines there); every other byte passes through unchanged.
 
     Only where the process owns its stderr (``sys.stderr is sys.__stderr__``: not under pytest's capture or
@@ -126,7 +133,7 @@ def filter_stderr() -> bool:
         return False
     read_end, write_end = os.pipe()
     try:
-        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _FILTER_SRC, ACTOR_ARGS_LINE],
+        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _FILTER_SRC, DROPPED_LINES],
                                 stdin=read_end, stdout=original, stderr=original, start_new_session=True)
     except OSError:
         for fd in (read_end, write_end, original):

@@ -96,3 +96,20 @@ def test_seater_verbose_shows_everything():
     out = proc.stdout
     for text in ("core_worker.cc", "Loading faiss", "DeprecationWarning", REAL_ERROR):
         assert text in out, f"{text!r} missing with SEATER_VERBOSE=1\n{out}"
+
+
+def test_the_stderr_filter_drops_the_known_lines_only():
+    import re
+
+    from seater_dist.quiet import DROPPED_LINES
+
+    dropped = re.compile(DROPPED_LINES)
+    raylet = ("\x1b[33m(raylet)\x1b[0m WARNING: 8 PYTHON worker processes have been started on node: 9c3a84bb8e with "
+              "address: 127.0.0.1, which is 4x the maximum expected startup concurrency (2).")
+    actor = ("core_worker.cc:512: Actor with class name: 'PreemptionWatcher' and ID: 'ab12' has constructor arguments "
+             "in the object store and max_restarts > 0")
+    assert dropped.search(raylet) and dropped.search(actor)
+    for kept in ("\x1b[33m(raylet)\x1b[0m WARNING: the node is running low on memory", REAL_ERROR,
+                 "core_worker.cc:512: Actor with class name: 'Scorer' and ID: 'ab12' has constructor arguments "
+                 "in the object store and max_restarts > 0"):
+        assert not dropped.search(kept), kept
