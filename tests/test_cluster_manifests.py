@@ -42,7 +42,7 @@ CRDS = next((Path(c) for c in (os.environ.get("SEATER_KUBERAY_CRDS"), ROOT.paren
 KUBERAY = {"RayCluster": "kuberay-raycluster.yaml", "RayJob": "kuberay-rayjob.yaml",
            "RayService": "kuberay-rayservice.yaml"}
 LAUNCHER = ROOT / "cluster" / "ray-cluster-aws.yaml"
-SERVE_CONFIGS = [ROOT / "serve" / "seater.yaml", ROOT / "serve" / "sasrec.yaml"]
+SERVE_CONFIGS = [ROOT / "serve" / "seater.yaml", ROOT / "serve" / "sasrec.yaml", ROOT / "serve" / "seater-single.yaml"]
 # Files whose comments or text show `python jobs/... ` commands a user copies.
 COMMAND_FILES = [*(ROOT / "cluster" / f for f in KUBERAY.values()), LAUNCHER, ROOT / "README.md"]
 
@@ -230,7 +230,7 @@ def test_every_serve_import_path_imports_and_its_args_validate():
     from seater_dist.serve.app import ServeArgs
 
     apps = _serve_apps()
-    assert len(apps) == 3
+    assert len(apps) == 4
     for where, app in apps:
         assert import_path_errors(app["import_path"]) == [], where
         ServeArgs.model_validate(app["args"])

@@ -29,7 +29,7 @@ from seater_dist.model.retriever import SeaterRetriever
 from seater_dist.model.sasrec import SASRec, topk_inner_product
 from seater_dist.model.seater import SeaterModel
 from seater_dist.model.toy_trees import random_balanced_tree
-from seater_dist.serve.app import build_app, deployment_names
+from seater_dist.serve.app import ServeArgs, build_app, deployment_names
 from seater_dist.serve.merge import merge_top
 from seater_dist.serve.parts import (IndexShardPart, SasrecEncoderPart, ShardedSeater,
                                      shard_roots, sharded_beam_search)
@@ -221,11 +221,13 @@ def test_good_requests_parse():
 def test_serve_configs_are_valid_serve_deploy_schemas_naming_the_apps_deployments():
     from ray.serve.schema import ServeDeploySchema
 
-    for name, kind in (("seater.yaml", "seater"), ("sasrec.yaml", "sasrec")):
+    for name, kind in (("seater.yaml", "seater"), ("sasrec.yaml", "sasrec"), ("seater-single.yaml", "seater")):
         config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "serve" / name).read_text()))
         app = config.applications[0]
         assert app.import_path == "seater_dist.serve.app:build_app"
-        assert [d.name for d in app.deployments] == deployment_names(kind, app.args["shards"])
+        assert [d.name for d in app.deployments] == deployment_names(kind, app.args["shards"],
+                                                                     app.args.get("layout", "split"))
+        ServeArgs.model_validate(app.args)  # every arg is one build_app takes
         assert config.http_options.host == "127.0.0.1"
 
 
