@@ -66,10 +66,9 @@ def ranked(ckpt: Any, histories: list[np.ndarray], beam: int | None, batch: int 
 
 
 def plot(rows: list[dict[str, Any]], reference: dict[str, float] | None, title: str, path: Path) -> None:
-    import matplotlib
+    from bench.plotting import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     beams = [r["beam"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
@@ -85,10 +84,7 @@ def plot(rows: list[dict[str, Any]], reference: dict[str, float] | None, title: 
     right.set(xscale="log", yscale="log", xlabel="beam size b", ylabel="ms per user (1 thread)", title="cost")
     right.grid(alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def main() -> None:

@@ -225,10 +225,9 @@ def grid_table(out: Path, protocol: str) -> str:
 def plot_curves(out: Path, protocol: str) -> Path | None:
     """OUT/PROTOCOL/validation_curves.png: validation Recall@50 by epoch of every run on disk (SASRec and
     SEATER variants alike), each run's best epoch marked."""
-    import matplotlib
+    from bench.plotting import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     runs = {d.name: h for d in sorted((out / protocol).iterdir()) if d.is_dir() and (h := _longest_history(d))}
     if not runs:
@@ -243,11 +242,7 @@ def plot_curves(out: Path, protocol: str) -> Path | None:
            ylabel="validation Recall@50")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / protocol / "validation_curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, out / protocol / "validation_curves.png")
 
 
 def write_report(out: Path, summary: dict[str, Any]) -> None:

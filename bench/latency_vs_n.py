@@ -35,10 +35,9 @@ def measure(items: int, users: int, threads: int) -> dict:
 
 
 def plot(rows: list[dict], path: Path, threads: int) -> None:
-    import matplotlib
+    from bench.plotting import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     n = [r["items"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -51,10 +50,7 @@ def plot(rows: list[dict], path: Path, threads: int) -> None:
            title=f"Retrieval latency against catalogue size (k = 16, b = 50, {threads} threads)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def main() -> None:
