@@ -358,12 +358,12 @@ def _cmd_recommend(a: argparse.Namespace) -> Any:
 
 
 def _cmd_serve(a: argparse.Namespace) -> Any:
-    from seater_dist.serve.app import ServeArgs
+    from seater_dist.serve.app import parse_serve_args
     from seater_dist.serve.runner import run_service
 
-    args = ServeArgs(checkpoint=a.checkpoint, shards=a.shards, beam_size=a.beam_size, popularity=a.popularity,
-                     index=a.index, ef_search=a.ef_search, min_replicas=a.min_replicas, max_replicas=a.max_replicas,
-                     layout=a.layout)
+    args = parse_serve_args(dict(checkpoint=a.checkpoint, shards=a.shards, beam_size=a.beam_size,
+                                 popularity=a.popularity, index=a.index, ef_search=a.ef_search,
+                                 min_replicas=a.min_replicas, max_replicas=a.max_replicas, layout=a.layout))
     return run_service(args, host=a.host, port=a.port, address=a.address)
 
 

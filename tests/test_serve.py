@@ -239,6 +239,14 @@ def test_seater_serve_refuses_a_bad_checkpoint_in_one_line_before_starting_ray(t
     assert len(err) == 1 and err[0].startswith("seater serve: error:") and "missing" in err[0]
 
 
+def test_seater_serve_refuses_more_warm_replicas_than_its_ceiling_in_one_line(run_dir, capsys):
+    from seater_dist.cli import main
+
+    assert main(["serve", "--checkpoint", str(run_dir / "seater" / "best"), "--min-replicas", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["seater serve: error: serve args: min_replicas: 3 > max_replicas 2"]
+
+
 # ------------------------------------------------------------------------------------------ on Serve
 
 

@@ -19,9 +19,9 @@ That is the ``split`` layout. In the ``single`` layout (``layout: single``) the 
 alone: each of its replicas loads the checkpoint once and holds the encoder's and every shard's part,
 called in-process (no hops between deployments).
 
-Every deployment autoscales (from ``min_replicas``, default 1, to ``max_replicas``), reserves a fraction of a
-CPU (the whole app fits 2 CPUs), takes ``num_gpus`` when the cluster has GPUs, and is replaced replica by replica on a new
-config with ``max_surge_percent=100``: new replicas start before old ones drain, so a rollout fails no
+Every deployment autoscales (from ``min_replicas``, default 1, to ``max_replicas``), reserves a fraction of
+a CPU (the whole app fits 2 CPUs), takes ``num_gpus`` when the cluster has GPUs, and is replaced replica by
+replica on a new config with ``max_surge_percent=100``: new replicas start before old ones drain, so a rollout fails no
 request. Every answer is computed by one model version: the encoder stamps its version on the request and
 a shard of another version answers ``Stale``, upon which the router retries (bounded by
 ``retry_timeout_s``); the router also retries when a replica dies under a request.
@@ -41,7 +41,7 @@ from typing import Any, Literal
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve import Application
@@ -91,6 +91,24 @@ class ServeArgs(BaseModel):
                                                "deployments, each scaled on its own; single: one deployment whose "
                                                "replicas hold the encoder and every shard (no calls between "
                                                "deployments: less CPU and latency per request; scales as a whole).")
+
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> "ServeArgs":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas: {self.min_replicas} > max_replicas {self.max_replicas}")
+        return self
+
+
+def parse_serve_args(args: dict[str, Any]) -> ServeArgs:
+    """``args`` checked -> ServeArgs; else a ValueError naming the first bad field in one line."""
+    try:
+        return ServeArgs.model_validate(args)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(x) for x in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")  # a validator's own message names its fields
+        raise ValueError(f"serve args: {field}: {message}" if field else f"serve args: {message}") from None
 
 
 def _args(args: dict[str, Any] | ServeArgs) -> ServeArgs:
@@ -207,6 +225,17 @@ def _single_parts(a: ServeArgs) -> tuple[Any, list[Any]]:
 # ------------------------------------------------------------------------------------------ workers
 
 
+class _Shard:
+    """What both shard kinds share: ``search_now``, one router batch searched at once (``layout: single``
+    calls it directly; ``search``, batched by Serve, goes through the same ``search_all``)."""
+
+    async def search_all(self, requests: list[Any]) -> list[Any]:
+        raise NotImplementedError
+
+    async def search_now(self, request: Any) -> Any:
+        return (await self.search_all([request]))[0]
+
+
 @serve.deployment(name="Encoder", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.1},
                   autoscaling_config=_autoscaling(2, 8), **_COMMON)
 class Encoder:
@@ -237,7 +266,7 @@ class Encoder:
 
 @serve.deployment(name="BeamShard", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.1},
                   autoscaling_config=_autoscaling(2, 8), **_COMMON)
-class BeamShard:
+class BeamShard(_Shard):
     """SEATER shard ``shard`` of ``args.shards``: beam search inside its subtrees of the root."""
 
     def __init__(self, args: dict[str, Any], shard: int, part: Any = None) -> None:
@@ -252,10 +281,6 @@ class BeamShard:
         """(version, memories [B, t, d], pad masks [B, t], beam) per call (a router's batch) -> B ShardBeams,
         or Stale for another version. Concurrent calls are searched together."""
         return await self.search_all(requests)
-
-    async def search_now(self, request: tuple[str, np.ndarray, np.ndarray, int]) -> list[ShardBeams] | Stale:
-        """One router batch, searched at once (``layout: single`` calls this directly)."""
-        return (await self.search_all([request]))[0]
 
     async def search_all(self, requests: list[tuple[str, np.ndarray, np.ndarray, int]]) -> list[list[ShardBeams] | Stale]:
         out: list[list[ShardBeams] | Stale] = [Stale(self.version)] * len(requests)
@@ -278,7 +303,7 @@ class BeamShard:
 
 @serve.deployment(name="IndexShard", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.1},
                   autoscaling_config=_autoscaling(2, 8), **_COMMON)
-class IndexShard:
+class IndexShard(_Shard):
     """SASRec shard ``shard`` of ``args.shards``: a faiss index over a range of the items."""
 
     def __init__(self, args: dict[str, Any], shard: int, part: Any = None) -> None:
@@ -292,10 +317,6 @@ class IndexShard:
     async def search(self, requests: list[tuple[str, np.ndarray, int]]) -> list[Any]:
         """(version, user states [B, d], n) per call -> B (item ids, scores, raw ids) of at most n, or Stale."""
         return await self.search_all(requests)
-
-    async def search_now(self, request: tuple[str, np.ndarray, int]) -> Any:
-        """One router batch, searched at once (``layout: single`` calls this directly)."""
-        return (await self.search_all([request]))[0]
 
     async def search_all(self, requests: list[tuple[str, np.ndarray, int]]) -> list[Any]:
         out: list[Any] = [Stale(self.version)] * len(requests)
@@ -546,16 +567,9 @@ def _cluster_has_gpu() -> bool:
 
 def build_app(args: dict[str, Any]) -> Application:
     """Serve application builder: ``args`` are :class:`ServeArgs` fields (``checkpoint`` required)."""
-    try:
-        a = _args(args)
-    except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(x) for x in first["loc"]) or "args"
-        raise ValueError(f"serve args: {field}: {first['msg']}") from None
+    a = parse_serve_args(args)
     if "://" not in a.checkpoint:  # replicas may run in another directory: give them an absolute path
         a = a.model_copy(update={"checkpoint": str(Path(a.checkpoint).expanduser().resolve())})
-    if a.min_replicas > a.max_replicas:
-        raise ValueError(f"serve args: min_replicas: {a.min_replicas} > max_replicas {a.max_replicas}")
     manifest = _manifest(a.checkpoint)
     kind = manifest["model"]
     gpu = _cluster_has_gpu() if a.gpu is None else a.gpu
