@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import synthetic
+from seater_dist.config import EvalSettings
+from seater_dist.eval.offline import evaluate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GOAL = 1.7
@@ -47,9 +49,6 @@ def run(checkpoint: Path, dataset: Path, actors: int, batch_size: int, out: Path
     A short evaluation of the first 2 x actors x batch_size users runs first: the difference between the two
     calls is the steady-state rate ("marginal"), without what every call pays once whatever its size (actors
     starting and loading the checkpoint, Ray Data starting, the driver's checks and writes)."""
-    from seater_dist.config import EvalSettings
-    from seater_dist.eval.offline import evaluate
-
     def timed(settings: EvalSettings, where: Path) -> tuple[Any, float]:
         t0 = time.perf_counter()
         result = evaluate(checkpoint, dataset, "test", settings, out=where)
@@ -102,9 +101,6 @@ def main() -> None:
     work = args.cache / f"eval-N{args.items}-U{args.users}-s{args.seed}-runs"
     # Untimed: the first evaluation of the process pays for imports, Ray Data's start and a cold page cache,
     # which would otherwise fall on the 1-actor short call only.
-    from seater_dist.config import EvalSettings
-    from seater_dist.eval.offline import evaluate
-
     evaluate(checkpoint, dataset, "test", EvalSettings(concurrency=1, cpus_per_actor=0.5, batch_size=args.batch_size,
                                                        max_users=args.batch_size), out=work / "warm_up")
     runs = [run(checkpoint, dataset, actors, args.batch_size, work / f"actors_{actors}") for actors in (1, 2)]
@@ -122,7 +118,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     out.write_text(json.dumps({
         "items": args.items, "users": args.users, "k": args.k, "beam": args.beam, "batch_size": args.batch_size,
-        "runs": runs, "ratio": ratio, "rank_ratio": rank_ratio, "marginal_ratio": marginal_ratio, "goal": GOAL, "identical_metrics": identical,
+        "runs": runs, "ratio": ratio, "rank_ratio": rank_ratio, "marginal_ratio": marginal_ratio, "goal": GOAL,
+        "identical_metrics": identical,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "total_seconds": round(time.perf_counter() - t_start, 1),
     }, indent=2))
