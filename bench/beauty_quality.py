@@ -41,11 +41,12 @@ VARIANTS = {
     "seater 2 layers": {"encoder_layers": 2, "decoder_layers": 2},
     "seater start from sasrec": {"token_init": "embeddings"},
     "seater l2 1e-4": {"weight_decay": 1e-4},
+    "seater table l2 0": {"table_weight_decay": 0.0},  # dense Adam caught up per row: O(rows touched)
     # the paper's Fig. 3: the same model over other trees of the same item embeddings
     "seater unbalanced tree": {"tree_kind": "unbalanced"},
     "seater random tree": {"tree_kind": "random"},
 }
-TRAIN_KEYS = ("weight_decay", "table_optimizer")
+TRAIN_KEYS = ("weight_decay", "table_weight_decay", "table_optimizer")
 TREE_KEYS = ("k", "tree_from", "tree_kind")
 # The paper's tuning grid (§5.1), one factor at a time around the defaults (λa = λr = 0.05,
 # β = 1e-3, L2 = 1e-5, k = 8): λ in [0.01, 0.09] step 0.02, β in {1e-2, 1e-3, 1e-4}, L2 in

@@ -306,12 +306,15 @@ class TrainSettings(Settings):
     batch_size: int = Field(256, ge=1, description="Global batch (split over workers).")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
     weight_decay: float = Field(1e-5, ge=0, description="L2 penalty added to the gradient, as torch.optim.Adam does.")
+    table_weight_decay: float | None = Field(
+        None, ge=0, description="L2 on the big embedding table alone (None: weight_decay). With 0, adam catches "
+        "untouched rows up in closed form and a step costs the rows it touches; with L2, one pass over the table.")
     grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this value.")
     patience: int = Field(5, ge=1, description="Epochs without validation improvement before stopping "
                           "(the authors' 5).")
     table_optimizer: Literal["adam", "lazy_adam"] = Field(
         "adam", description="Optimiser of the big embedding table. adam: torch.optim.Adam semantics on every row "
-        "(untouched rows still move by momentum and decay; one pass over the table per step); lazy_adam: "
+        "(untouched rows still move by momentum and decay; see table_weight_decay for its cost); lazy_adam: "
         "row-sparse Adam, cost proportional to the rows a step touches, rarely seen rows move less.")
     select_metric: str = Field("recall@50", description="Validation metric that picks the best checkpoint "
                                "(recall@K, hr@K or ndcg@K with K among the protocol's cut-offs).")

@@ -86,7 +86,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     trainer = SparseTableDDP(step_module, f"model.{task.table_name}", lr=settings.lr,
                              weight_decay=settings.weight_decay, device=device,
                              find_unused_parameters=task.has_unused_parameters,
-                             table_optimizer=settings.table_optimizer)
+                             table_optimizer=settings.table_optimizer,
+                             table_weight_decay=settings.table_weight_decay)
     resumed_from = _restore(model, trainer, state)
 
     valid_histories, valid_truth = _validation_slice(config, rank, world)
@@ -119,6 +120,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             samples += len(next(iter(batch.values())))
             bytes_sent += stats.total_bytes
             _maybe_inject_fault(config, rank, epoch, steps)
+        trainer.catch_up()  # validation and the checkpoint read the whole table
         train_seconds = time.time() - t0
 
         model.eval()

@@ -9,10 +9,13 @@ The table is then updated by one of two optimisers (``table_optimizer``):
 
 * ``adam`` (the default): the update ``torch.optim.Adam`` makes on the whole table, exactly the authors'
   optimiser (docs/method.md §4): an untouched row still moves by its momentum, its moments decay, and L2
-  weight decay pulls it as Adam's coupled L2 does. Communication stays row-sparse; the update is one pass
-  over the table per step, written out a chunk of rows at a time (the arithmetic of torch's single-tensor
-  Adam, its state kept in the torch optimiser) so that its temporaries are a chunk's size, not the
-  table's: at 6.1M items torch.optim.Adam's own step needs ~4 table-sized temporaries more per worker.
+  weight decay pulls it as Adam's coupled L2 does. Communication stays row-sparse. Without L2 on the table
+  (``table_weight_decay=0``) a row's skipped steps are applied in closed form when it is next read or
+  updated (``AdamCatchUp``), so a step costs the rows it touches; ``catch_up()`` brings the whole table
+  up to date before it is read whole (evaluation, saving). With L2 no closed form exists, and the update is
+  one pass over the table per step, written out a chunk of rows at a time (the arithmetic of torch's
+  single-tensor Adam, its state kept in the torch optimiser) so that its temporaries are a chunk's size,
+  not the table's: at 6.1M items torch.optim.Adam's own step needs ~4 table-sized temporaries more.
 * ``lazy_adam``: a row-sparse Adam (``torch.optim.SparseAdam`` with L2 added to the touched rows as
   torch.optim.Adam does): touched rows get Adam's update, untouched rows stay exactly as they are and
   their moments do not decay. Cost proportional to the rows touched; a different optimiser, which moves
@@ -29,6 +32,7 @@ Example (inside a Ray Train worker, after the process group exists)::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -62,6 +66,106 @@ TableOptimizer = Literal["adam", "lazy_adam"]
 TABLE_CHUNK_ROWS = 1 << 16
 
 
+class AdamCatchUp:
+    """torch.optim.Adam's steps on table rows that got no gradient, applied when a row is next read or
+    updated, so that a step costs the rows it touches, not the table (no weight decay only).
+
+    k steps of Adam on a row whose gradient is zero scale its moments by beta1**k and beta2**k, and move each
+    element by ``-sum_u c_u * m / (C_u * x + eps)`` over the skipped steps u = s+1..t (s: the row's last
+    update; m, x = sqrt(v): its moments then; ``c_u = lr_u beta1**(u-s) / (1 - beta1**u)``,
+    ``C_u = beta2**((u-s)/2) / sqrt(1 - beta2**u)``). Expanded in powers of eps / (C_u x) this is
+    ``sum_p (-eps)**(p-1) * F_p(s, t) * m / x**p`` with per-step scalars
+    ``F_p(s, t) = sum_u lr_u (1 - beta2**u)**(p/2) / (1 - beta1**u) * rho_p**(u-s)``, ``rho_p = beta1 / beta2**(p/2)``,
+    kept for every s since the last full catch-up in ``acc[p - 1, s - origin]``: each step adds its term to
+    the last ``window`` entries (older ones no longer change: rho_p**window < 1e-20). ORDERS terms are
+    used where eps / x <= SERIES_LIMIT; the few elements with a smaller x (a gradient near eps) get the sum
+    itself over their first ``window`` skipped steps.
+
+    With coupled L2 a skipped step's gradient is ``weight_decay * row``, which depends on the row itself:
+    no closed form exists, so SparseTableDDP uses this only when the table's weight decay is 0.
+    """
+
+    ORDERS = 16
+    SERIES_LIMIT = 1 / 4
+
+    def __init__(self, num_rows: int, beta1: float, beta2: float, eps: float, device: torch.device) -> None:
+        self.beta1, self.beta2, self.eps = beta1, beta2, eps
+        rhos = [beta1 / beta2 ** (p / 2) for p in range(1, self.ORDERS + 1)]
+        if not max(rhos) < 1:
+            raise ValueError(f"closed-form catch-up needs beta1 < beta2**{self.ORDERS / 2}, got ({beta1}, {beta2})")
+        self.window = math.ceil(-20 * math.log(10) / math.log(max(rhos)))
+        steps_back = torch.arange(self.window, 0, -1, dtype=torch.float64)
+        self.powers = torch.stack([rho**steps_back for rho in rhos])  # [ORDERS, window]: rho**window .. rho**1
+        self.last = torch.zeros(num_rows, dtype=torch.long, device=device)  # step each row is up to date with
+        self.step = 0
+        self.origin = 0
+        self.acc = torch.zeros(self.ORDERS, 1024, dtype=torch.float64)
+        self.step_sizes = torch.zeros(1024, dtype=torch.float64)  # lr_u / (1 - beta1**u) at u - origin
+
+    def reset(self, step: int) -> None:
+        """Every row is up to date with ``step`` (after a full catch-up, a dense step, or a resume)."""
+        self.step = self.origin = step
+        self.last.fill_(step)
+        self.acc.zero_()
+
+    def record_step(self, lr: float) -> None:
+        """Account for Adam step ``self.step + 1`` on every row not updated by it."""
+        self.step += 1
+        t = self.step
+        if t - self.origin >= self.step_sizes.numel():
+            self.acc = torch.cat([self.acc, torch.zeros_like(self.acc)], dim=1)
+            self.step_sizes = torch.cat([self.step_sizes, torch.zeros_like(self.step_sizes)])
+        self.step_sizes[t - self.origin] = lr / (1 - self.beta1**t)
+        first = max(self.origin, t - self.window)
+        orders = torch.arange(1, self.ORDERS + 1, dtype=torch.float64)
+        per_order = self.step_sizes[t - self.origin] * (1 - self.beta2**t) ** (orders / 2)  # [ORDERS]
+        self.acc[:, first - self.origin : t - self.origin] += per_order[:, None] * self.powers[:, self.window - (t - first):]
+
+    def catch_up(self, rows: torch.Tensor, param: torch.Tensor, exp_avg: torch.Tensor,
+                 exp_avg_sq: torch.Tensor) -> None:
+        """Bring ``rows`` (int64 [R], unique) of the table ``param`` [N, d] and its moments to ``self.step``."""
+        rows = rows[self.last[rows] < self.step]
+        if rows.numel() == 0:
+            return
+        last = self.last[rows]
+        m, v = exp_avg[rows].double(), exp_avg_sq[rows].double()
+        x = v.sqrt()
+        ratio = self.eps / x.clamp_min(torch.finfo(torch.float64).tiny)  # [R, d]
+        sums = self.acc[:, (last - self.origin).cpu()].to(param.device)[:, :, None]  # [ORDERS, R, 1]
+        series = sums[-1].expand_as(m)  # Horner: sum_p F_p * (-ratio)**(p-1)
+        for p in range(self.ORDERS - 2, -1, -1):
+            series = series * -ratio + sums[p]
+        move = series * m / x.clamp_min(torch.finfo(torch.float64).tiny)
+        near_eps = (ratio > self.SERIES_LIMIT) & (m != 0)
+        if near_eps.any():
+            r, c = near_eps.nonzero(as_tuple=True)
+            move[r, c] = self._summed_move(last[r], m[r, c], x[r, c])
+        move[x == 0] = 0  # never had a gradient: Adam leaves it where it is
+        param[rows] = (param[rows].double() - move).to(param.dtype)
+        skipped = (self.step - last).to(torch.float64)[:, None]
+        exp_avg[rows] = (m * self.beta1**skipped).to(exp_avg.dtype)
+        exp_avg_sq[rows] = (v * self.beta2**skipped).to(exp_avg_sq.dtype)
+        self.last[rows] = self.step
+
+    def _summed_move(self, last: torch.Tensor, m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The move itself, summed over the first ``window`` skipped steps, for elements (float64 [E]) whose
+        x is too close to eps for the series: in order of their skipped steps, in chunks as wide as those."""
+        out = torch.empty_like(m)
+        skipped = (self.step - last).clamp(max=self.window)
+        order = torch.argsort(skipped)
+        for start in range(0, m.numel(), 4096):
+            part = order[start : start + 4096]
+            j = torch.arange(1, int(skipped[part].max()) + 1, device=m.device, dtype=torch.float64)
+            u = last[part, None] + j.long()  # [E', columns] absolute steps
+            valid = u <= self.step
+            index = (u - self.origin).clamp(max=self.step - self.origin).cpu()
+            c = self.step_sizes[index].to(m.device) * self.beta1**j
+            big_c = self.beta2 ** (j / 2) / torch.sqrt(1 - self.beta2 ** u.double())
+            terms = c * m[part, None] / (big_c * x[part, None] + self.eps)
+            out[part] = torch.where(valid, terms, torch.zeros_like(terms)).sum(1)
+        return out
+
+
 class SparseTableDDP:
     """DDP over every parameter but one embedding table, plus a row-sparse sync and Adam for it.
 
@@ -72,13 +176,14 @@ class SparseTableDDP:
 
     def __init__(self, model: nn.Module, table_name: str, lr: float, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), device: torch.device | None = None,
-                 find_unused_parameters: bool = True, table_optimizer: TableOptimizer = "adam") -> None:
+                 find_unused_parameters: bool = True, table_optimizer: TableOptimizer = "adam",
+                 table_weight_decay: float | None = None) -> None:
         if table_optimizer not in ("adam", "lazy_adam"):
             raise ValueError(f"table_optimizer must be 'adam' or 'lazy_adam', got {table_optimizer!r}")
         self.model = model
         self.table: nn.Embedding = model.get_submodule(table_name)
         self.lazy = table_optimizer == "lazy_adam"
-        self.weight_decay = weight_decay
+        self.weight_decay = weight_decay if table_weight_decay is None else table_weight_decay  # the table's
         table_param = f"{table_name}.weight"
         if _distributed():
             broadcast_parameters(model)  # the ignored table must start equal everywhere too
@@ -94,8 +199,23 @@ class SparseTableDDP:
         if self.lazy:
             self.table_optimizer: torch.optim.Optimizer = torch.optim.SparseAdam([self.table.weight], lr=lr, betas=betas)
         else:
-            self.table_optimizer = torch.optim.Adam([self.table.weight], lr=lr, betas=betas, weight_decay=weight_decay)
+            self.table_optimizer = torch.optim.Adam([self.table.weight], lr=lr, betas=betas,
+                                                    weight_decay=self.weight_decay)
+        # Dense Adam without L2 is caught up row by row (cost: the rows a step touches); with L2, one pass
+        # over the table per step. A lookup first brings the rows it reads up to date.
+        self.catch: AdamCatchUp | None = None
+        if not self.lazy and self.weight_decay == 0 and betas[0] < betas[1] ** (AdamCatchUp.ORDERS / 2):
+            self.catch = AdamCatchUp(self.table.num_embeddings, *betas, self.table_optimizer.param_groups[0]["eps"],
+                                     device=self.table.weight.device)
+            self.table.register_forward_pre_hook(self._before_lookup)
         self.dense_bytes = sum(p.numel() * p.element_size() for p in self.dense_params) if _distributed() else 0
+
+    @property
+    def table_update(self) -> str:
+        """How the table is updated: "lazy_adam", "adam, caught up per row" or "adam, one pass per step"."""
+        if self.lazy:
+            return "lazy_adam"
+        return "adam, caught up per row" if self.catch is not None else "adam, one pass per step"
 
     def zero_grad(self) -> None:
         self.dense_optimizer.zero_grad(set_to_none=True)
@@ -143,10 +263,76 @@ class SparseTableDDP:
         self.dense_optimizer.step()
         if self.lazy:
             self._lazy_step()
+        elif self.catch is not None:
+            self._catch_up_step()
         else:
             self._dense_step()
         self.zero_grad()
         return norm
+
+    def catch_up(self) -> None:
+        """Bring every row of the table up to date (before reading the table whole: evaluation, saving).
+
+        A no-op unless the table is caught up per row; one pass over the table, TABLE_CHUNK_ROWS at a time.
+        """
+        if self.catch is None or self.catch.step == self.catch.origin:
+            return
+        weight = self.table.weight
+        state = self._adam_state()
+        with torch.no_grad():
+            for start in range(0, weight.shape[0], TABLE_CHUNK_ROWS):
+                rows = torch.arange(start, min(weight.shape[0], start + TABLE_CHUNK_ROWS), device=weight.device)
+                self.catch.catch_up(rows, weight.detach(), state["exp_avg"], state["exp_avg_sq"])
+        self.catch.reset(self.catch.step)
+
+    def _before_lookup(self, module: nn.Module, args: tuple) -> None:
+        """Forward pre-hook of the table: the rows a lookup reads are caught up to the last step first."""
+        if self.catch.step == self.catch.origin:  # every row is up to date
+            return
+        state = self._adam_state()
+        with torch.no_grad():
+            self.catch.catch_up(args[0].detach().flatten().unique(), self.table.weight.detach(),
+                                state["exp_avg"], state["exp_avg_sq"])
+
+    def _adam_state(self) -> dict:
+        """The table's torch.optim.Adam state, created as torch creates it on its first step."""
+        weight = self.table.weight
+        state = self.table_optimizer.state[weight]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(weight, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(weight, memory_format=torch.preserve_format)
+        return state
+
+    def _catch_up_step(self) -> None:
+        """torch.optim.Adam's step (no L2) on the rows in the averaged gradient, after catching them up to
+        the previous step; every other row's share of this step is recorded for its catch-up."""
+        weight = self.table.weight
+        grad = weight.grad
+        if grad is not None and not grad.is_sparse:  # every row touched: one pass, as with L2
+            self.catch_up()
+            self._dense_step()
+            self.catch.reset(int(self._adam_state()["step"]))
+            return
+        state = self._adam_state()
+        group = self.table_optimizer.param_groups[0]
+        lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+        table, exp_avg, exp_avg_sq = weight.detach(), state["exp_avg"], state["exp_avg_sq"]
+        with torch.no_grad():
+            if grad is not None and grad._nnz():
+                rows, g = grad.indices()[0], grad.values()  # coalesced: each row once
+                self.catch.catch_up(rows, table, exp_avg, exp_avg_sq)
+                step = float(state["step"]) + 1
+                m = exp_avg[rows].lerp_(g, 1 - beta1)
+                v = exp_avg_sq[rows].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                denom = (v.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
+                table[rows] = table[rows].addcdiv_(m, denom, value=-lr / (1 - beta1**step))
+                exp_avg[rows], exp_avg_sq[rows] = m, v
+            else:
+                rows = torch.zeros(0, dtype=torch.long, device=weight.device)
+            state["step"] += 1
+            self.catch.record_step(lr)
+            self.catch.last[rows] = self.catch.step
 
     def _lazy_step(self) -> None:
         """SparseAdam on the touched rows, with L2 weight decay added to them as torch Adam adds it."""
@@ -171,11 +357,7 @@ class SparseTableDDP:
         grad = weight.grad
         group = self.table_optimizer.param_groups[0]
         lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        state = self.table_optimizer.state[weight]
-        if not state:  # what torch.optim.Adam creates on its first step
-            state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(weight, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(weight, memory_format=torch.preserve_format)
+        state = self._adam_state()
         state["step"] += 1
         step = float(state["step"])
         step_size = lr / (1 - beta1**step)
@@ -225,11 +407,15 @@ class SparseTableDDP:
         return norm
 
     def state_dict(self) -> dict:
+        """Both optimisers' state, the table's in torch.optim.Adam's format (every row caught up first)."""
+        self.catch_up()
         return {"dense": self.dense_optimizer.state_dict(), "table": self.table_optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.dense_optimizer.load_state_dict(state["dense"])
         self.table_optimizer.load_state_dict(state["table"])
+        if self.catch is not None:
+            self.catch.reset(int(self._adam_state()["step"]))
 
 
 def _all_gather_rows(grad: torch.Tensor) -> tuple[torch.Tensor, int]:
