@@ -65,11 +65,13 @@ async def _drive(url: str, rate: float, duration: float, histories: list[list[st
     connector = aiohttp.TCPConnector(limit=max_inflight, force_close=False)
     client_timeout = aiohttp.ClientTimeout(total=timeout)
 
-    async def one(session: aiohttp.ClientSession, scheduled: float, history: list[str]) -> None:
+    urls = url.split(",")  # several (direct-ingress replicas): round robin, as a load balancer in front would
+
+    async def one(session: aiohttp.ClientSession, scheduled: float, history: list[str], target: str) -> None:
         nonlocal expanded
         async with sem:
             try:
-                async with session.post(f"{url}/recommend", json={"history": history, "top_n": top_n}) as r:
+                async with session.post(f"{target}/recommend", json={"history": history, "top_n": top_n}) as r:
                     await r.read()
                     status = r.status
                     if int(r.headers.get("X-Seater-Expanded", "0")):
@@ -94,7 +96,8 @@ async def _drive(url: str, rate: float, duration: float, histories: list[list[st
             delay = scheduled - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(session, scheduled, histories[i % len(histories)])))
+            tasks.append(asyncio.create_task(one(session, scheduled, histories[i % len(histories)],
+                                                 urls[i % len(urls)])))
         await asyncio.gather(*tasks)
         end = loop.time()
     lat = np.array(latencies) * 1000
@@ -230,8 +233,26 @@ def wait_idle(url: str, history: list[str], top_n: int, baseline_ms: float, limi
         time.sleep(1.0)
 
 
+def direct_ingress_urls(pids: dict[str, int]) -> list[str]:
+    """The HTTP addresses the Router replicas listen on themselves (Serve's direct ingress: ports from
+    RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT, 30000 by default)."""
+    import psutil
+
+    low = int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000"))
+    high = int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", "31000"))
+    urls = []
+    for name, pid in sorted(pids.items()):
+        if name.startswith("Router"):
+            urls += [f"http://127.0.0.1:{c.laddr.port}" for c in psutil.Process(pid).net_connections()
+                     if c.status == "LISTEN" and c.laddr.ip == "127.0.0.1" and low <= c.laddr.port < high]
+    if not urls:
+        raise RuntimeError("direct ingress: no Router replica listens on its own port")
+    return urls
+
+
 def run_config(name: str, app_args: dict[str, Any], url: str, rates: list[float], duration: float,
-               histories_file: Path, histories: list[list[str]], top_n: int, timeout: float) -> dict[str, Any]:
+               histories_file: Path, histories: list[list[str]], top_n: int, timeout: float,
+               direct: bool = False) -> dict[str, Any]:
     import requests
     from ray import serve
 
@@ -248,12 +269,16 @@ def run_config(name: str, app_args: dict[str, Any], url: str, rates: list[float]
         memory.sample()
         idle = {n: dict(v) for n, v in memory.peak.items()}
         log(f"{name}: ready in {ready_s:.0f} s; replicas {sorted(memory.pids)}")
+        if direct:
+            url = ",".join(direct_ingress_urls(memory.pids))
+            log(f"{name}: driving the Router replicas directly at {url}")
+        first_url = url.split(",")[0]
         for h in histories[:20]:  # warm-up
-            requests.post(f"{url}/recommend", json={"history": h, "top_n": top_n}, timeout=120)
+            requests.post(f"{first_url}/recommend", json={"history": h, "top_n": top_n}, timeout=120)
         probe = []
         for h in histories[20:40]:
             t1 = time.perf_counter()
-            requests.post(f"{url}/recommend", json={"history": h, "top_n": top_n}, timeout=120)
+            requests.post(f"{first_url}/recommend", json={"history": h, "top_n": top_n}, timeout=120)
             probe.append((time.perf_counter() - t1) * 1000)
         single_ms = float(np.median(probe))
         log(f"{name}: one request at a time: median {single_ms:.1f} ms")
@@ -274,11 +299,11 @@ def run_config(name: str, app_args: dict[str, Any], url: str, rates: list[float]
                 + ", ".join(f"{n} {v:.1f}" for n, v in sorted(cpu.items())) + f" (total {sum(cpu.values()):.1f})")
             if result["sustained_rps"] < 0.5 * rate or sum(result["failures"].values()) > 0.5 * result["sent"]:
                 log(f"{name}: saturated at {rate:g} rps; higher rates skipped")
-                wait_idle(url, histories[0], top_n, single_ms)
+                wait_idle(first_url, histories[0], top_n, single_ms)
                 break
-            wait_idle(url, histories[0], top_n, single_ms)
-    info = requests.get(f"{url}/version", timeout=60).json()
-    answers = [requests.post(f"{url}/recommend", json={"history": h, "top_n": top_n}, timeout=120).json()["items"]
+            wait_idle(first_url, histories[0], top_n, single_ms)
+    info = requests.get(f"{first_url}/version", timeout=60).json()
+    answers = [requests.post(f"{first_url}/recommend", json={"history": h, "top_n": top_n}, timeout=120).json()["items"]
                for h in histories[:20]]  # to compare retrievers (HNSW recall against exact)
     serve.delete("bench")
     return {"name": name, "args": app_args, "ready_s": ready_s, "single_request_ms": single_ms, "levels": levels,
@@ -310,6 +335,9 @@ def main() -> None:
                          "shard deployments; single = one deployment holding them all")
     ap.add_argument("--min-replicas", type=int, default=1,
                     help="SEATER: replicas every deployment starts with (ServeArgs.min_replicas; default 1)")
+    ap.add_argument("--direct-ingress", action="store_true",
+                    help="Serve's direct ingress: the load goes to the Router replicas' own HTTP ports (round robin "
+                         "over them), skipping the HTTP proxy (`seater serve --direct-ingress`)")
     ap.add_argument("--sasrec", choices=["flat", "hnsw"], nargs="*", default=["flat", "hnsw"],
                     help="SASRec indexes to serve (default both; none: --sasrec with no value)")
     ap.add_argument("--ef-search", type=int, default=128, help="SASRec HNSW efSearch (default 128)")
@@ -345,7 +373,7 @@ def main() -> None:
     from seater_dist.ray_env import init_ray
     from seater_dist.serve.app import serve_env
 
-    for name, value in serve_env().items():  # as `seater serve` does: the HTTP proxy too
+    for name, value in serve_env(args.direct_ingress).items():  # as `seater serve` does: the HTTP proxy too
         os.environ.setdefault(name, value)
     init_ray(num_cpus=2)
     port = free_port()
@@ -353,19 +381,20 @@ def main() -> None:
                 logging_config={"log_level": "WARNING", "enable_access_log": False})
     url = f"http://127.0.0.1:{port}"
     configs = [(f"SEATER S={s}" + ("" if layout == "split" else " single")
-                + ("" if args.min_replicas == 1 else f" x{args.min_replicas}"),
+                + ("" if args.min_replicas == 1 else f" x{args.min_replicas}") + (" direct" if args.direct_ingress else ""),
                 {"checkpoint": str(seater_path), "shards": s, "layout": layout, "min_replicas": args.min_replicas,
                  "max_replicas": max(2, args.min_replicas)})
                for layout in args.layouts for s in args.shards]
-    configs += [(f"SASRec {ix}", {"checkpoint": str(sasrec_path), "shards": 1, "index": ix, "ef_search": args.ef_search,
+    configs += [(f"SASRec {ix}" + (" direct" if args.direct_ingress else ""), {"checkpoint": str(sasrec_path), "shards": 1, "index": ix, "ef_search": args.ef_search,
                                   "hnsw_m": args.hnsw_m, "ef_construction": args.ef_construction,
                                   "index_cache": str(work / "faiss")}) for ix in args.sasrec]
     results = [run_config(name, app_args, url, args.rates, args.duration, histories_file, histories, args.top_n,
-                          args.timeout) for name, app_args in configs]
+                          args.timeout, args.direct_ingress) for name, app_args in configs]
     by_name = {res["name"]: res for res in results}
     recall = None
-    if "SASRec flat" in by_name and "SASRec hnsw" in by_name:
-        recall = hnsw_recall(by_name["SASRec flat"]["answers"], by_name["SASRec hnsw"]["answers"])
+    suffix = " direct" if args.direct_ingress else ""
+    if f"SASRec flat{suffix}" in by_name and f"SASRec hnsw{suffix}" in by_name:
+        recall = hnsw_recall(by_name[f"SASRec flat{suffix}"]["answers"], by_name[f"SASRec hnsw{suffix}"]["answers"])
         log(f"HNSW recall@{args.top_n} against exact search (20 users): {recall:.3f}")
     import torch
 

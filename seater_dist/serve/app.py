@@ -144,9 +144,14 @@ THROUGHPUT_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_
                   "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}
 
 
-def serve_env() -> dict[str, str]:
-    """Environment of every replica: the throughput settings, unless this process's environment says otherwise."""
-    return {name: os.environ.get(name, value) for name, value in THROUGHPUT_ENV.items()}
+def serve_env(direct_ingress: bool = False) -> dict[str, str]:
+    """Environment of a private Ray's Serve (set before Ray starts: the controller, the HTTP proxy and every
+    replica read it): the throughput settings, unless this process's environment says otherwise. With
+    ``direct_ingress``, Serve's direct ingress too: each Router replica also answers HTTP on its own port
+    (from RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT, 30000 by default), so a request skips the HTTP proxy's hop;
+    the proxy stays, on the head node, balancing over the replicas."""
+    wanted = {**THROUGHPUT_ENV, **({"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"} if direct_ingress else {})}
+    return {name: os.environ.get(name, value) for name, value in wanted.items()}
 
 
 def _set_threads(threads: int) -> None:
