@@ -233,23 +233,6 @@ def wait_idle(url: str, history: list[str], top_n: int, baseline_ms: float, limi
         time.sleep(1.0)
 
 
-def direct_ingress_urls(pids: dict[str, int]) -> list[str]:
-    """The HTTP addresses the Router replicas listen on themselves (Serve's direct ingress: ports from
-    RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT, 30000 by default)."""
-    import psutil
-
-    low = int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000"))
-    high = int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", "31000"))
-    urls = []
-    for name, pid in sorted(pids.items()):
-        if name.startswith("Router"):
-            urls += [f"http://127.0.0.1:{c.laddr.port}" for c in psutil.Process(pid).net_connections()
-                     if c.status == "LISTEN" and c.laddr.ip == "127.0.0.1" and low <= c.laddr.port < high]
-    if not urls:
-        raise RuntimeError("direct ingress: no Router replica listens on its own port")
-    return urls
-
-
 def run_config(name: str, app_args: dict[str, Any], url: str, rates: list[float], duration: float,
                histories_file: Path, histories: list[list[str]], top_n: int, timeout: float,
                direct: bool = False) -> dict[str, Any]:
@@ -270,7 +253,11 @@ def run_config(name: str, app_args: dict[str, Any], url: str, rates: list[float]
         idle = {n: dict(v) for n, v in memory.peak.items()}
         log(f"{name}: ready in {ready_s:.0f} s; replicas {sorted(memory.pids)}")
         if direct:
-            url = ",".join(direct_ingress_urls(memory.pids))
+            from seater_dist.serve.runner import direct_ingress_urls
+
+            url = ",".join(direct_ingress_urls("bench"))
+            if not url:
+                raise RuntimeError("direct ingress: no Router replica listens on its own port")
             log(f"{name}: driving the Router replicas directly at {url}")
         first_url = url.split(",")[0]
         for h in histories[:20]:  # warm-up

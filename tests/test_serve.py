@@ -542,3 +542,38 @@ def _settled() -> bool:
 
     app = serve.status().applications["seater"]
     return app.status == "RUNNING" and all(d.status == "HEALTHY" for d in app.deployments.values())
+
+
+@pytest.mark.ray
+def test_seater_serve_direct_ingress_answers_on_the_replicas_own_port_as_through_the_proxy(run_dir):
+    """`seater serve --direct-ingress` (its own private Ray, in a child process): the Router replica answers on
+    its own port (--port + 1 and up) what the proxy on --port answers, and Ctrl-C (SIGTERM) stops it all."""
+    import os
+    import re
+    import signal
+
+    import requests
+
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_SERVE_")}
+    cmd = [str(Path(sys.executable).with_name("seater")), "serve", "--checkpoint", str(run_dir / "seater" / "best"),
+           "--layout", "single", "--max-replicas", "1", "--direct-ingress", "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    try:
+        reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+        reader.start()
+        found = _wait_for(lambda: next((ln for ln in lines if "direct ingress" in ln), None), 240,
+                          "the direct-ingress line")
+        direct = re.findall(r"http://[\d.]+:(\d+)", found)
+        assert direct and all(int(p) > port for p in direct), found
+        history = _histories(1)[0]
+        via_proxy = _post(f"http://127.0.0.1:{port}", {"history": history, "top_n": 10})
+        via_replica = _post(f"http://127.0.0.1:{direct[0]}", {"history": history, "top_n": 10})
+        assert via_proxy.status_code == via_replica.status_code == 200
+        assert via_proxy.json()["items"] == via_replica.json()["items"]
+        assert requests.get(f"http://127.0.0.1:{direct[0]}/version", timeout=10).json()["num_items"] == N
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    assert code == 0, "".join(lines)[-3000:]

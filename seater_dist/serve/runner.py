@@ -42,11 +42,34 @@ def get_json(url: str, timeout: float = 10.0) -> dict[str, Any]:
         return json.loads(r.read())
 
 
+def direct_ingress_urls(app: str = APP_NAME) -> list[str]:
+    """The HTTP addresses the Router replicas of ``app`` listen on themselves under Serve's direct ingress
+    (ports from RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT up). Local replicas only: it reads their sockets."""
+    import psutil
+    import ray
+    from ray.util.state import list_actors
+
+    low = int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000"))
+    high = int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", "31000"))
+    actors = list_actors(address=ray.get_runtime_context().gcs_address,
+                         filters=[("state", "=", "ALIVE")], limit=10000)
+    urls = []
+    for actor in sorted(actors, key=lambda a: a.actor_id):
+        if actor.class_name == f"ServeReplica:{app}:Router":
+            urls += [f"http://{c.laddr.ip}:{c.laddr.port}" for c in psutil.Process(actor.pid).net_connections()
+                     if c.status == "LISTEN" and low <= c.laddr.port < high]
+    return urls
+
+
 def run_service(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
-                block: bool = True, out: Callable[[str], None] = print) -> dict[str, Any]:
+                block: bool = True, out: Callable[[str], None] = print,
+                direct_ingress: bool = False) -> dict[str, Any]:
     """Deploy ``build_app(args)`` as the application ``seater`` with HTTP on host:port; print the URL and a
     curl example; block until Ctrl-C (or SIGTERM) when ``block``. On a local Ray, Ctrl-C shuts Serve down; on a cluster
-    (``address``) the application keeps running (``serve shutdown -a http://HEAD:8265`` removes it)."""
+    (``address``) the application keeps running (``serve shutdown -a http://HEAD:8265`` removes it).
+
+    ``direct_ingress`` (a local Ray only): every Router replica also answers HTTP on its own port, port + 1 and
+    up, skipping the HTTP proxy's hop (serve_env); host:port stays the proxy, balancing over the replicas."""
     from ray import serve
 
     from seater_dist.model.checkpoint import read_checkpoint_manifest
@@ -54,12 +77,18 @@ def run_service(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, addr
     if "://" not in args.checkpoint:
         manifest = read_checkpoint_manifest(args.checkpoint)  # a bad path fails before Ray starts
     address = address or os.environ.get("RAY_ADDRESS")
+    if direct_ingress and address:
+        raise ValueError("--direct-ingress configures the local Ray this command starts; on a cluster, start it "
+                         "with RAY_SERVE_ENABLE_DIRECT_INGRESS=1 in its environment instead (docs/serving.md)")
     if not address and port_in_use(host, port):
         raise ValueError(f"port {port} on {host} is in use; choose another with --port")
     t0 = time.time()
     if not address:  # a private Ray: its HTTP proxy takes the same throughput settings as the replicas
-        for name, value in serve_env().items():
+        for name, value in serve_env(direct_ingress).items():
             os.environ.setdefault(name, value)
+        if direct_ingress:
+            os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", str(port + 1))
+            os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", str(port + 1 + 4 * args.max_replicas))
     init_ray(address)
     if not os.environ.get("SEATER_VERBOSE"):
         import logging
@@ -81,6 +110,10 @@ def run_service(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, addr
     out(f"  curl -s {url}/version")
     summary = {"url": url, "model": info["model"], "model version": info["model_version"],
                "items": info["num_items"], "shards": args.shards}
+    if direct_ingress:
+        direct = direct_ingress_urls()
+        out(f"  direct ingress (no proxy hop), one address per Router replica: {', '.join(direct) or 'none yet'}")
+        summary["direct ingress"] = ", ".join(direct)
     if not block:
         return summary
     out("Ctrl-C stops" + (" this command; the application keeps running on the cluster" if address else ""))
