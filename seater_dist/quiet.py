@@ -37,6 +37,8 @@ VERBOSE_ENV = "SEATER_VERBOSE"
 
 FAISS_LOADER_LOGGER = "faiss.loader"
 EXCLUDE_RESOURCES_WARNING = r"`ExecutionOptions\.exclude_resources` is deprecated"
+# Ray Data's iter_torch_batches wraps its read-only numpy batches with torch.as_tensor; our steps only read them.
+READ_ONLY_BATCH_WARNING = r"The given NumPy array is not writable"
 PROGRESS_LOGGER = "ray.data._internal.progress"
 PROGRESS_NOTICES = ("Progress bars disabled.", "Progress bars for operators disabled.")
 # Only Ray's own actors: the same line for an actor of ours would be a real warning.
@@ -64,13 +66,15 @@ class _DropMessages(logging.Filter):
 
 
 def quiet_process() -> None:
-    """Silence the faiss loader, the exclude_resources deprecation and the progress-bar notice in this process.
+    """Silence the faiss loader, the exclude_resources deprecation, the read-only batch warning and the
+    progress-bar notice in this process.
 
     Idempotent. Call it after ``import ray`` (Ray installs its own RayDeprecationWarning filter on import,
     in front of any earlier one).
     """
     logging.getLogger(FAISS_LOADER_LOGGER).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=EXCLUDE_RESOURCES_WARNING, category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=READ_ONLY_BATCH_WARNING, category=UserWarning)
     progress = logging.getLogger(PROGRESS_LOGGER)
     if not any(isinstance(f, _DropMessages) for f in progress.filters):
         progress.addFilter(_DropMessages(PROGRESS_NOTICES))

@@ -22,7 +22,8 @@ import textwrap
 # A Ray Data actor pool whose actors log INFO to the console and import faiss (the loader's AVX512/AVX2
 # probing), trigger Ray Train's exclude_resources deprecation the way its controller does, and are created
 # by the driver with ObjectRef constructor arguments (core_worker.cc's "constructor arguments in the object
-# store" error). Then one batch raises: that real error must reach the console.
+# store" error), and wrap read-only numpy arrays in tensors as iter_torch_batches does (torch's "not
+# writable" warning). Then one batch raises: that real error must reach the console.
 SCRIPT = textwrap.dedent(
     """
     import logging
@@ -44,6 +45,9 @@ SCRIPT = textwrap.dedent(
             self.index.add(np.eye(2, dtype=np.float32))
 
         def __call__(self, batch):
+            import torch
+
+            torch.as_tensor(np.frombuffer(b"abcd", dtype=np.uint8))  # read-only, as Ray Data's torch batches
             if (batch["id"] == 33).any():
                 raise ValueError("seater-test: a real error in a worker")
             _, ids = self.index.search(np.ones((len(batch["id"]), 2), dtype=np.float32), 1)
@@ -66,7 +70,7 @@ SCRIPT = textwrap.dedent(
 )
 
 HARMLESS = ("core_worker.cc", "Could not load library", "Loading faiss", "DeprecationWarning",
-            "Progress bars disabled")
+            "Progress bars disabled", "is not writable")
 REAL_ERROR = "ValueError: seater-test: a real error in a worker"
 
 
@@ -94,7 +98,7 @@ def test_console_hides_known_chatter_but_not_real_errors():
 def test_seater_verbose_shows_everything():
     proc = _run({"SEATER_VERBOSE": "1"})
     out = proc.stdout
-    for text in ("core_worker.cc", "Loading faiss", "DeprecationWarning", REAL_ERROR):
+    for text in ("core_worker.cc", "Loading faiss", "DeprecationWarning", "is not writable", REAL_ERROR):
         assert text in out, f"{text!r} missing with SEATER_VERBOSE=1\n{out}"
 
 
