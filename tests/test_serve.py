@@ -135,6 +135,23 @@ def test_merge_recovers_what_independent_shard_beams_lose(tmp_path):
     assert expanded > 0, "this seed was chosen to exercise the second round trip"
 
 
+def test_single_layout_with_one_shard_keeps_one_copy_of_the_token_table(run_dir):
+    """The encoder reads its item rows from the shard's table (the same storage), and answers as a separate
+    encoder part does."""
+    from seater_dist.serve.app import _single_parts
+    from seater_dist.serve.parts import SeaterEncoderPart
+
+    encoder, (shard,) = _single_parts(ServeArgs(checkpoint=str(run_dir / "seater" / "best"), layout="single",
+                                                serial_load=False))
+    own = encoder.model.tok_emb.weight
+    assert own.untyped_storage().data_ptr() == shard.model.tok_emb.weight.untyped_storage().data_ptr()
+    alone = SeaterEncoderPart(load_checkpoint(run_dir / "seater" / "best"))
+    assert alone.model.tok_emb.weight.untyped_storage().data_ptr() != own.untyped_storage().data_ptr()
+    histories = _histories(5)
+    for a, b in zip(encoder.encode(histories), alone.encode(histories)):
+        np.testing.assert_array_equal(a.state, b.state)
+
+
 def test_shards_must_not_outnumber_the_roots_children(run_dir):
     assert [g.tolist() for g in shard_roots(4, 3)] == [[0, 1], [2], [3]]
     with pytest.raises(ValueError, match="shards must be in 1..4"):

@@ -189,12 +189,12 @@ def _one_at_a_time(enabled: bool) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _encoder_part(a: ServeArgs, ckpt: Any) -> Any:
+def _encoder_part(a: ServeArgs, ckpt: Any, share_table: bool = False) -> Any:
     from seater_dist.serve.parts import SasrecEncoderPart, SeaterEncoderPart, choose_device
 
     device = choose_device(a.gpu)
     if ckpt.kind == "seater":
-        return SeaterEncoderPart(ckpt, a.beam_size, a.popularity, device, a.shards)
+        return SeaterEncoderPart(ckpt, a.beam_size, a.popularity, device, a.shards, share_table)
     return SasrecEncoderPart(ckpt, a.beam_size, a.popularity, device, a.shards, a.index)
 
 
@@ -218,9 +218,9 @@ def _single_parts(a: ServeArgs) -> tuple[Any, list[Any]]:
     version by construction, and one load instead of S + 1. The order matters: a SEATER encoder part strips
     the checkpoint's model of what it does not need, a SASRec index shard drops the model."""
     def make(ckpt: Any) -> tuple[Any, list[Any]]:
-        if ckpt.kind == "seater":
+        if ckpt.kind == "seater":  # one shard holds the checkpoint's table itself: the encoder reads it too
             shards = [_beam_shard_part(a, ckpt, s) for s in range(a.shards)]
-            return _encoder_part(a, ckpt), shards
+            return _encoder_part(a, ckpt, share_table=a.shards == 1), shards
         encoder = _encoder_part(a, ckpt)
         return encoder, [_index_shard_part(a, ckpt, s) for s in range(a.shards)]
 
