@@ -88,7 +88,7 @@ def test_full_width_beam_sharded_search_is_the_single_process_ranking(run_dir, s
         got, got_scores, raw, _ = sharded_beam_search(sharded.shards, memory[u].detach().numpy(),
                                                       pad_mask[u].numpy(), N, N)
         assert got.tolist() == items[u].tolist()
-        np.testing.assert_allclose(got_scores, scores[u].numpy(), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(got_scores, scores[u].numpy(), rtol=2e-6, atol=1e-5)  # float32 sums, another order
         assert raw == [f"sku-{i:04d}" for i in got]
 
 
@@ -354,7 +354,7 @@ def test_http_round_trip_equals_seater_retriever(service, run_dir):
         assert r.status_code == 200, r.text
         got = r.json()
         assert got["items"] == expected["items"] and got["ignored"] == expected["ignored"]
-        np.testing.assert_allclose(got["scores"], expected["scores"], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(got["scores"], expected["scores"], rtol=2e-6, atol=1e-5)
         assert got["model_version"] == retriever.model_version and "fallback" not in got
     integer_ids = _post(url, {"history": [12, 873]})  # integers match by their decimal string
     assert integer_ids.status_code == 200 and integer_ids.json()["ignored"] == ["12", "873"]
@@ -430,7 +430,7 @@ def test_single_layout_answers_as_the_split_service_does_from_one_deployment(ser
             assert r.status_code == 200, r.text
             expected = retriever.recommend([history], top_n=top_n)[0]
             assert r.json()["items"] == expected["items"] and r.json()["model_version"] == retriever.model_version
-            np.testing.assert_allclose(r.json()["scores"], expected["scores"], rtol=0, atol=1e-5)
+            np.testing.assert_allclose(r.json()["scores"], expected["scores"], rtol=2e-6, atol=1e-5)
         unknown = _post(url, {"history": ["not-an-item"], "top_n": 5}).json()
         assert unknown["fallback"] == "popular" and len(unknown["items"]) == 5
         assert _post(url, {"history": ["sku-0001"], "top_n": -1}).status_code == 422
