@@ -40,6 +40,8 @@ VARIANTS = {
     "seater tree from ce": {"tree_from": "ce"},
     "seater 2 layers": {"encoder_layers": 2, "decoder_layers": 2},
     "seater start from sasrec": {"token_init": "embeddings"},
+    "seater start from sasrec 2 layers": {"token_init": "embeddings", "encoder_layers": 2, "decoder_layers": 2},
+    "seater start from sasrec dropout 0.3": {"token_init": "embeddings", "input_dropout": 0.3},
     "seater l2 1e-4": {"weight_decay": 1e-4},
     "seater table l2 0": {"table_weight_decay": 0.0},  # dense Adam caught up per row: O(rows touched)
     # the paper's Fig. 3: the same model over other trees of the same item embeddings
