@@ -39,7 +39,8 @@ VARIANTS = {
     "seater input dropout 0.3": {"input_dropout": 0.3},
     "seater tree from ce": {"tree_from": "ce"},
     "seater 2 layers": {"encoder_layers": 2, "decoder_layers": 2},
-    "seater start from sasrec": {"token_init": "embeddings"},
+    "seater random start": {"token_init": "random"},  # the paper's start; the default until session 9
+    "seater start from sasrec": {"token_init": "embeddings"},  # the default since session 9
     "seater start from sasrec 2 layers": {"token_init": "embeddings", "encoder_layers": 2, "decoder_layers": 2},
     "seater start from sasrec dropout 0.3": {"token_init": "embeddings", "input_dropout": 0.3},
     "seater l2 1e-4": {"weight_decay": 1e-4},

@@ -176,8 +176,9 @@ def _parser() -> argparse.ArgumentParser:
     config(sp, "`seater:` and `train:`")
     sp.add_argument("--resume", action="store_true",
                     help="continue the stopped run under --out from its last epoch (an error if there is none)")
-    sp.add_argument("--embeddings", help="the item embeddings .npy the tree was built from (needed by "
-                    "`seater: {token_init: embeddings}`)")
+    sp.add_argument("--embeddings", help="the item embeddings .npy the tree was built from, which start the "
+                    "token table (default: the file the tree's manifest records; `seater: {token_init: random}` "
+                    "starts from a random table instead)")
 
     sp = add("evaluate", "Evaluate a SEATER or SASRec checkpoint on the valid or test users (Ray Data).",
              _cmd_evaluate)

@@ -247,9 +247,10 @@ class SeaterSettings(Settings):
                                  "embeddings (token + position), as SASRec has; 0 in both SEATER codebases (the "
                                  "faithful setting); 0.2 won on Beauty's validation users (docs/results.md).")
     token_init: Literal["random", "embeddings"] = Field(
-        "random", description="random: N(0, embedding_init_std^2). embeddings: item rows start from the item "
-        "embeddings the tree was built from, internal nodes from their subtree means, all rescaled to std "
-        "embedding_init_std (train needs the embeddings file).")
+        "embeddings", description="embeddings: item rows start from the item embeddings the tree was built "
+        "from (the file its manifest records, or train --embeddings), internal nodes from their subtree means, "
+        "all rescaled to std embedding_init_std; won on Beauty's validation users (docs/results.md). random: "
+        "N(0, embedding_init_std^2), the paper's start.")
 
     def model_post_init(self, context: Any) -> None:
         if self.d_model % self.n_heads:

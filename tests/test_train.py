@@ -121,3 +121,35 @@ def test_sasrec_embeddings_cover_every_item(tiny_run):
     num_items = json.loads((out / "dataset" / "manifest.json").read_text())["counts"]["items"]
     assert emb.shape == (num_items, 64)
     assert np.isfinite(emb).all()
+
+
+def test_the_default_start_reads_the_embeddings_the_tree_records(tiny_run, tmp_path):
+    import shutil
+
+    from seater_dist.config import SettingsError
+    from seater_dist.train.trainer import _checked_embeddings, train_seater
+
+    out, _ = tiny_run
+    embeddings = (out / "sasrec" / "item_embeddings.npy").resolve()
+    assert json.loads((out / "tree" / "manifest.json").read_text())["embeddings"] == str(embeddings)
+    assert _checked_embeddings(None, out / "tree") == str(embeddings)
+
+    def tree_recording(name: str, recorded: str | None):
+        tree = shutil.copytree(out / "tree", tmp_path / name)
+        manifest = json.loads((tree / "manifest.json").read_text())
+        manifest.pop("embeddings")
+        if recorded is not None:
+            manifest["embeddings"] = recorded
+        (tree / "manifest.json").write_text(json.dumps(manifest))
+        return tree
+
+    cases = {  # each refused before any worker starts, naming the way out
+        "no record": (tree_recording("unrecorded", None), None, "token_init: random"),
+        "record gone": (tree_recording("gone", str(tmp_path / "moved.npy")), None, "moved.npy, which is gone"),
+        "other file": (out / "tree", tmp_path / "other.npy", "not the embeddings the tree"),
+    }
+    np.save(tmp_path / "other.npy", np.random.default_rng(0).normal(size=np.load(embeddings).shape).astype(np.float32))
+    for case, (tree, given, says) in cases.items():
+        with pytest.raises(SettingsError, match=says):
+            train_seater(out / "dataset", tree, tmp_path / case, TrainSettings(**FAST_TRAIN), embeddings=given)
+        assert not (tmp_path / case).exists() or not any((tmp_path / case).iterdir()), case

@@ -143,11 +143,15 @@ def _kind_of(model: nn.Module) -> str:
 
 
 def embeddings_provenance(embeddings: str | os.PathLike) -> dict[str, Any]:
-    """The catalogue of a SASRec checkpoint that holds exactly this ``item_embeddings.npy`` (the checkpoint
-    beside it, ``best/``, as `seater embed` writes them, or the one it sits in) -> ``{"catalogue": id}``,
-    recorded in a tree's manifest so that training can check the tree against its dataset; {} if none."""
+    """Where a tree's item embeddings came from, recorded in its manifest: ``{"embeddings": path or URI}``
+    (so that training can start the token table from them without being told again), plus the catalogue of
+    the SASRec checkpoint that holds exactly this ``item_embeddings.npy`` (the checkpoint beside it,
+    ``best/``, as `seater embed` writes them, or the one it sits in), so that training can check the tree
+    against its dataset: ``{"catalogue": id, "embeddings_checkpoint": dir}``."""
     text = str(embeddings)
-    parent = text.rstrip("/").rsplit("/", 1)[0] if storage.is_remote(text) else str(Path(text).resolve().parent)
+    remote = storage.is_remote(text)
+    found = {"embeddings": text if remote else str(Path(text).resolve())}
+    parent = text.rstrip("/").rsplit("/", 1)[0] if remote else str(Path(text).resolve().parent)
     digest = None
     for candidate in (storage.join(parent, "best"), parent):
         try:
@@ -158,8 +162,8 @@ def embeddings_provenance(embeddings: str | os.PathLike) -> dict[str, Any]:
             continue
         digest = digest or sha256_file(storage.local_copy(embeddings))
         if manifest["checksums"].get("item_embeddings.npy") == digest:
-            return {"catalogue": manifest["catalogue"], "embeddings_checkpoint": candidate}
-    return {}
+            return {**found, "catalogue": manifest["catalogue"], "embeddings_checkpoint": candidate}
+    return found
 
 
 def check_same_catalogue(what: str | os.PathLike, manifest: dict[str, Any], dataset: str | os.PathLike,

@@ -32,7 +32,7 @@ from seater_dist.artifacts import MANIFEST, ArtifactError, atomic_dir, check_rep
 from seater_dist.config import SasrecSettings, SeaterSettings, SettingsError, TrainSettings, metric_cutoffs, metric_k
 from seater_dist.data.dataset import load_dataset
 from seater_dist.model.checkpoint import CheckpointError, read_checkpoint_manifest
-from seater_dist.storage import is_remote, join, local_copy, publish, read_bytes, resolve, write_bytes
+from seater_dist.storage import exists, is_remote, join, local_copy, publish, read_bytes, resolve, write_bytes
 from seater_dist.train.loop import train_loop_per_worker
 
 
@@ -66,13 +66,13 @@ def train_seater(dataset_path: str | Path, tree_path: str | Path, out: str | Pat
     """Train SEATER with Ray Train on a prepared dataset and a built tree (see module docstring).
 
     Validation reports the dataset protocol's metrics; ``resume`` continues the run under ``out``;
-    ``embeddings`` (the .npy the tree was built from) is needed by ``token_init: embeddings``.
+    ``embeddings`` (the .npy the tree was built from; default: the file the tree's manifest records) is read
+    by ``token_init: embeddings``, the default.
     """
     model = model or SeaterSettings()
     config = {"task": "seater", "tree_path": _where(tree_path),
-              "model_settings": model.model_dump(mode="json")}
-    if model.token_init == "embeddings":
-        config["embeddings_path"] = _checked_embeddings(embeddings, tree_path)
+              "model_settings": model.model_dump(mode="json"),
+              "embeddings_path": None if embeddings is None else _where(embeddings)}
     return _fit(config, dataset_path, out, train or TrainSettings(), resume, inject_fault)
 
 
@@ -83,10 +83,17 @@ def _checked_embeddings(embeddings: str | Path | None, tree_path: str | Path) ->
     from seater_dist.tree.builder import embeddings_sha256
     from seater_dist.tree.item_tree import ItemTree
 
-    if embeddings is None:
-        raise SettingsError("seater.token_init: 'embeddings' needs the item embeddings the tree was built from "
-                            "(seater train --embeddings FILE.npy)")
-    want = ItemTree.load(tree_path, validate=False).manifest.get("embeddings_sha256")
+    manifest = ItemTree.load(tree_path, validate=False).manifest
+    recorded = manifest.get("embeddings")
+    if embeddings is None and recorded is not None and exists(recorded):
+        embeddings = recorded
+    if embeddings is None or not exists(embeddings):
+        where = (f" ({embeddings} does not exist)" if embeddings is not None
+                 else f" (the tree records {recorded}, which is gone)" if recorded is not None else "")
+        raise SettingsError(f"seater.token_init: 'embeddings' (the default) needs the item embeddings the tree "
+                            f"was built from{where}: pass seater train --embeddings FILE.npy, or set "
+                            "`seater: {token_init: random}` to start from a random table")
+    want = manifest.get("embeddings_sha256")
     got = embeddings_sha256(np.ascontiguousarray(np.load(local_copy(embeddings), allow_pickle=False), dtype=np.float32))
     if want != got:
         raise SettingsError(f"{embeddings}: not the embeddings the tree {tree_path} was built from "
@@ -186,7 +193,8 @@ def _check_train_out(out: Path) -> None:
 
 
 def _check_inputs(config: dict[str, Any], dataset: Any, run_dir: Path, resume: bool) -> None:
-    """The tree (SEATER) and the checkpoint a resumed run continues from must fit the dataset's catalogue."""
+    """The tree (SEATER) and the checkpoint a resumed run continues from must fit the dataset's catalogue;
+    ``token_init: embeddings`` gets the embeddings file the tree was built from (``config["embeddings_path"]``)."""
     from seater_dist.artifacts import read_manifest, verify_files
     from seater_dist.model.checkpoint import check_same_catalogue
     from seater_dist.tree.item_tree import SCHEMA_VERSION as TREE_SCHEMA_VERSION
@@ -198,6 +206,8 @@ def _check_inputs(config: dict[str, Any], dataset: Any, run_dir: Path, resume: b
         tree = read_manifest(tree_path, "tree", TREE_SCHEMA_VERSION, TreeError)
         verify_files(tree_path, tree, error=TreeError)
         check_same_catalogue(tree_path, tree, dataset.path, dataset.item_ids, error=TreeError)
+        if config["model_settings"]["token_init"] == "embeddings":  # resolved here, after the tree's own checks
+            config["embeddings_path"] = _checked_embeddings(config["embeddings_path"], config["tree_path"])
     if not resume or not run_dir.is_dir():
         return
     saved = sorted(run_dir.glob(f"*/{MANIFEST}"))
