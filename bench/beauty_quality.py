@@ -30,19 +30,21 @@ ABLATIONS = {
 # Each fix of the training recipe, one at a time against the defaults ("seater"), and the levers against
 # overfitting; compared on validation Recall@50 at the same epoch budget (--ablation-epochs), no test
 # evaluation. Keys: SeaterSettings overrides, plus TRAIN_KEYS (TrainSettings) and TREE_KEYS (the tree:
-# "k", and "tree_from", the SASRec whose embeddings the tree is built from).
+# "k", and "tree_from", the SASRec whose embeddings the tree is built from). An override is against the
+# defaults of the day the run was trained; each run's best/manifest.json records all of its settings.
 VARIANTS = {
     "seater lazy adam": {"table_optimizer": "lazy_adam"},
     "seater authors init": {"embedding_init_std": 1.0},
-    "seater no input dropout": {"input_dropout": 0.0},  # the faithful setting (the default is 0.2)
-    "seater input dropout 0.2": {"input_dropout": 0.2},  # the default since session 6 (kept: its runs exist)
-    "seater input dropout 0.3": {"input_dropout": 0.3},
+    "seater no input dropout": {"input_dropout": 0.0},  # the faithful setting
+    "seater input dropout 0.2": {"input_dropout": 0.2, "token_init": "random"},  # the default of sessions 6-9
+    "seater input dropout 0.3": {"input_dropout": 0.3, "token_init": "random"},
     "seater tree from ce": {"tree_from": "ce"},
     "seater 2 layers": {"encoder_layers": 2, "decoder_layers": 2},
-    "seater random start": {"token_init": "random"},  # the paper's start; the default until session 9
-    "seater start from sasrec": {"token_init": "embeddings"},  # the default since session 9
-    "seater start from sasrec 2 layers": {"token_init": "embeddings", "encoder_layers": 2, "decoder_layers": 2},
-    "seater start from sasrec dropout 0.3": {"token_init": "embeddings", "input_dropout": 0.3},
+    "seater random start": {"token_init": "random", "input_dropout": 0.2},  # the paper's start; default until session 9
+    "seater start from sasrec": {"token_init": "embeddings", "input_dropout": 0.2},  # the default of session 9
+    "seater start from sasrec 2 layers": {"token_init": "embeddings", "input_dropout": 0.2, "encoder_layers": 2,
+                                          "decoder_layers": 2},
+    "seater start from sasrec dropout 0.3": {"token_init": "embeddings", "input_dropout": 0.3},  # the default now
     "seater l2 1e-4": {"weight_decay": 1e-4},
     "seater table l2 0": {"table_weight_decay": 0.0},  # dense Adam caught up per row: O(rows touched)
     # the paper's Fig. 3: the same model over other trees of the same item embeddings
