@@ -131,8 +131,9 @@ def test_the_default_start_reads_the_embeddings_the_tree_records(tiny_run, tmp_p
 
     out, _ = tiny_run
     embeddings = (out / "sasrec" / "item_embeddings.npy").resolve()
-    assert json.loads((out / "tree" / "manifest.json").read_text())["embeddings"] == str(embeddings)
-    assert _checked_embeddings(None, out / "tree") == str(embeddings)
+    tree = json.loads((out / "tree" / "manifest.json").read_text())
+    assert tree["embeddings"] == str(embeddings)
+    assert _checked_embeddings(None, tree, out / "tree") == str(embeddings)
 
     def tree_recording(name: str, recorded: str | None):
         tree = shutil.copytree(out / "tree", tmp_path / name)

@@ -150,8 +150,9 @@ def embeddings_provenance(embeddings: str | os.PathLike) -> dict[str, Any]:
     against its dataset: ``{"catalogue": id, "embeddings_checkpoint": dir}``."""
     text = str(embeddings)
     remote = storage.is_remote(text)
-    found = {"embeddings": text if remote else str(Path(text).resolve())}
-    parent = text.rstrip("/").rsplit("/", 1)[0] if remote else str(Path(text).resolve().parent)
+    where = text if remote else str(Path(text).resolve())
+    found = {"embeddings": where}
+    parent = where.rstrip("/").rsplit("/", 1)[0] if remote else str(Path(where).parent)
     digest = None
     for candidate in (storage.join(parent, "best"), parent):
         try:

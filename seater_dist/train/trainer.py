@@ -76,29 +76,26 @@ def train_seater(dataset_path: str | Path, tree_path: str | Path, out: str | Pat
     return _fit(config, dataset_path, out, train or TrainSettings(), resume, inject_fault)
 
 
-def _checked_embeddings(embeddings: str | Path | None, tree_path: str | Path) -> str:
-    """The embeddings file for ``token_init: embeddings``, checked to be the one the tree was built from."""
+def _checked_embeddings(embeddings: str | Path | None, tree: dict[str, Any], tree_path: str | Path) -> str:
+    """The embeddings file for ``token_init: embeddings`` (given, else the one ``tree``, the tree's manifest,
+    records), checked to be the one the tree was built from."""
     import numpy as np
 
     from seater_dist.tree.builder import embeddings_sha256
-    from seater_dist.tree.item_tree import ItemTree
 
-    manifest = ItemTree.load(tree_path, validate=False).manifest
-    recorded = manifest.get("embeddings")
-    if embeddings is None and recorded is not None and exists(recorded):
-        embeddings = recorded
-    if embeddings is None or not exists(embeddings):
-        where = (f" ({embeddings} does not exist)" if embeddings is not None
-                 else f" (the tree records {recorded}, which is gone)" if recorded is not None else "")
+    path = embeddings if embeddings is not None else tree.get("embeddings")
+    if path is None or not exists(path):
+        where = ("" if path is None else f" ({path} does not exist)" if embeddings is not None
+                 else f" (the tree records {path}, which is gone)")
         raise SettingsError(f"seater.token_init: 'embeddings' (the default) needs the item embeddings the tree "
                             f"was built from{where}: pass seater train --embeddings FILE.npy, or set "
                             "`seater: {token_init: random}` to start from a random table")
-    want = manifest.get("embeddings_sha256")
-    got = embeddings_sha256(np.ascontiguousarray(np.load(local_copy(embeddings), allow_pickle=False), dtype=np.float32))
+    want = tree.get("embeddings_sha256")
+    got = embeddings_sha256(np.ascontiguousarray(np.load(local_copy(path), allow_pickle=False), dtype=np.float32))
     if want != got:
-        raise SettingsError(f"{embeddings}: not the embeddings the tree {tree_path} was built from "
+        raise SettingsError(f"{path}: not the embeddings the tree {tree_path} was built from "
                             f"(sha256 {got[:12]}, the tree's manifest says {str(want)[:12]})")
-    return _where(embeddings)
+    return _where(path)
 
 
 def _where(path: str | Path) -> str:
@@ -207,7 +204,7 @@ def _check_inputs(config: dict[str, Any], dataset: Any, run_dir: Path, resume: b
         verify_files(tree_path, tree, error=TreeError)
         check_same_catalogue(tree_path, tree, dataset.path, dataset.item_ids, error=TreeError)
         if config["model_settings"]["token_init"] == "embeddings":  # resolved here, after the tree's own checks
-            config["embeddings_path"] = _checked_embeddings(config["embeddings_path"], config["tree_path"])
+            config["embeddings_path"] = _checked_embeddings(config["embeddings_path"], tree, config["tree_path"])
     if not resume or not run_dir.is_dir():
         return
     saved = sorted(run_dir.glob(f"*/{MANIFEST}"))
