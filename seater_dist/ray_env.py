@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
+import sys
 from pathlib import Path
 from typing import Any
 
 from seater_dist.quiet import filter_stderr, quiet_process, verbose
 
-# Keep a local Ray on loopback and quiet (MACHINE_NOTES: otherwise it listens on eth0).
-_LOCAL_ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+LOOPBACK_ADDRESSES = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
+
+# Quiet on every Ray this process starts or joins.
+_QUIET_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DATA_DISABLE_PROGRESS_BARS": os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "0"),
 }
@@ -29,16 +32,18 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
     (seater_dist.quiet) are hidden unless SEATER_VERBOSE=1; our stages print their own progress. Does
     nothing if Ray is already initialised in this process (tests share one session).
     """
-    for key, value in _LOCAL_ENV.items():
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        _make_private()  # before `import ray` below, and refreshes Ray's caches if it was imported earlier
+    for key, value in _QUIET_ENV.items():
         os.environ.setdefault(key, value)
     quiet = not verbose()
     if quiet:
         os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_data_logging.yaml")))
     import ray
 
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
     if quiet:
         import ray.data
 
@@ -59,11 +64,64 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
     if address:
         ray.init(address=address, log_to_driver=True, **kwargs)
     else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private loopback cluster needs no token
         ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=True,
                  dashboard_host="127.0.0.1", log_to_driver=True, **kwargs)
+        _check_private()
     if quiet:
         filter_stderr()
+
+
+def _make_private() -> None:
+    """Settings for the private Ray a command starts: every Ray process on loopback, and Ray's token
+    authentication with a fresh random token (kept in this process's environment, which Ray's processes
+    inherit and other users cannot read; an explicit RAY_AUTH_TOKEN is kept), so that no other machine can
+    reach it and no other local user can join it.
+
+    Ray reads the first at import (``ray_constants.ENABLE_RAY_CLUSTER``: when true, a node takes the machine's
+    address whatever ``_node_ip_address`` says, and its servers listen on every interface) and the second
+    into a cached config. When ``ray`` was imported before this ran (``import ray.serve`` at the top of a
+    module, a notebook), both caches are refreshed.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    if "ray._private.ray_constants" in sys.modules:
+        sys.modules["ray._private.ray_constants"].ENABLE_RAY_CLUSTER = False
+    if "ray._raylet" in sys.modules:
+        sys.modules["ray._raylet"].Config.initialize("")
+
+
+def _check_private() -> None:
+    """Refuse to go on with a private Ray that took a network address (a Ray upgrade that moved the setting
+    _make_private relies on): shut it down and say so."""
+    import ray
+
+    node_address = ray.util.get_node_ip_address()
+    if node_address not in LOOPBACK_ADDRESSES:
+        ray.shutdown()
+        raise RuntimeError(f"the local Ray started on {node_address}, not on loopback: stopped it "
+                           "(seater_dist/ray_env.py keeps a private Ray on 127.0.0.1; this Ray version moved a "
+                           "setting it relies on)")
+
+
+def keep_serve_replica_on_loopback() -> None:
+    """Call in a Serve replica's constructor: on a node whose Ray address is loopback (a command's private
+    Ray), the replica's inter-deployment gRPC server, which Serve 2.60 opens on every interface ("[::]:0" in
+    ``ray/serve/_private/replica.py``) after the constructor returns, listens on 127.0.0.1 instead. On a
+    cluster node it is left as Serve makes it (other nodes may dial it)."""
+    import ray
+    from ray.serve._private import replica
+
+    bind = replica.add_port_to_grpc_server
+    if getattr(bind, "loopback_only", False) or ray.util.get_node_ip_address() not in LOOPBACK_ADDRESSES:
+        return
+
+    def bind_on_loopback(server: Any, address: str) -> int:
+        host, _, port = address.rpartition(":")
+        return bind(server, f"127.0.0.1:{port}" if host in ("[::]", "0.0.0.0", "") else address)
+
+    bind_on_loopback.loopback_only = True  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = bind_on_loopback
 
 
 def _with_setup_hook(runtime_env: Any) -> Any:

@@ -188,6 +188,14 @@ def test_kuberay_manifest_is_valid_against_its_crd(kind):
     assert kuberay_errors(doc) == []
 
 
+@pytest.mark.parametrize("kind", sorted(KUBERAY))
+def test_kuberay_clusters_turn_on_ray_token_authentication(kind):
+    doc = _load(ROOT / "cluster" / KUBERAY[kind])
+    cluster = {"RayCluster": lambda spec: spec, "RayJob": lambda spec: spec["rayClusterSpec"],
+               "RayService": lambda spec: spec["rayClusterConfig"]}[kind](doc["spec"])
+    assert cluster["authOptions"] == {"mode": "token"}
+
+
 def test_kuberay_rayservice_serve_config_is_a_valid_serve_config_with_every_deployment():
     from ray.serve.schema import ServeDeploySchema
 

@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -153,6 +154,138 @@ def sasrec_checkpoint(path: Path, item_ids) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ security
+
+
+def _machine_address() -> str | None:
+    """An IPv4 address of this machine that is not loopback (None on a machine without one)."""
+    import psutil
+
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not address.address.startswith("127."):
+                return address.address
+    return None
+
+
+def _tree_listeners(root) -> set[tuple[str, int, str]]:
+    """(address, port, process) of every listening socket of ``root`` and its descendants."""
+    import psutil
+
+    found = set()
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            name = proc.name()
+            found |= {(c.laddr.ip, c.laddr.port, name) for c in proc.net_connections(kind="inet")
+                      if c.status == psutil.CONN_LISTEN}
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found
+
+
+def _refuses(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError:
+        return True
+    return False
+
+
+def _join_without_token(gcs_port: int, home: Path) -> SimpleNamespace:
+    """A driver on this machine, without the cluster's token, tries to join 127.0.0.1:gcs_port for up to 30 s
+    (Ray retries a refused handshake) -> joined, and the authentication refusal seen in its output."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(home), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")  # no ~/.ray/auth_token; dial loopback
+    driver = subprocess.Popen([sys.executable, "-c", f"import ray; ray.init(address='127.0.0.1:{gcs_port}'); "
+                               "print('JOINED', flush=True)"], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        output, _ = driver.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        driver.kill()
+        output, _ = driver.communicate()
+    return SimpleNamespace(joined="JOINED" in output, refused="InvalidAuthToken" in output, output=output)
+
+
+def _watch_private_ray(argv: list[str], home: Path, ready, linger: float, timeout: float = 240) -> SimpleNamespace:
+    """``seater ARGV`` in a child process whose environment invites Ray onto the network (clusters enabled,
+    authentication off, no token); every listening socket of its process tree is recorded until ``ready(output)``
+    holds and ``linger`` more seconds have passed (or it exits), then each port is dialled on the machine's
+    address, a driver without the token tries to join through 127.0.0.1, and the child gets SIGINT."""
+    import psutil
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    child = subprocess.Popen([str(Path(sys.executable).with_name("seater")), *map(str, argv)], env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output: list[str] = []
+    threading.Thread(target=lambda: output.extend(child.stdout), daemon=True).start()
+    root, seen, ready_at = psutil.Process(child.pid), set(), None
+    deadline = time.time() + timeout
+    try:
+        while child.poll() is None and time.time() < deadline:
+            seen |= _tree_listeners(root)
+            if ready_at is None and any(name == "gcs_server" for _, _, name in seen) and ready("".join(output)):
+                ready_at = time.time()
+            if ready_at is not None and time.time() > ready_at + linger:
+                break
+            time.sleep(0.3)
+        assert ready_at is not None or child.poll() is not None, "".join(output)[-3000:]
+        machine = _machine_address()
+        reachable = sorted((machine, port) for _, port, _ in seen if machine and child.poll() is None
+                           and not _refuses(machine, port))
+        gcs = next((port for _, port, name in seen if name == "gcs_server"), None)
+        joined = _join_without_token(gcs, home) if gcs is not None and child.poll() is None else None
+    finally:
+        if child.poll() is None:
+            child.send_signal(signal.SIGINT)
+        child.wait(timeout=120)
+    return SimpleNamespace(listening=seen, reachable=reachable, joined=joined, output="".join(output))
+
+
+@pytest.mark.parametrize("command", ["serve", "train", "evaluate", "run"])
+def test_every_commands_private_ray_listens_on_loopback_and_refuses_other_drivers(art, tmp_path, command):
+    """Whatever the environment says (here: clusters enabled, authentication off) and whatever the command
+    imports first (serve imports ray.serve before starting Ray), a command's private Ray listens on loopback
+    only, and a driver without its token cannot join it through 127.0.0.1 either."""
+    port = _free_port()
+    argv, ready, linger = {
+        "serve": (["serve", "--checkpoint", art.seater, "--port", port, "--max-replicas", "1"],
+                  lambda out: "serving " in out, 2),
+        "train": (["train", "--data", art.dataset, "--tree", art.tree, "--out", tmp_path / "seater",
+                   "--config", art.config], lambda out: True, 20),
+        "evaluate": (["evaluate", "--checkpoint", art.seater, "--data", art.dataset, "--out", tmp_path / "eval"],
+                     lambda out: True, 10),
+        "run": (["run", "--input", art.root / "seqs.txt", "--format", "sequences", "--out", tmp_path / "run",
+                 "--config", art.config], lambda out: True, 15),
+    }[command]
+    home = tmp_path / "home"
+    home.mkdir()
+    seen = _watch_private_ray(argv, home, ready, linger)
+    assert any(name == "gcs_server" for _, _, name in seen.listening), seen.output[-3000:]
+    exposed = sorted(entry for entry in seen.listening if entry[0] not in LOOPBACK)
+    assert exposed == [], f"listening beyond loopback: {exposed}"
+    assert seen.reachable == [], f"answered on the machine's address: {seen.reachable}"
+    if seen.joined is not None:  # (a short command may have ended before a driver could try)
+        assert not seen.joined.joined, seen.joined.output[-2000:]
+    if command in ("serve", "train"):
+        assert seen.joined is not None and seen.joined.refused, seen.joined and seen.joined.output[-2000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_beyond_loopback_says_in_one_line_what_is_exposed():
+    from seater_dist.serve.runner import exposure_warning
+
+    local = exposure_warning("0.0.0.0", 8000, None)
+    cluster = exposure_warning("0.0.0.0", 8000, "ray://head:10001")
+    assert "\n" not in local and "0.0.0.0:8000" in local and "without authentication" in local
+    assert "127.0.0.1 with token authentication" in local
+    assert "docs/architecture.md" in cluster and "127.0.0.1" not in cluster
+
 
 
 class _Planted:

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -78,7 +79,8 @@ def _ray_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update({
         "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # the job's `python` is the venv's
-        "RAY_AUTH_MODE": "disabled",  # else a ~/.ray/auth_token turns token auth on and submit is refused
+        "RAY_AUTH_MODE": "token",  # the head, `ray job submit` and the job's driver share a fresh token
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # loopback only
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
@@ -135,7 +137,9 @@ def _wait_for_dashboard(head: Head, timeout_s: float = 90) -> None:
             log = (head.temp_dir / "ray-start.log").read_text()[-4000:]
             raise RuntimeError(f"ray start exited with {head.proc.returncode}: {log}")
         try:
-            with urllib.request.urlopen(f"{head.dashboard}/api/version", timeout=2) as r:
+            request = urllib.request.Request(f"{head.dashboard}/api/version",
+                                             headers={"Authorization": f"Bearer {head.env['RAY_AUTH_TOKEN']}"})
+            with urllib.request.urlopen(request, timeout=2) as r:
                 if r.status == 200:
                     return
         except OSError:

@@ -154,10 +154,14 @@ def serve_env(direct_ingress: bool = False) -> dict[str, str]:
     return {name: os.environ.get(name, value) for name, value in wanted.items()}
 
 
-def _set_threads(threads: int) -> None:
+def _start_replica(threads: int) -> None:
+    """What every replica does first: its torch threads, and its Serve gRPC port on loopback on a private Ray."""
     import torch
 
+    from seater_dist.ray_env import keep_serve_replica_on_loopback
+
     torch.set_num_threads(threads)
+    keep_serve_replica_on_loopback()
 
 
 def _build_part(a: ServeArgs, make: Any) -> Any:
@@ -248,7 +252,7 @@ class Encoder:
 
     def __init__(self, args: dict[str, Any], part: Any = None) -> None:
         a = _args(args)
-        _set_threads(a.threads)
+        _start_replica(a.threads)
         self.part: Any = part if part is not None else _build_part(a, lambda ckpt: _encoder_part(a, ckpt))
         self.encode.set_max_batch_size(a.batch_size)
 
@@ -276,7 +280,7 @@ class BeamShard(_Shard):
 
     def __init__(self, args: dict[str, Any], shard: int, part: Any = None) -> None:
         a = _args(args)
-        _set_threads(a.threads)
+        _start_replica(a.threads)
         self.part = part if part is not None else _build_part(a, lambda ckpt: _beam_shard_part(a, ckpt, shard))
         self.version = self.part.version
         self.search.set_max_batch_size(a.batch_size)
@@ -313,7 +317,7 @@ class IndexShard(_Shard):
 
     def __init__(self, args: dict[str, Any], shard: int, part: Any = None) -> None:
         a = _args(args)
-        _set_threads(a.threads)
+        _start_replica(a.threads)
         self.part = part if part is not None else _build_part(a, lambda ckpt: _index_shard_part(a, ckpt, shard))
         self.version = self.part.version
         self.search.set_max_batch_size(a.batch_size)
@@ -405,8 +409,8 @@ class Router:
 
     def __init__(self, encoder: Any, shards: list[Any], kind: str, args: dict[str, Any]) -> None:
         a = _args(args)
+        _start_replica(a.threads)
         if encoder is None:
-            _set_threads(a.threads)
             encoder_part, shard_parts = _single_parts(a)
             shard_class = (BeamShard if kind == "seater" else IndexShard).func_or_class
             shards = [_Local(shard_class(args, s, part)) for s, part in enumerate(shard_parts)]

@@ -13,10 +13,19 @@ import time
 import urllib.request
 from typing import Any, Callable
 
-from seater_dist.ray_env import init_ray
+from seater_dist.ray_env import LOOPBACK_ADDRESSES, init_ray
 from seater_dist.serve.app import ServeArgs, build_app, deployment_names, serve_env
 
 APP_NAME = "seater"
+LOOPBACK_HOSTS = LOOPBACK_ADDRESSES | {"localhost"}
+
+
+def exposure_warning(host: str, port: int, address: str | None) -> str:
+    """The one line ``seater serve --host`` prints when it binds beyond loopback: what is now exposed."""
+    ray_side = ("Ray itself stays on 127.0.0.1 with token authentication" if not address else
+                "the cluster's own ports are as secure as you made them (docs/architecture.md, Security)")
+    return (f"warning: HTTP on {host}:{port} answers anyone who can reach this machine: /recommend, /healthz and "
+            f"/version, without authentication; {ray_side}")
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -89,6 +98,8 @@ def run_service(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, addr
         if direct_ingress:
             os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", str(port + 1))
             os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", str(port + 1 + 4 * args.max_replicas))
+    if host not in LOOPBACK_HOSTS:
+        out(exposure_warning(host, port, address))
     init_ray(address)
     if not os.environ.get("SEATER_VERBOSE"):
         import logging
