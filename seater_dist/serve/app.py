@@ -1,7 +1,7 @@
 """The Ray Serve application: a FastAPI router, an encoder, S search shards (thin wrappers of parts.py).
 
     serve run seater_dist.serve.app:build_app checkpoint=runs/demo/seater/best shards=2
-    serve deploy serve/seater.yaml            # the same, from a config file (serve/README.md)
+    serve deploy serve/seater.yaml            # the same, from a config file (README.md, Serve)
     seater serve --checkpoint runs/demo/seater/best --shards 2
 
 Deployments (names used by the config files):

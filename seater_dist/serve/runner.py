@@ -88,7 +88,8 @@ def run_service(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, addr
     address = address or os.environ.get("RAY_ADDRESS")
     if direct_ingress and address:
         raise ValueError("--direct-ingress configures the local Ray this command starts; on a cluster, start it "
-                         "with RAY_SERVE_ENABLE_DIRECT_INGRESS=1 in its environment instead (docs/serving.md)")
+                         "with RAY_SERVE_ENABLE_DIRECT_INGRESS=1 in its environment instead "
+                         "(docs/architecture.md#serving)")
     if not address and port_in_use(host, port):
         raise ValueError(f"port {port} on {host} is in use; choose another with --port")
     t0 = time.time()
