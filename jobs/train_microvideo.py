@@ -8,8 +8,10 @@ Stages, as `seater run`: synth (the paper's industrial shape: 0.75M users, 6.1M 
 -> prepare -> embed (SASRec) -> build-tree -> train (SEATER) -> evaluate -> report.
 
 Flags:
-  --preset    microvideo (the paper's shape, 8 GPU workers), local (the same on 2 CPUs, minutes) or tiny
-              (CI: one epoch of each model, a few minutes on 2 CPUs).
+  --preset    microvideo (the paper's shape, 8 GPU workers), local (the tiny synthetic data at full widths, up
+              to 5 epochs per model: about 3 minutes on 2 CPUs) or tiny (CI: the same data at small widths, one
+              epoch per model; tests/test_ray_job_submit.py submits it and re-submits it with --resume in about
+              2 minutes on 2 CPUs).
   --out       every stage's artifact (OUT/synth, OUT/dataset, OUT/sasrec, OUT/tree, OUT/seater) and the report
               (OUT/report.json, OUT/report.md, OUT/training.png). On a cluster: storage every node sees, an
               object storage URI (s3://bucket/run; credentials from the environment: AWS_ENDPOINT_URL,
