@@ -36,12 +36,12 @@ VARIANTS = {
     "seater lazy adam": {"table_optimizer": "lazy_adam"},
     "seater authors init": {"embedding_init_std": 1.0},
     "seater no input dropout": {"input_dropout": 0.0},  # the faithful setting
-    "seater input dropout 0.2": {"input_dropout": 0.2, "token_init": "random"},  # the default of sessions 6-9
+    "seater input dropout 0.2": {"input_dropout": 0.2, "token_init": "random"},  # the default from 7d8ea81 to de6138c
     "seater input dropout 0.3": {"input_dropout": 0.3, "token_init": "random"},
     "seater tree from ce": {"tree_from": "ce"},
     "seater 2 layers": {"encoder_layers": 2, "decoder_layers": 2},
-    "seater random start": {"token_init": "random", "input_dropout": 0.2},  # the paper's start; default until session 9
-    "seater start from sasrec": {"token_init": "embeddings", "input_dropout": 0.2},  # the default of session 9
+    "seater random start": {"token_init": "random", "input_dropout": 0.2},  # the paper's start; default until de6138c
+    "seater start from sasrec": {"token_init": "embeddings", "input_dropout": 0.2},  # default from de6138c to c1b3e14
     "seater start from sasrec 2 layers": {"token_init": "embeddings", "input_dropout": 0.2, "encoder_layers": 2,
                                           "decoder_layers": 2},
     "seater start from sasrec dropout 0.3": {"token_init": "embeddings", "input_dropout": 0.3},  # the default now
