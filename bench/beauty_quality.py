@@ -176,7 +176,7 @@ def finalize_partial(out: Path, protocol: str) -> dict[str, Any]:
         metrics = evaluate(best_dir, root / "dataset", "test", EvalSettings(), out=model_dir / "eval_test").to_dict()
         finished = best_dir == model_dir / "best"
         metrics["note"] = (f"{len(history)} epochs, best epoch {best['epoch']}"
-                           + ("" if finished else " (stopped by the session's time budget)"))
+                           + ("" if finished else " (stopped by the time budget)"))
         found[name] = metrics
         print(f"{protocol}: {name}: {metrics['note']}", flush=True)
     return found

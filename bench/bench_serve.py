@@ -15,7 +15,7 @@ counts as failed. Per configuration and rate: sustained throughput (answers 200 
 p50 / p99 latency, failures; per replica, its peak memory (RSS and PSS, sampled every 0.5 s while loaded).
 SASRec exact search is O(N) per request: once a rate saturates it, higher rates are skipped.
 
-Goal (issue 13): SEATER p99 <= 50 ms at a sustained 50 rps on 2 cores (100 ms is the floor).
+Goal: SEATER p99 <= 50 ms at a sustained 50 rps on 2 cores (100 ms is the floor).
 Writes bench/results/bench_serve.json (or --out).
 """
 
