@@ -18,9 +18,9 @@ every reader refuses as "not a <kind> directory". Credentials and endpoints come
 pyarrow and boto read them (``AWS_ENDPOINT_URL``, ``AWS_REGION``, ``AWS_ACCESS_KEY_ID``, ...).
 Unlike a local output, a remote one has no one-writer lock: run one writer per prefix.
 
-The cache (``$SEATER_CACHE``, default ``<tmp>/seater-cache``) holds one verified copy per URI and manifest;
-a copy is complete once its own ``manifest.json`` is in place, so concurrent readers on one node (the
-workers of a training run) each either reuse it or download their own and keep the first.
+The cache (``$SEATER_CACHE``, default ``<tmp>/seater-<uid>/cache``, private to the user) holds one verified
+copy per URI and manifest; a copy is complete once its own ``manifest.json`` is in place, so concurrent readers
+on one node (the workers of a training run) each either reuse it or download their own and keep the first.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -114,9 +115,28 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 # ------------------------------------------------------------------------------------------ reading
 
 
+def private_dir() -> Path:
+    """``<tmp>/seater-<uid>``: this user's own directory on this machine (the cache, the serving load lock).
+
+    Created with mode 0700; refused (ArtifactError) when the name is taken by something else: another
+    user's directory, a symlink, or a directory others may write into. A fixed name in the shared temp
+    directory would let any local user plant files in it, or hold its locks.
+    """
+    path = Path(tempfile.gettempdir()) / f"seater-{os.getuid()}"
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise ArtifactError(f"{path}: not a private directory of this user (owner uid {st.st_uid}, mode "
+                            f"{stat.filemode(st.st_mode)}); remove it, or set SEATER_CACHE to a directory of yours")
+    return path
+
+
 def cache_root() -> Path:
-    """Where remote artifacts are copied: ``$SEATER_CACHE`` or ``<tmp>/seater-cache``."""
-    return Path(os.environ.get("SEATER_CACHE") or Path(tempfile.gettempdir()) / "seater-cache")
+    """Where remote artifacts are copied: ``$SEATER_CACHE`` or ``<tmp>/seater-<uid>/cache``."""
+    return Path(os.environ.get("SEATER_CACHE") or private_dir() / "cache")
 
 
 def local_copy(path: str | os.PathLike, error: type[ValueError] = ArtifactError,
