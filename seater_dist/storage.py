@@ -68,6 +68,24 @@ def local_path(path: str | os.PathLike) -> Path:
     return Path(text[len("file://"):]) if text.startswith("file://") else Path(text)
 
 
+def check_apart(input_path: str | os.PathLike, out: str | os.PathLike, error: type[ValueError] = ArtifactError,
+                out_flag: str = "--out") -> None:
+    """Refuse an output that is the input, lies inside it, or holds it (local paths, symlinks resolved):
+    a second run would read its own output as input, or replacing the output would delete the input."""
+    if is_remote(input_path) or is_remote(out):
+        return
+    source, dest = local_path(input_path).resolve(), local_path(out).resolve()
+    if dest == source:
+        problem = "is the input"
+    elif source in dest.parents:
+        problem = "is inside the input: a later run would read its own output as input"
+    elif dest in source.parents:
+        problem = "holds the input: writing it would replace the input"
+    else:
+        return
+    raise error(f"{out_flag} {out} {problem} (--input {input_path}); choose an output outside the input")
+
+
 def join(base: str | os.PathLike, *parts: str) -> str:
     """``base/part/...`` for a path or a URI (``Path`` would fold ``s3://`` into ``s3:/``)."""
     text = str(base)

@@ -567,9 +567,32 @@ def test_a_lock_left_by_a_process_that_is_gone_is_taken_over(capsys, art, tmp_pa
 
 
 def test_resume_with_nothing_to_resume_is_an_error(capsys, art, tmp_path):
-    one_line_error(capsys, "train", "--data", art.dataset, "--tree", art.tree, "--out", tmp_path / "out", "--resume",
-                   names=["nothing to resume", "drop --resume"])
-    assert not (tmp_path / "out" / "ray_results").exists()
+    one_line_error(capsys, "train", "--data", art.dataset, "--tree", art.tree, "--out", tmp_path / "out" / "seater",
+                   "--resume", names=["nothing to resume", "drop --resume"])
+    assert not (tmp_path / "out").exists() and hidden_beside(tmp_path / "out" / "seater") == []  # nothing left
+
+
+@pytest.mark.parametrize("command", ["prepare", "run"])
+@pytest.mark.parametrize("where", ["out inside input", "out is input", "input inside out", "out inside, by a symlink"])
+def test_an_out_inside_the_input_is_refused_up_front(capsys, art, tmp_path, command, where):
+    """An output inside the input would be read as input by the next run; an input inside the output would be
+    replaced. Refused before anything starts, naming both paths; symlinks resolved."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    shutil.copyfile(art.root / "seqs.txt", raw / "seqs.txt")
+    if where == "out inside input":
+        given, out = raw, raw / "dataset"
+    elif where == "out is input":
+        given, out = raw, raw
+    elif where == "input inside out":
+        given, out = raw / "seqs.txt", raw
+    else:
+        (tmp_path / "link").symlink_to(raw)
+        given, out = raw, tmp_path / "link" / "dataset"
+    before = listing(raw)
+    one_line_error(capsys, command, "--input", given, "--format", "sequences", "--out", out,
+                   names=[f"--out {out}", f"--input {given}", "choose an output outside the input"])
+    assert listing(raw) == before and hidden_beside(raw) == []
 
 
 def test_a_config_cannot_set_the_input_of_prepare(capsys, art, tmp_path):
@@ -783,7 +806,8 @@ def test_train_refuses_a_tree_of_another_catalogue_before_any_work(capsys, art, 
     one_line_error(capsys, "train", "--data", art.dataset, "--tree", tmp_path / "tree", "--out", out,
                    names=[tmp_path / "tree", art.dataset, catalogue_id(other)[:12], catalogue_id(art.item_ids)[:12],
                           f"{n:,} items"])
-    assert time.time() - t0 < 30 and list(out.iterdir()) == []  # before any worker started
+    assert time.time() - t0 < 30  # before any worker started
+    assert not out.exists() and hidden_beside(out) == []  # and nothing left behind
 
 
 def test_the_tree_records_the_catalogue_of_the_embeddings_it_was_built_from(art):
