@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from seater_dist.cli import main
+from test_ray_job_submit import ray_head  # noqa: F401 - the fixture: a Ray head of a test's own, stopped by pid
 
 pytestmark = pytest.mark.ray
 
@@ -367,6 +368,28 @@ def test_ctrl_c_during_training_exits_130_and_keeps_the_finished_epochs(training
     assert list((training.out / "ray_results" / "seater").glob("epoch_0000/manifest.json"))
     assert not (training.out / "best").exists()  # nothing half-written
     assert hidden_beside(training.out) == [] and hidden_beside(training.out / "best") == []
+
+
+def test_training_beside_another_local_ray_prints_no_placement_group_cleaner_traceback(capsys, art, tmp_path,
+                                                                                      ray_head):
+    """Ray Train's PlacementGroupCleaner (a detached actor) asks the state API about the controller with no
+    address: with a second Ray on the machine, auto-detection failed ("Found multiple active Ray instances")
+    and its thread died with a 25-line traceback on the console. Every worker now knows its own cluster."""
+    import ray
+    from ray._private.services import find_gcs_addresses
+
+    find_gcs_addresses.cache_clear()
+    assert len(find_gcs_addresses()) >= 2, "no second Ray to stand beside: the check would see nothing"
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    started = time.time()
+    code, err = cli(capsys, "train", "--data", art.dataset, "--tree", art.tree, "--out", tmp_path / "out",
+                    "--config", art.config)
+    assert code == 0, err
+    time.sleep(2)  # the cleaner checks once a second; its worker's output reaches the log file at once
+    assert not [line for line in err if "PlacementGroupCleaner" in line or "Traceback" in line], err
+    died = [p.name for p in logs.glob("worker-*") if p.stat().st_mtime >= started
+            and "Exception in thread PlacementGroupCleanerMonitor" in p.read_text(errors="replace")]
+    assert died == []
 
 
 # ------------------------------------------------------------------------------------------ failure policy
