@@ -247,6 +247,21 @@ def test_the_serving_load_lock_is_private_to_the_user(tmp_path, monkeypatch):
             pass
 
 
+def test_the_uri_cache_is_private_to_the_user(tmp_path, monkeypatch):
+    """Copies of s3:// artifacts are reused from the cache: it must not be a fixed name in the shared temp
+    directory, where another local user could plant a "complete" copy before us."""
+    import stat
+    import tempfile
+
+    from seater_dist import storage
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv("SEATER_CACHE", raising=False)
+    parent = storage.cache_root().parent
+    assert parent != tmp_path
+    assert parent.stat().st_uid == os.getuid() and stat.S_IMODE(parent.stat().st_mode) == 0o700
+
+
 @pytest.mark.parametrize("name", ["../../../../etc/passwd", "/etc/passwd"])
 def test_a_manifest_naming_a_path_outside_its_directory_is_refused(capsys, art, tmp_path, name):
     ckpt = copy(art.sasrec, tmp_path / "ckpt")
@@ -731,7 +746,7 @@ def test_text_that_is_not_utf8_is_one_line_naming_file_and_row(capsys, tmp_path,
     assert not (tmp_path / "ds").exists() and hidden_beside(tmp_path / "ds") == []
 
 
-@pytest.mark.parametrize("kind", ["gzip", "zip", "parquet named .csv", "binary"])
+@pytest.mark.parametrize("kind", ["gzip", "zip", "parquet named .csv", "binary", "UTF-16 text", "a .npy array"])
 def test_a_file_that_is_not_text_says_what_it_is(capsys, tmp_path, kind):
     import gzip
     import zipfile
@@ -749,6 +764,15 @@ def test_a_file_that_is_not_text_says_what_it_is(capsys, tmp_path, kind):
         path = tmp_path / "log.txt"
         path.write_bytes(b"u1 i1\x00\x00\x01 i2\n")
         fmt, says = "sequences", "a binary file"
+    elif kind == "UTF-16 text":  # Excel's "Unicode text"
+        path = tmp_path / "log.txt"
+        path.write_bytes("u1 i1 i2\nu2 i1 i3\n".encode("utf-16"))
+        fmt, says = "sequences", "UTF-16 text; convert it to UTF-8"
+    elif kind == "a .npy array":
+        path = tmp_path / "log.csv"
+        np.save(tmp_path / "log.npy", np.ones((3, 3)))
+        (tmp_path / "log.npy").rename(path)
+        fmt, says = "interactions", "a .npy array, not text"
     else:
         path = tmp_path / "log.csv"
         pq.write_table(pa.table({"user_id": ["a"], "item_id": ["b"], "timestamp": [1]}), path)
