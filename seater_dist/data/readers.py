@@ -25,10 +25,12 @@ mind       MIND ``behaviors.tsv``: impression id, user, time, history, impressio
 ========== =====================================================================================
 
 Inputs that are not data at all fail with a one-line :class:`DataError` naming the file (missing file,
-empty file, missing column, a compressed or binary file, text that is not UTF-8, naming the row); data
-rows that cannot be used land in the rejected table. Timestamps must be times from 1970 to 2100 in seconds,
-milliseconds or microseconds (other values, e.g. negative ones or year 5138 in seconds, are rejected rows:
-``timestamp_out_of_range``); within a user only their order matters.
+empty file, missing column, a compressed, archived, UTF-16 or binary file, named by its magic bytes with
+:func:`seater_dist.files.identify`, text that is not UTF-8, naming the row); a UTF-8 byte-order mark (Excel's
+"CSV UTF-8") is read past in every text format. Data rows that cannot be used land in the rejected table.
+Timestamps must be times from 1970 to 2100 in seconds, milliseconds or microseconds (other values, e.g.
+negative ones, year 5138 in seconds or 1e300, are rejected rows: ``timestamp_out_of_range``); within a user
+only their order matters.
 """
 
 from __future__ import annotations
