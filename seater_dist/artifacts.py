@@ -126,7 +126,8 @@ def output_lock(dest: str | os.PathLike, inside: bool = False) -> Iterator[Path]
     ``dest``'s directory is writable and its disk not full; ``inside``: the stage writes into ``dest``
     itself (created if absent), so check that it is writable too. Re-entrant within a thread (a stage
     that runs another stage into the same output); another thread of this process is refused like another
-    process.
+    process. When the block fails, the directories the lock created (``dest`` with ``inside``, missing
+    parents) are removed again if they are still empty: a refused command leaves nothing behind.
     """
     dest = Path(os.path.abspath(dest))
     lock = lock_path(dest)
@@ -147,16 +148,19 @@ def output_lock(dest: str | os.PathLike, inside: bool = False) -> Iterator[Path]
                 entry[1] -= 1
         return
     _refuse_if_an_ancestor_is_held(dest)
+    created = _missing_dirs(dest if inside else dest.parent)
     _make_dir(dest.parent)
     _acquire(lock, dest)
     with _held_guard:
         _held[key] = [me, 1]
+    failed = True
     try:
         _check_space(dest.parent)
         if inside:
             _make_dir(dest)
             _probe_write(dest)
         yield dest
+        failed = False
     finally:
         with _held_guard:
             _held[key][1] -= 1
@@ -168,6 +172,8 @@ def output_lock(dest: str | os.PathLike, inside: bool = False) -> Iterator[Path]
                 lock.unlink()
             except OSError:
                 pass
+            if failed:
+                _remove_empty(created)
 
 
 def _holder_text(holder: dict[str, Any]) -> str:
@@ -260,6 +266,26 @@ def _refuse_if_an_ancestor_is_held(dest: Path) -> None:
         if holder is not None and _alive(holder) and holder.get("pid") != os.getpid():
             raise ArtifactError(f"{dest}: inside {ancestor}, which another seater process is writing "
                                 f"({_holder_text(holder)}); wait for it to finish or choose another output path")
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists() and not path.is_symlink() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    """Remove ``directories`` (deepest first) while they are empty: what a failed writer created, nothing else."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:  # not empty: something was written there
+            return
 
 
 def _make_dir(path: Path) -> None:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from seater_dist.config import RunSettings
 from seater_dist.formats import FORMAT_NAMES, FORMATS, PROTOCOL_NAMES, PROTOCOLS
-from seater_dist.storage import join
+from seater_dist.storage import check_apart, join
 
 EPILOG = """\
 Start here:
@@ -431,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "config", None):  # fail on a bad settings file before starting Ray
             RunSettings.from_file(args.config)
+        if args.command in ("prepare", "run"):  # and on an output inside the input (run's holds dataset/ etc.)
+            check_apart(args.input, args.out, CliError)
         if args.command in _NEEDS_RAY:
             from seater_dist.ray_env import init_ray
 

@@ -18,9 +18,9 @@ every reader refuses as "not a <kind> directory". Credentials and endpoints come
 pyarrow and boto read them (``AWS_ENDPOINT_URL``, ``AWS_REGION``, ``AWS_ACCESS_KEY_ID``, ...).
 Unlike a local output, a remote one has no one-writer lock: run one writer per prefix.
 
-The cache (``$SEATER_CACHE``, default ``<tmp>/seater-cache``) holds one verified copy per URI and manifest;
-a copy is complete once its own ``manifest.json`` is in place, so concurrent readers on one node (the
-workers of a training run) each either reuse it or download their own and keep the first.
+The cache (``$SEATER_CACHE``, default ``<tmp>/seater-<uid>/cache``, private to the user) holds one verified
+copy per URI and manifest; a copy is complete once its own ``manifest.json`` is in place, so concurrent readers
+on one node (the workers of a training run) each either reuse it or download their own and keep the first.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -65,6 +66,24 @@ def local_path(path: str | os.PathLike) -> Path:
     if is_remote(text):
         raise ValueError(f"{text}: a remote URI, not a local path")
     return Path(text[len("file://"):]) if text.startswith("file://") else Path(text)
+
+
+def check_apart(input_path: str | os.PathLike, out: str | os.PathLike, error: type[ValueError] = ArtifactError,
+                out_flag: str = "--out") -> None:
+    """Refuse an output that is the input, lies inside it, or holds it (local paths, symlinks resolved):
+    a second run would read its own output as input, or replacing the output would delete the input."""
+    if is_remote(input_path) or is_remote(out):
+        return
+    source, dest = local_path(input_path).resolve(), local_path(out).resolve()
+    if dest == source:
+        problem = "is the input"
+    elif source in dest.parents:
+        problem = "is inside the input: a later run would read its own output as input"
+    elif dest in source.parents:
+        problem = "holds the input: writing it would replace the input"
+    else:
+        return
+    raise error(f"{out_flag} {out} {problem} (--input {input_path}); choose an output outside the input")
 
 
 def join(base: str | os.PathLike, *parts: str) -> str:
@@ -114,9 +133,28 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 # ------------------------------------------------------------------------------------------ reading
 
 
+def private_dir() -> Path:
+    """``<tmp>/seater-<uid>``: this user's own directory on this machine (the cache, the serving load lock).
+
+    Created with mode 0700; refused (ArtifactError) when the name is taken by something else: another
+    user's directory, a symlink, or a directory others may write into. A fixed name in the shared temp
+    directory would let any local user plant files in it, or hold its locks.
+    """
+    path = Path(tempfile.gettempdir()) / f"seater-{os.getuid()}"
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise ArtifactError(f"{path}: not a private directory of this user (owner uid {st.st_uid}, mode "
+                            f"{stat.filemode(st.st_mode)}); remove it, or set SEATER_CACHE to a directory of yours")
+    return path
+
+
 def cache_root() -> Path:
-    """Where remote artifacts are copied: ``$SEATER_CACHE`` or ``<tmp>/seater-cache``."""
-    return Path(os.environ.get("SEATER_CACHE") or Path(tempfile.gettempdir()) / "seater-cache")
+    """Where remote artifacts are copied: ``$SEATER_CACHE`` or ``<tmp>/seater-<uid>/cache``."""
+    return Path(os.environ.get("SEATER_CACHE") or private_dir() / "cache")
 
 
 def local_copy(path: str | os.PathLike, error: type[ValueError] = ArtifactError,

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from seater_dist.cli import main
+from test_ray_job_submit import ray_head  # noqa: F401 - the fixture: a Ray head of a test's own, stopped by pid
 
 pytestmark = pytest.mark.ray
 
@@ -58,6 +59,14 @@ def one_line_error(capsys, *argv, names=(), code=2) -> str:
     for name in names:
         assert str(name) in err[0], err[0]
     return err[0]
+
+
+UNSAFE_ADVICE = ("weights_only", "allow_pickle", "unsafe", "a bug")
+
+
+def no_unsafe_advice(message: str) -> None:
+    """Assert that ``message`` neither suggests loading a file unsafely nor calls bad input a bug."""
+    assert not [words for words in UNSAFE_ADVICE if words in message], message
 
 
 def listing(path: Path) -> dict[str, bytes]:
@@ -307,16 +316,21 @@ def test_a_planted_pickle_in_a_checkpoint_is_never_executed(capsys, art, tmp_pat
     manifest = json.loads((ckpt / "manifest.json").read_text())
     manifest["checksums"]["model.pt"] = sha256_file(ckpt / "model.pt")  # the attacker controls the manifest too
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
-    one_line_error(capsys, "recommend", "--checkpoint", ckpt, "--history", "i1", names=[ckpt / "model.pt"])
+    line = one_line_error(capsys, "recommend", "--checkpoint", ckpt, "--history", "i1",
+                          names=[ckpt / "model.pt", "a Python pickle", "not a model's weights"])
+    no_unsafe_advice(line)
     assert not marker.exists(), "the planted pickle ran"
 
 
 def test_a_planted_pickle_in_the_resumable_state_is_never_executed(art, tmp_path, monkeypatch):
-    """--resume loads train_state.pt as tensors only (train/loop.py::_restore, weights_only=True)."""
+    """--resume loads train_state.pt as tensors only (train/loop.py::_restore, weights_only=True); the refusal
+    is bad input (exit 2) naming the file, not an internal error repeating torch's advice to load it unsafely."""
     import ray.train
     import torch
 
     from seater_dist.config import SeaterSettings
+    from seater_dist.errors import describe
+    from seater_dist.model.checkpoint import CheckpointError
     from seater_dist.model.seater import SeaterModel
     from seater_dist.train import loop
     from seater_dist.tree.item_tree import ItemTree
@@ -326,9 +340,59 @@ def test_a_planted_pickle_in_the_resumable_state_is_never_executed(art, tmp_path
     torch.save(_Planted(marker), planted / loop.TRAIN_STATE)
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint.from_directory(str(planted)))
     model = SeaterModel(ItemTree.load(art.tree), SeaterSettings(**SEATER))
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+    with pytest.raises(CheckpointError) as refused:
         loop._restore(model, None, loop.EarlyStopping(1))
     assert not marker.exists(), "the planted pickle ran"
+    message, code = describe(refused.value)
+    assert code == 2 and str(planted / loop.TRAIN_STATE) in message and "Python objects besides tensors" in message
+    no_unsafe_advice(message)
+
+
+def test_the_serving_load_lock_is_private_to_the_user(tmp_path, monkeypatch):
+    """Serve replicas load checkpoints one at a time under a lock no other local user can hold: it lives in
+    the user's own directory (mode 0700, owned by the user), never under a fixed name in the shared temp dir."""
+    import fcntl
+    import stat
+    import tempfile
+
+    from seater_dist.artifacts import ArtifactError
+    from seater_dist.serve import app
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the shared temp directory, for this test
+    with app._one_at_a_time(True):
+        locks = list(tmp_path.rglob("*.lock"))
+        assert len(locks) == 1 and locks[0].parent != tmp_path, locks
+        private = locks[0].parent.stat()
+        assert private.st_uid == os.getuid() and stat.S_IMODE(private.st_mode) == 0o700
+        with open(locks[0]) as other, pytest.raises(BlockingIOError):  # it is the lock being held
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    directory = locks[0].parent
+    shutil.rmtree(directory)
+    directory.mkdir()
+    directory.chmod(0o777)  # planted by someone else: open to every user
+    with pytest.raises(ArtifactError, match=f"{directory}: not a private directory of this user"):
+        with app._one_at_a_time(True):
+            pass
+    directory.rmdir()
+    directory.symlink_to(tmp_path)  # or a symlink to somewhere else
+    with pytest.raises(ArtifactError, match="not a private directory"):
+        with app._one_at_a_time(True):
+            pass
+
+
+def test_the_uri_cache_is_private_to_the_user(tmp_path, monkeypatch):
+    """Copies of s3:// artifacts are reused from the cache: it must not be a fixed name in the shared temp
+    directory, where another local user could plant a "complete" copy before us."""
+    import stat
+    import tempfile
+
+    from seater_dist import storage
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv("SEATER_CACHE", raising=False)
+    parent = storage.cache_root().parent
+    assert parent != tmp_path
+    assert parent.stat().st_uid == os.getuid() and stat.S_IMODE(parent.stat().st_mode) == 0o700
 
 
 @pytest.mark.parametrize("name", ["../../../../etc/passwd", "/etc/passwd"])
@@ -454,6 +518,28 @@ def test_ctrl_c_during_training_exits_130_and_keeps_the_finished_epochs(training
     assert hidden_beside(training.out) == [] and hidden_beside(training.out / "best") == []
 
 
+def test_training_beside_another_local_ray_prints_no_placement_group_cleaner_traceback(capsys, art, tmp_path,
+                                                                                      ray_head):
+    """Ray Train's PlacementGroupCleaner (a detached actor) asks the state API about the controller with no
+    address: with a second Ray on the machine, auto-detection failed ("Found multiple active Ray instances")
+    and its thread died with a 25-line traceback on the console. Every worker now knows its own cluster."""
+    import ray
+    from ray._private.services import find_gcs_addresses
+
+    find_gcs_addresses.cache_clear()
+    assert len(find_gcs_addresses()) >= 2, "no second Ray to stand beside: the check would see nothing"
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    started = time.time()
+    code, err = cli(capsys, "train", "--data", art.dataset, "--tree", art.tree, "--out", tmp_path / "out",
+                    "--config", art.config)
+    assert code == 0, err
+    time.sleep(2)  # the cleaner checks once a second; its worker's output reaches the log file at once
+    assert not [line for line in err if "PlacementGroupCleaner" in line or "Traceback" in line], err
+    died = [p.name for p in logs.glob("worker-*") if p.stat().st_mtime >= started
+            and "Exception in thread PlacementGroupCleanerMonitor" in p.read_text(errors="replace")]
+    assert died == []
+
+
 # ------------------------------------------------------------------------------------------ failure policy
 
 
@@ -544,6 +630,27 @@ def test_evaluate_refuses_a_dataset_whose_shard_changed(capsys, art, tmp_path, d
     assert not (tmp_path / "m" / "metrics.json").exists()
 
 
+def test_a_byte_changed_in_place_with_its_mtime_set_back_is_refused(capsys, art, tmp_path):
+    """The verification stamp holds ctime, which no user can set: same size, mtime and inode do not hide it."""
+    from seater_dist.data.dataset import load_dataset
+
+    data = copy(art.dataset, tmp_path / "dataset")
+    load_dataset(data)  # hashed in full, stamped in .verified.json
+    shard = sorted((data / "test").glob("*.parquet"))[0]
+    before = shard.stat()
+    with open(shard, "r+b") as f:
+        f.seek(before.st_size // 2)
+        byte = f.read(1)
+        f.seek(before.st_size // 2)
+        f.write(bytes([byte[0] ^ 1]))
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = shard.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+    one_line_error(capsys, "evaluate", "--checkpoint", art.sasrec, "--data", data, "--out", tmp_path / "m",
+                   names=[shard, "checksum mismatch"])
+    assert not (tmp_path / "m").exists()
+
+
 def test_a_dataset_is_hashed_once_then_trusted_by_its_stamp(art, tmp_path, monkeypatch):
     import seater_dist.data.dataset as dataset_module
     from seater_dist.data.errors import DataError
@@ -631,9 +738,32 @@ def test_a_lock_left_by_a_process_that_is_gone_is_taken_over(capsys, art, tmp_pa
 
 
 def test_resume_with_nothing_to_resume_is_an_error(capsys, art, tmp_path):
-    one_line_error(capsys, "train", "--data", art.dataset, "--tree", art.tree, "--out", tmp_path / "out", "--resume",
-                   names=["nothing to resume", "drop --resume"])
-    assert not (tmp_path / "out" / "ray_results").exists()
+    one_line_error(capsys, "train", "--data", art.dataset, "--tree", art.tree, "--out", tmp_path / "out" / "seater",
+                   "--resume", names=["nothing to resume", "drop --resume"])
+    assert not (tmp_path / "out").exists() and hidden_beside(tmp_path / "out" / "seater") == []  # nothing left
+
+
+@pytest.mark.parametrize("command", ["prepare", "run"])
+@pytest.mark.parametrize("where", ["out inside input", "out is input", "input inside out", "out inside, by a symlink"])
+def test_an_out_inside_the_input_is_refused_up_front(capsys, art, tmp_path, command, where):
+    """An output inside the input would be read as input by the next run; an input inside the output would be
+    replaced. Refused before anything starts, naming both paths; symlinks resolved."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    shutil.copyfile(art.root / "seqs.txt", raw / "seqs.txt")
+    if where == "out inside input":
+        given, out = raw, raw / "dataset"
+    elif where == "out is input":
+        given, out = raw, raw
+    elif where == "input inside out":
+        given, out = raw / "seqs.txt", raw
+    else:
+        (tmp_path / "link").symlink_to(raw)
+        given, out = raw, tmp_path / "link" / "dataset"
+    before = listing(raw)
+    one_line_error(capsys, command, "--input", given, "--format", "sequences", "--out", out,
+                   names=[f"--out {out}", f"--input {given}", "choose an output outside the input"])
+    assert listing(raw) == before and hidden_beside(raw) == []
 
 
 def test_a_config_cannot_set_the_input_of_prepare(capsys, art, tmp_path):
@@ -644,7 +774,8 @@ def test_a_config_cannot_set_the_input_of_prepare(capsys, art, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("timestamp", ["99999999999", "-5"], ids=["year 5138", "negative"])
+@pytest.mark.parametrize("timestamp", ["99999999999", "-5", "1e300", "1e19", "-1e300"],
+                         ids=["year 5138", "negative", "1e300", "1e19 (beyond int64)", "-1e300"])
 def test_timestamps_outside_1970_to_2100_are_rejected_rows(tmp_path, timestamp):
     from seater_dist.config import PrepareSettings
     from seater_dist.data.prepare import prepare_local
@@ -658,6 +789,50 @@ def test_timestamps_outside_1970_to_2100_are_rejected_rows(tmp_path, timestamp):
     rejected = pq.read_table(tmp_path / "ds" / "rejected").to_pylist()
     assert [(r["row"], r["reason"]) for r in rejected] == [(3, "timestamp_out_of_range")]
     assert timestamp in rejected[0]["detail"] and "1970 to 2100" in rejected[0]["detail"]
+
+
+@pytest.mark.parametrize("column", [pa.float64(), pa.uint64()], ids=["float64", "uint64"])
+def test_timestamps_beyond_int64_in_a_parquet_column_are_rejected_rows(capsys, tmp_path, column):
+    """`seater prepare` (on Ray) of a numeric time column holding 1e19: a rejected row, not an internal error."""
+    path = tmp_path / "log.parquet"
+    times = pa.array([100, 10**19, 300, 100, 200], pa.uint64()).cast(column, safe=False)
+    pq.write_table(pa.table({"user_id": ["u1", "u1", "u1", "u2", "u2"], "item_id": ["i1", "i2", "i3", "i1", "i3"],
+                             "timestamp": times}), path)
+    code, err = cli(capsys, "prepare", "--input", path, "--format", "interactions", "--out", tmp_path / "ds",
+                    "--min-user-count", "2", "--min-item-count", "1")
+    assert code == 0, err
+    rejected = pq.read_table(tmp_path / "ds" / "rejected").to_pylist()
+    assert [(r["row"], r["reason"]) for r in rejected] == [(2, "timestamp_out_of_range")]
+    assert "10000000000000000000" in rejected[0]["detail"] or "1e+19" in rejected[0]["detail"]
+
+
+@pytest.mark.parametrize("fmt", ["interactions", "sequences", "amazon"])
+def test_a_utf8_byte_order_mark_is_read_past(tmp_path, fmt):
+    """Excel's "CSV UTF-8" starts with a byte-order mark: the first column is still `user_id` (not
+    `\\ufeffuser_id`), the first user still `u1`; the dataset is the one the file without it makes."""
+    from seater_dist.config import PrepareSettings
+    from seater_dist.data.prepare import prepare_local
+
+    rows = [("u1", "i1", 100), ("u1", "i2", 200), ("u1", "i3", 300), ("u2", "i1", 100), ("u2", "i3", 200)]
+    if fmt == "interactions":
+        name, text = "log.csv", "user_id,item_id,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, t in rows)
+    elif fmt == "sequences":
+        name, text = "log.txt", "u1 i1 i2 i3\nu2 i1 i3\n"
+    else:
+        name, text = "log.json", "".join(json.dumps({"reviewerID": u, "asin": i, "unixReviewTime": t}) + "\n"
+                                         for u, i, t in rows)
+    outputs = []
+    for bom in (b"", b"\xef\xbb\xbf"):
+        folder = tmp_path / ("bom" if bom else "plain")
+        folder.mkdir()
+        (folder / name).write_bytes(bom + text.encode())
+        result = prepare_local(PrepareSettings(input=str(folder / name), format=fmt, out=str(folder / "ds"),
+                                               min_user_count=2, min_item_count=1))
+        assert result.dropped == {} and result.rows_kept == 5, result
+        outputs.append({p.relative_to(folder / "ds").as_posix(): pq.read_table(p).to_pylist()
+                        for p in sorted((folder / "ds").rglob("*.parquet"))})
+    assert outputs[0] == outputs[1]
+    assert "u1" in {r["user_id"] for r in outputs[1]["users.parquet"]}
 
 
 def test_ctrl_c_while_prepare_rewrites_a_dataset_keeps_it_and_no_temp_dir_survives(capsys, art, tmp_path,
@@ -704,7 +879,7 @@ def test_text_that_is_not_utf8_is_one_line_naming_file_and_row(capsys, tmp_path,
     assert not (tmp_path / "ds").exists() and hidden_beside(tmp_path / "ds") == []
 
 
-@pytest.mark.parametrize("kind", ["gzip", "zip", "parquet named .csv", "binary"])
+@pytest.mark.parametrize("kind", ["gzip", "zip", "parquet named .csv", "binary", "UTF-16 text", "a .npy array"])
 def test_a_file_that_is_not_text_says_what_it_is(capsys, tmp_path, kind):
     import gzip
     import zipfile
@@ -722,6 +897,15 @@ def test_a_file_that_is_not_text_says_what_it_is(capsys, tmp_path, kind):
         path = tmp_path / "log.txt"
         path.write_bytes(b"u1 i1\x00\x00\x01 i2\n")
         fmt, says = "sequences", "a binary file"
+    elif kind == "UTF-16 text":  # Excel's "Unicode text"
+        path = tmp_path / "log.txt"
+        path.write_bytes("u1 i1 i2\nu2 i1 i3\n".encode("utf-16"))
+        fmt, says = "sequences", "UTF-16 text; convert it to UTF-8"
+    elif kind == "a .npy array":
+        path = tmp_path / "log.csv"
+        np.save(tmp_path / "log.npy", np.ones((3, 3)))
+        (tmp_path / "log.npy").rename(path)
+        fmt, says = "interactions", "a .npy array, not text"
     else:
         path = tmp_path / "log.csv"
         pq.write_table(pa.table({"user_id": ["a"], "item_id": ["b"], "timestamp": [1]}), path)
@@ -802,7 +986,8 @@ def test_train_refuses_a_tree_of_another_catalogue_before_any_work(capsys, art, 
     one_line_error(capsys, "train", "--data", art.dataset, "--tree", tmp_path / "tree", "--out", out,
                    names=[tmp_path / "tree", art.dataset, catalogue_id(other)[:12], catalogue_id(art.item_ids)[:12],
                           f"{n:,} items"])
-    assert time.time() - t0 < 30 and list(out.iterdir()) == []  # before any worker started
+    assert time.time() - t0 < 30  # before any worker started
+    assert not out.exists() and hidden_beside(out) == []  # and nothing left behind
 
 
 def test_the_tree_records_the_catalogue_of_the_embeddings_it_was_built_from(art):
@@ -843,10 +1028,26 @@ def test_a_full_disk_is_refused_up_front(capsys, art, tmp_path, monkeypatch):
     assert not out.exists() and hidden_beside(out) == []
 
 
-@pytest.mark.parametrize("embeddings", ["identical rows", "0-byte file", "a directory"])
+@pytest.mark.parametrize("embeddings", ["identical rows", "0-byte file", "a directory", "random bytes",
+                                        "a CSV named .npy", "an array of Python objects", "an .npz"])
 def test_build_tree_input_that_cannot_make_a_tree_is_one_line(capsys, tmp_path, embeddings):
+    """Files are named with what they are (by their magic bytes); no message suggests loading one unsafely."""
     path = tmp_path / "emb.npy"
-    if embeddings == "identical rows":
+    expected = "not a .npy array of item embeddings"
+    if embeddings == "random bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+        says = f"{path}: a binary file (it holds NUL bytes), {expected}"
+    elif embeddings == "a CSV named .npy":
+        path.write_text("item,x,y\ni1,0.5,0.25\ni2,0.1,0.3\n")
+        says = f"{path}: text beginning 'item,x,y', {expected}"
+    elif embeddings == "an array of Python objects":
+        np.save(path, np.array([{"x": 1}, None], dtype=object), allow_pickle=True)
+        says = f"{path}: a .npy array of Python objects (pickled), {expected}"
+    elif embeddings == "an .npz":
+        path = tmp_path / "emb.npz"
+        np.savez(path, embeddings=np.ones((30, 8), np.float32))
+        says = f"{path}: an .npz archive of arrays, {expected}"
+    elif embeddings == "identical rows":
         np.save(path, np.ones((30, 8), np.float32))
         says = "all 30 rows are identical"
     elif embeddings == "0-byte file":
@@ -855,8 +1056,10 @@ def test_build_tree_input_that_cannot_make_a_tree_is_one_line(capsys, tmp_path, 
     else:
         path = tmp_path
         says = f"{path}: a directory"
-    one_line_error(capsys, "build-tree", "--embeddings", path, "--k", "4", "--out", tmp_path / "tree", names=[says])
-    assert not (tmp_path / "tree").exists()
+    line = one_line_error(capsys, "build-tree", "--embeddings", path, "--k", "4", "--out", tmp_path / "tree",
+                          names=[says])
+    no_unsafe_advice(line)
+    assert "pickled data" not in line and not (tmp_path / "tree").exists()
 
 
 def test_a_misspelt_select_metric_fails_at_load(capsys, art, tmp_path):

@@ -217,6 +217,7 @@ def test_popular_items_come_from_the_runs_dataset_else_from_the_model(run_dir):
     (b'{"history": [], "topn": 5}', 422, "topn"),
     (b"\xff\xfe", 422, "body"),
     (b" " * 70000, 413, "body"),
+    (b'{"history": ' + b"[" * 30000 + b"]" * 30000 + b"}", 400, "body"),  # 60 KB, 30,000 levels deep
 ])
 def test_bad_requests_name_the_field(body, status, field):
     with pytest.raises(RequestError) as info:
@@ -380,6 +381,7 @@ def test_bad_requests_get_their_4xx_and_the_service_answers_afterwards(service, 
         ({"history": [], "top_n": 10**30}, 422, "top_n"),
         ({"history": [], "top_n": BEAM + 1}, 422, "top_n"),
         (b"x" * (10 * 1024 * 1024), 413, "body"),
+        (b"[" * 30000 + b"]" * 30000, 400, "body"),  # nested 30,000 deep: once a RecursionError and a 500
     ]
     for body, status, field in cases:
         r = _post(url, body)

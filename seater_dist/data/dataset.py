@@ -10,8 +10,10 @@
 Opening a dataset verifies it (:func:`verify_dataset`): every file its manifest lists is inside the
 directory, a regular file, and has its recorded sha256. The content is hashed in full (streaming) the
 first time; the result is kept as a stamp, ``.verified.json`` in the directory (each file's size,
-modification time and inode, for this manifest), so later opens (every Train worker, evaluate) re-hash
-only files whose stamp no longer matches. A read-only dataset keeps its stamp in the process instead.
+modification time, inode and status-change time, for this manifest), so later opens (every Train worker,
+evaluate) re-hash only files whose stamp no longer matches. The status-change time (ctime) is what makes
+the stamp hold: a user can set a file's mtime back (``touch -d``, ``os.utime``) but not its ctime, which
+the kernel moves on every write, utime, chmod or rename. A read-only dataset keeps its stamp in the process instead.
 Reads use exactly the files the manifest lists. A dataset at a URI (``s3://...``) is read from a
 verified local copy (:func:`seater_dist.storage.local_copy`), except :meth:`Dataset.ray_dataset`, whose
 read tasks, on whichever node they run, read the shards from the URI itself.
@@ -141,7 +143,7 @@ def load_dataset(path: str | Path, verify: bool = True) -> Dataset:
 def verify_dataset(path: str | Path, manifest: dict[str, Any]) -> None:
     """Every file the manifest lists is inside ``path``, a regular file, with its recorded sha256.
 
-    Files whose (size, mtime, inode) match the stamp of an earlier full check of this manifest are not
+    Files whose (size, mtime, inode, ctime) match the stamp of an earlier full check of this manifest are not
     re-hashed (see the module docstring); the stamp is refreshed after a check that hashed anything.
     """
     path = Path(path)
@@ -152,7 +154,7 @@ def verify_dataset(path: str | Path, manifest: dict[str, Any]) -> None:
     for name, digest in sorted(manifest["checksums"].items()):
         file = member(path, name, DataError)
         st = file.stat()
-        seen[name] = [st.st_size, st.st_mtime_ns, st.st_ino]
+        seen[name] = _file_stamp(st)
         if stamp.get(name) == seen[name]:
             continue
         hashed = True
@@ -160,6 +162,12 @@ def verify_dataset(path: str | Path, manifest: dict[str, Any]) -> None:
             raise DataError(f"{file}: checksum mismatch (changed after `seater prepare` wrote it); {_REMAKE}")
     if hashed or not stamp:
         _write_stamp(path, key, seen)
+
+
+def _file_stamp(st: os.stat_result) -> list[int]:
+    """What must be unchanged for a file not to be re-hashed: size, mtime, inode and ctime (ns). ctime
+    cannot be set by a user: writing the file, or setting its mtime back, moves it."""
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
 
 
 def _read_stamp(path: Path, key: str) -> dict[str, list[int]]:

@@ -96,6 +96,7 @@ def prepare_local(settings: PrepareSettings) -> PrepareResult:
 def _run(settings: PrepareSettings, engine: str) -> PrepareResult:
     t0 = time.time()
     _check_settings(settings)
+    storage.check_apart(settings.input, settings.out, DataError)
     opts = reader_options(settings.format, settings.user_column, settings.item_column, settings.time_column)
     fs, files = list_input_files(settings.input, settings.format)
     opts = integer_ids(fs, files, opts)

@@ -25,10 +25,12 @@ mind       MIND ``behaviors.tsv``: impression id, user, time, history, impressio
 ========== =====================================================================================
 
 Inputs that are not data at all fail with a one-line :class:`DataError` naming the file (missing file,
-empty file, missing column, a compressed or binary file, text that is not UTF-8, naming the row); data
-rows that cannot be used land in the rejected table. Timestamps must be times from 1970 to 2100 in seconds,
-milliseconds or microseconds (other values, e.g. negative ones or year 5138 in seconds, are rejected rows:
-``timestamp_out_of_range``); within a user only their order matters.
+empty file, missing column, a compressed, archived, UTF-16 or binary file, named by its magic bytes with
+:func:`seater_dist.files.identify`, text that is not UTF-8, naming the row); a UTF-8 byte-order mark (Excel's
+"CSV UTF-8") is read past in every text format. Data rows that cannot be used land in the rejected table.
+Timestamps must be times from 1970 to 2100 in seconds, milliseconds or microseconds (other values, e.g.
+negative ones, year 5138 in seconds or 1e300, are rejected rows: ``timestamp_out_of_range``); within a user
+only their order matters.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import pyarrow.parquet as pq
 
 from seater_dist import storage
 from seater_dist.data.errors import DataError
+from seater_dist.files import UTF8_BOM, identify
 from seater_dist.formats import FORMATS
 
 ROW_BITS = 40  # ord = file_index << ROW_BITS | row
@@ -59,13 +62,11 @@ _NUMBER = r"^\s*-?\d+(\.\d*)?([eE][+-]?\d+)?\s*$"
 # Accepted timestamps: 1970-01-01 .. 2100-01-01 in seconds, milliseconds or microseconds.
 _TIME_END_S = 4_102_444_800
 TIME_RANGES = ((0, _TIME_END_S), (10**12, _TIME_END_S * 10**3), (10**15, _TIME_END_S * 10**6))
-# What the first bytes of a file say it is, when it is not text we read.
-_MAGIC = ((b"\x1f\x8b", "a gzip-compressed file; decompress it first (gunzip)"),
-          (b"BZh", "a bzip2-compressed file; decompress it first (bunzip2)"),
-          (b"\xfd7zXZ\x00", "an xz-compressed file; decompress it first (unxz)"),
-          (b"\x28\xb5\x2f\xfd", "a zstd-compressed file; decompress it first (unzstd)"),
-          (b"PK\x03\x04", "a zip archive; extract it first (unzip)"),
-          (b"PAR1", "a parquet file; name it .parquet and use --format interactions"))
+# What to do with a file that is not text we read, by its kind (seater_dist.files.identify).
+_NOT_TEXT_ADVICE = {"gzip": "decompress it first (gunzip)", "bzip2": "decompress it first (bunzip2)",
+                    "xz": "decompress it first (unxz)", "zstd": "decompress it first (unzstd)",
+                    "zip": "extract it first (unzip)", "parquet": "name it .parquet and use --format interactions",
+                    "utf16": "convert it to UTF-8, e.g. iconv -f utf-16 -t utf-8 IN > OUT"}
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip", ".7z")
 
 
@@ -209,14 +210,18 @@ def _plan_text(fs: pafs.FileSystem, file: str, index: int, opts: ReaderOptions, 
     if size == 0:
         raise DataError(f"{file}: empty file (no rows)")
     columns: tuple[str, ...] = ()
-    start, first_row = 0, 1
+    first_row = 1
     with fs.open_input_file(file) as f:
-        _check_is_text(file, f.read(min(size, 1 << 16)))
-        f.seek(0)
+        head = f.read(min(size, 1 << 16))
+        _check_is_text(file, head)
+        start = len(UTF8_BOM) if head.startswith(UTF8_BOM) else 0  # Excel's "CSV UTF-8" begins with a BOM
+        if start >= size:
+            raise DataError(f"{file}: empty file (no rows)")
+        f.seek(start)
         if _has_header(file, opts):
-            header = f.read(min(size, 1 << 20)).split(b"\n", 1)[0]
+            header = f.read(min(size - start, 1 << 20)).split(b"\n", 1)[0]
             columns = _header_columns(file, header, opts)
-            start, first_row = len(header) + 1, 2
+            start, first_row = start + len(header) + 1, 2
             if start >= size:
                 raise DataError(f"{file}: empty file (a header and no rows)")
         chunks, pos, row = [], start, first_row
@@ -240,12 +245,12 @@ def _plan_text(fs: pafs.FileSystem, file: str, index: int, opts: ReaderOptions, 
 
 
 def _check_is_text(file: str, head: bytes) -> None:
-    """DataError naming what ``file`` is if its first bytes show a compressed, archived, parquet or binary file."""
-    for magic, what in _MAGIC:
-        if head.startswith(magic):
-            raise DataError(f"{file}: {what}")
-    if b"\x00" in head:
-        raise DataError(f"{file}: a binary file (it holds NUL bytes), not text in the {'/'.join(FORMATS)} formats")
+    """DataError naming what ``file`` is (:func:`seater_dist.files.identify`) unless its first bytes are text."""
+    kind = identify(head)
+    if kind.name in _NOT_TEXT_ADVICE:
+        raise DataError(f"{file}: {kind.description}; {_NOT_TEXT_ADVICE[kind.name]}")
+    if kind.name != "text":
+        raise DataError(f"{file}: {kind.description}, not text in the {'/'.join(FORMATS)} formats")
 
 
 def _not_utf8(data: bytes, chunk: Chunk) -> DataError:
@@ -405,20 +410,27 @@ def _parse_timestamp(col: pa.Array, field: str) -> tuple[np.ndarray, np.ndarray]
     t = col.type
     if pa.types.is_timestamp(t) or pa.types.is_date(t):
         ts = pc.cast(pc.cast(col, pa.timestamp("s")), pa.int64())
-    elif pa.types.is_integer(t):
-        ts = pc.cast(col, pa.int64())
+    elif pa.types.is_integer(t):  # a uint64 beyond int64 wraps to a negative time: rejected as out of range
+        ts = pc.cast(col, pa.int64(), safe=False)
     elif pa.types.is_floating(t):
         ok = pc.and_(pc.is_finite(col), pc.is_valid(col))
-        ts = pc.cast(pc.floor(pc.if_else(ok, col, 0.0)), pa.int64())
-        ts = pc.if_else(ok, ts, None)
+        ts = pc.if_else(ok, _float_to_int64(pc.if_else(ok, pc.cast(col, pa.float64()), 0.0)), None)
     elif pa.types.is_string(t) or pa.types.is_large_string(t):
         ok = pc.fill_null(pc.match_substring_regex(col, _NUMBER), False)
         num = pc.cast(pc.utf8_trim_whitespace(pc.if_else(ok, col, "0")), pa.float64())
-        ts = pc.if_else(ok, pc.cast(pc.floor(num), pa.int64()), None)
+        ts = pc.if_else(ok, _float_to_int64(num), None)
     else:
         raise DataError(f"{field}: timestamp column of type {t} is not supported")
     ok = pc.is_valid(ts).to_numpy(zero_copy_only=False)
     return pc.fill_null(ts, 0).to_numpy(zero_copy_only=False).astype(np.int64), ok
+
+
+def _float_to_int64(num: pa.Array) -> pa.Array:
+    """Finite float64 times -> int64 (floor). A number beyond every accepted range (1e19, 1e300: int64 cannot
+    hold it) becomes -1, out of range like any negative time, so that its row is rejected rather than the cast
+    failing the whole read."""
+    fits = pc.and_(pc.greater_equal(num, -1.0), pc.less_equal(num, float(TIME_RANGES[-1][1])))
+    return pc.cast(pc.floor(pc.if_else(fits, num, -1.0)), pa.int64())
 
 
 def _from_table(table: pa.Table, chunk: Chunk, opts: ReaderOptions, rows: np.ndarray,
@@ -441,10 +453,11 @@ def _from_table(table: pa.Table, chunk: Chunk, opts: ReaderOptions, rows: np.nda
         rej.append(_rejected(pc.filter(raw, pa.array(bad)), chunk.file, rows[bad], "unparsable_timestamp",
                              f"{opts.time_column} is not a timestamp"))
     if out_of_range.any():
+        given = pc.filter(pc.cast(table.column(opts.time_column), pa.string()), pa.array(out_of_range))
         rej.append(_rejected(pc.filter(raw, pa.array(out_of_range)), chunk.file, rows[out_of_range],
                              "timestamp_out_of_range",
-                             [f"{opts.time_column} {int(t)} is not a time from 1970 to 2100 (in seconds, milliseconds "
-                              "or microseconds)" for t in ts_values[out_of_range]]))
+                             [f"{opts.time_column} {str(t).strip()} is not a time from 1970 to 2100 (in seconds, "
+                              "milliseconds or microseconds)" for t in given.to_pylist()]))
     keep = ts_ok & in_range
     if not keep.all():
         canon, raw, rows = canon.filter(pa.array(keep)), pc.filter(raw, pa.array(keep)), rows[keep]

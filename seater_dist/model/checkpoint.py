@@ -42,6 +42,7 @@ from seater_dist import storage
 from seater_dist.artifacts import (ArtifactError, atomic_dir, member, read_manifest, sha256_file, verify_files,
                                    write_manifest)
 from seater_dist.config import SasrecSettings, SeaterSettings, Settings, SettingsError
+from seater_dist.files import load_npy, load_tensors
 from seater_dist.model.sasrec import SASRec
 from seater_dist.model.seater import SeaterModel
 from seater_dist.tree.item_tree import SCHEMA_VERSION as TREE_SCHEMA_VERSION
@@ -228,12 +229,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         else:
             model = SASRec(num_items, settings)
     if kind == "sasrec":
-        table = np.load(member(path, "item_embeddings.npy", CheckpointError), allow_pickle=False)
+        table = load_npy(member(path, "item_embeddings.npy", CheckpointError), CheckpointError,
+                         "a .npy array of item embeddings")
     weights = member(path, "model.pt", CheckpointError)
+    state = load_tensors(weights, CheckpointError, "a model's weights (a state_dict)")
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state, assign=True)
-    except Exception as err:  # noqa: BLE001 - unpickling errors come in many types
+    except Exception as err:  # noqa: BLE001 - a state_dict of other shapes or names
         raise CheckpointError(f"{weights}: does not fit the model described by settings.json "
                               f"({' '.join(str(err).split())[:300]})") from None
     return Checkpoint(path, kind, model.to(map_location).eval(), settings, manifest, tree, table)

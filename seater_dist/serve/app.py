@@ -31,7 +31,6 @@ import asyncio
 import gc
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -180,12 +179,14 @@ def _build_part(a: ServeArgs, make: Any) -> Any:
 
 @contextmanager
 def _one_at_a_time(enabled: bool) -> Iterator[None]:
+    """Hold this user's checkpoint-load lock (``<tmp>/seater-<uid>/serve-load.lock``, in a directory only
+    this user can write, so no other local user can take it and stall the replicas)."""
     if not enabled:
         yield
         return
     import fcntl
 
-    with open(Path(tempfile.gettempdir()) / "seater-serve-load.lock", "a") as lock:
+    with open(storage.private_dir() / "serve-load.lock", "a") as lock:  # the user's own: no one else can hold it
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield

@@ -10,8 +10,9 @@
 * ``top_n`` (optional, default min(50, the maximum)): an integer in 1..maximum (SEATER: the beam size).
 
 Every refusal is JSON naming the field and the problem, e.g. ``{"error": "invalid request", "field":
-"top_n", "problem": "must be an integer in 1..50, got 0"}``: 413 for a body above the size limit, 422 for
-invalid JSON, wrong types, missing or unknown fields, values out of range.
+"top_n", "problem": "must be an integer in 1..50, got 0"}``: 413 for a body above the size limit, 400 for JSON
+nested too deeply to parse (``[[[[...`` thousands of levels deep), 422 for invalid JSON, wrong types, missing or
+unknown fields, values out of range.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ def parse_recommend(body: bytes, max_top_n: int, limit: int = MAX_BODY_BYTES) ->
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise RequestError(422, "body", f"not valid JSON ({err})") from None
+    except RecursionError:  # the parser recurses once per level: a 60 KB body can nest 30,000 deep
+        raise RequestError(400, "body", "JSON nested too deeply; a request is an object holding a list of item ids",
+                           error="bad request") from None
     if not isinstance(data, dict):
         raise RequestError(422, "body", f"must be a JSON object with {FIELDS[0]!r} (and optionally "
                            f"{FIELDS[1]!r}), got {_type(data)}")

@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 
 from seater_dist.config import TrainSettings
+from seater_dist.files import load_tensors
+from seater_dist.model.checkpoint import CheckpointError
 from seater_dist.train.sparse_table import SparseTableDDP
 from seater_dist.train.tasks import LossModule, SasrecTask, SeaterTask, Task
 
@@ -258,8 +260,8 @@ def _restore(model: torch.nn.Module, trainer: SparseTableDDP, state: EarlyStoppi
         return -1
     with checkpoint.as_directory() as directory:
         directory = Path(directory)
-        model.load_state_dict(torch.load(directory / "model.pt", map_location="cpu", weights_only=True))
-        saved = torch.load(directory / TRAIN_STATE, map_location="cpu", weights_only=True)
+        model.load_state_dict(load_tensors(directory / "model.pt", CheckpointError, "a model's weights (a state_dict)"))
+        saved = load_tensors(directory / TRAIN_STATE, CheckpointError, "a training state written by `seater train`")
     trainer.load_state_dict(saved["optimizer"])
     for key, value in saved["early_stopping"].items():
         if key != "patience":  # the run's current settings decide how long to wait

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from seater_dist.config import SasrecSettings, SeaterSettings
+from seater_dist.config import SasrecSettings, SeaterSettings, SettingsError
 from seater_dist.data.dataset import load_dataset
 from seater_dist.data.samples import expand_next_item, shifted_sequences
+from seater_dist.files import load_npy
 from seater_dist.model.checkpoint import save_checkpoint
 from seater_dist.storage import local_copy
 
@@ -78,7 +79,8 @@ class SeaterTask(_Checkpointing):
 
         model = SeaterModel(self.tree, self.settings, sparse_embedding=True)
         if self.settings.token_init == "embeddings":
-            model.init_tokens_from(self.tree, np.load(local_copy(self.embeddings_path), allow_pickle=False))
+            table = load_npy(local_copy(self.embeddings_path), SettingsError, "a .npy array of item embeddings [N, d]")
+            model.init_tokens_from(self.tree, table)
         return model
 
     def batch_fn(self):

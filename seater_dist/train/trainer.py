@@ -31,6 +31,7 @@ import pyarrow.fs as pafs
 from seater_dist.artifacts import MANIFEST, ArtifactError, atomic_dir, check_replaceable, output_lock
 from seater_dist.config import SasrecSettings, SeaterSettings, SettingsError, TrainSettings, metric_cutoffs, metric_k
 from seater_dist.data.dataset import load_dataset
+from seater_dist.files import load_npy
 from seater_dist.model.checkpoint import CheckpointError, read_checkpoint_manifest
 from seater_dist.storage import exists, is_remote, join, local_copy, publish, read_bytes, resolve, write_bytes
 from seater_dist.train.loop import train_loop_per_worker
@@ -91,7 +92,8 @@ def _checked_embeddings(embeddings: str | Path | None, tree: dict[str, Any], tre
                             f"was built from{where}: pass seater train --embeddings FILE.npy, or set "
                             "`seater: {token_init: random}` to start from a random table")
     want = tree.get("embeddings_sha256")
-    got = embeddings_sha256(np.ascontiguousarray(np.load(local_copy(path), allow_pickle=False), dtype=np.float32))
+    table = load_npy(local_copy(path), SettingsError, "a .npy array of item embeddings [N, d]", mmap=True)
+    got = embeddings_sha256(np.ascontiguousarray(table, dtype=np.float32))
     if want != got:
         raise SettingsError(f"{path}: not the embeddings the tree {tree_path} was built from "
                             f"(sha256 {got[:12]}, the tree's manifest says {str(want)[:12]})")

@@ -37,6 +37,7 @@ import numpy as np
 
 from seater_dist import storage
 from seater_dist.config import TreeSettings
+from seater_dist.files import load_npy
 from seater_dist.tree.ablation import random_paths, unbalanced_paths
 from seater_dist.tree.balance import group_nodes, group_of_rank
 from seater_dist.tree.executor import Runner, batched_nodes
@@ -126,10 +127,7 @@ def load_embeddings(path: str | os.PathLike) -> np.ndarray:
                         f"{path}: not a regular file (a .npy file of item embeddings is expected)")
     if path.stat().st_size == 0:
         raise TreeError(f"{path}: empty file (0 bytes); expected a .npy array of item embeddings [N, d]")
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise TreeError(f"{path}: not a .npy array file ({' '.join(str(err).split())})") from None
+    return load_npy(path, TreeError, "a .npy array of item embeddings [N, d] (`seater embed` writes one)", mmap=True)
 
 
 def _check_embeddings(embeddings: np.ndarray) -> np.ndarray:

@@ -36,6 +36,7 @@ import numpy as np
 
 from seater_dist import storage
 from seater_dist.artifacts import atomic_dir, member, read_manifest, verify_files, write_manifest
+from seater_dist.files import load_npy
 
 SCHEMA_VERSION = 1
 _ARRAYS = ("codes", "children", "parent", "level")
@@ -290,10 +291,7 @@ class ItemTree:
         verify_files(path, manifest, files, error=TreeError)
         arrays = {}
         for name, file in zip(_ARRAYS, files):
-            try:
-                arrays[name] = np.load(member(path, file, TreeError), allow_pickle=False)
-            except (ValueError, OSError, EOFError) as err:
-                raise TreeError(f"{path / file}: not a readable .npy array ({err})") from None
+            arrays[name] = load_npy(member(path, file, TreeError), TreeError, f"a .npy array of the tree's {name}")
         try:
             tree = cls(int(manifest["num_items"]), int(manifest["k"]), int(manifest["depth"]), manifest=manifest,
                        **arrays)
