@@ -23,14 +23,6 @@
   workers of 0.5 CPU, Ray Data actors, evaluation), which is what the warning counts. Dropped the same way
   (:data:`DROPPED_LINES`).
 
-One cause is removed rather than hidden: Ray Train's ``PlacementGroupCleaner`` (a detached actor per fit,
-train/v2/_internal/execution/controller/placement_group_cleaner.py) asks the state API whether the controller
-lives with no address (``ray.util.state.get_actor``), which finds "the" cluster by its GCS processes and
-/tmp/ray/ray_current_cluster. With another Ray on the machine its thread died of ``ConnectionError: Found
-multiple active Ray instances`` (a 25-line ``Exception in thread PlacementGroupCleanerMonitor`` traceback on
-the driver's console), and with another cluster's ray_current_cluster it could ask that cluster, not find
-the controller, and remove the run's placement group. :func:`quiet_worker` sets ``RAY_ADDRESS`` in every
-worker to the worker's own cluster (unless set), so such calls ask the right one.
 """
 
 from __future__ import annotations
@@ -90,23 +82,11 @@ def quiet_process() -> None:
 
 
 def quiet_worker() -> None:
-    """The runtime_env ``worker_process_setup_hook``: :func:`quiet_process` and :func:`address_own_cluster`
-    in every Ray worker."""
+    """:func:`quiet_process` in a Ray worker (ray_env.setup_worker calls it unless SEATER_VERBOSE is set)."""
     try:
         quiet_process()
-        address_own_cluster()
     except Exception:  # console noise must never stop a worker from starting
         pass
-
-
-def address_own_cluster() -> None:
-    """In a Ray worker: ``RAY_ADDRESS`` = this worker's own cluster (its GCS), unless already set, so that
-    Ray's calls without an address (the state API of Ray Train's placement-group cleaner) never auto-detect
-    another cluster on the machine."""
-    import ray
-
-    if not os.environ.get("RAY_ADDRESS") and ray.is_initialized():
-        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 # The filter process: copies stdin to stdout line by line, dropping lines that match argv[1]. A partial

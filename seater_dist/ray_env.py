@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from seater_dist.quiet import filter_stderr, quiet_process, verbose
+from seater_dist.quiet import filter_stderr, quiet_process, quiet_worker, verbose
 
 LOOPBACK_ADDRESSES = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
 
@@ -20,9 +20,8 @@ _QUIET_ENV = {
     "RAY_DATA_DISABLE_PROGRESS_BARS": os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "0"),
 }
 
-# Runs seater_dist.quiet.quiet_process in every worker of the job (Train controller and workers, Ray Data
-# actors, tasks): the faiss loader, Ray's exclude_resources deprecation and the progress-bar notice.
-_SETUP_HOOK = "seater_dist.quiet.quiet_worker"
+# Runs in every worker of the job (Train controller and workers, Ray Data actors, tasks): setup_worker.
+_SETUP_HOOK = "seater_dist.ray_env.setup_worker"
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> None:
@@ -55,12 +54,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
         logging.getLogger("ray.train").setLevel(logging.WARNING)
         kwargs.setdefault("logging_config", ray.LoggingConfig(log_level="WARNING"))
         quiet_process()
-        kwargs["runtime_env"] = _with_setup_hook(kwargs.get("runtime_env"))
         if not address:
             # Ray Train's preemption watcher (an actor per fit, polling for node drains) has nothing to watch on
             # a private one-node cluster, and its creation logs core_worker.cc's "constructor arguments in the
             # object store" error (it is passed the worker actors' handles). Clusters keep it.
             os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    kwargs["runtime_env"] = _with_setup_hook(kwargs.get("runtime_env"))
     if address:
         ray.init(address=address, log_to_driver=True, **kwargs)
     else:
@@ -122,6 +121,30 @@ def keep_serve_replica_on_loopback() -> None:
 
     bind_on_loopback.loopback_only = True  # type: ignore[attr-defined]
     replica.add_port_to_grpc_server = bind_on_loopback
+
+
+def setup_worker() -> None:
+    """The runtime_env ``worker_process_setup_hook``, in every Ray worker of the job: :func:`address_own_cluster`,
+    and seater_dist.quiet's filters (the faiss loader, Ray's exclude_resources deprecation, the progress-bar
+    notice) unless SEATER_VERBOSE is set."""
+    address_own_cluster()
+    if not verbose():
+        quiet_worker()
+
+
+def address_own_cluster() -> None:
+    """In a Ray worker: ``RAY_ADDRESS`` = this worker's own cluster (its GCS), unless already set.
+
+    Ray Train's ``PlacementGroupCleaner`` (a detached actor per fit, ray/train/v2/_internal/execution/controller/
+    placement_group_cleaner.py) asks the state API whether the controller lives with no address, which finds
+    "the" cluster by its GCS processes and /tmp/ray/ray_current_cluster: with another Ray on the machine its
+    thread died of "Found multiple active Ray instances" (a 25-line traceback on the driver's console), and
+    with another cluster's ray_current_cluster it could ask that cluster and remove our run's placement group.
+    """
+    import ray
+
+    if not os.environ.get("RAY_ADDRESS") and ray.is_initialized():
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 def _with_setup_hook(runtime_env: Any) -> Any:
