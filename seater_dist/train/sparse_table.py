@@ -102,13 +102,14 @@ class AdamCatchUp:
         if not max(rhos) < 1:
             raise ValueError(f"closed-form catch-up needs beta1 < beta2**{self.ORDERS / 2}, got ({beta1}, {beta2})")
         self.window = math.ceil(-20 * math.log(10) / math.log(max(rhos)))
-        steps_back = torch.arange(self.window, 0, -1, dtype=torch.float64)
+        # The per-step scalars live on the host (float64 [ORDERS, steps]); only the rows' state is on ``device``.
+        steps_back = torch.arange(self.window, 0, -1, dtype=torch.float64, device="cpu")
         self.powers = torch.stack([rho**steps_back for rho in rhos])  # [ORDERS, window]: rho**window .. rho**1
         self.last = torch.zeros(num_rows, dtype=torch.long, device=device)  # step each row is up to date with
         self.step = 0
         self.origin = 0
-        self.acc = torch.zeros(self.ORDERS, 1024, dtype=torch.float64)
-        self.step_sizes = torch.zeros(1024, dtype=torch.float64)  # lr_u / (1 - beta1**u) at u - origin
+        self.acc = torch.zeros(self.ORDERS, 1024, dtype=torch.float64, device="cpu")
+        self.step_sizes = torch.zeros(1024, dtype=torch.float64, device="cpu")  # lr_u / (1 - beta1**u) at u - origin
 
     def reset(self, step: int) -> None:
         """Every row is up to date with ``step`` (after a full catch-up, a dense step, or a resume)."""
@@ -125,7 +126,7 @@ class AdamCatchUp:
             self.step_sizes = torch.cat([self.step_sizes, torch.zeros_like(self.step_sizes)])
         self.step_sizes[t - self.origin] = lr / (1 - self.beta1**t)
         first = max(self.origin, t - self.window)
-        orders = torch.arange(1, self.ORDERS + 1, dtype=torch.float64)
+        orders = torch.arange(1, self.ORDERS + 1, dtype=torch.float64, device="cpu")
         per_order = self.step_sizes[t - self.origin] * (1 - self.beta2**t) ** (orders / 2)  # [ORDERS]
         self.acc[:, first - self.origin : t - self.origin] += per_order[:, None] * self.powers[:, self.window - (t - first):]
 
@@ -248,7 +249,7 @@ class SparseTableDDP:
         if grad is None:
             grad = torch.sparse_coo_tensor(torch.zeros((1, 0), dtype=torch.long, device=weight.device),
                                            torch.zeros((0, weight.shape[1]), dtype=weight.dtype, device=weight.device),
-                                           weight.shape, check_invariants=False)
+                                           weight.shape, check_invariants=False, device=weight.device)
         table_bytes = 0
         if not grad.is_sparse:  # a loss touched every row (e.g. SASRec's full softmax): all-reduce it densely
             if _distributed():
@@ -257,7 +258,7 @@ class SparseTableDDP:
                 table_bytes = grad.numel() * grad.element_size()
             rows = torch.nonzero(grad.abs().sum(1)).flatten()
             if self.lazy:  # SparseAdam takes the non-zero rows
-                weight.grad = torch.sparse_coo_tensor(rows[None], grad[rows], weight.shape).coalesce()
+                weight.grad = torch.sparse_coo_tensor(rows[None], grad[rows], weight.shape, device=grad.device).coalesce()
             return table_bytes, int(rows.numel())
         grad = grad.coalesce()
         if _distributed():
@@ -311,7 +312,7 @@ class SparseTableDDP:
         weight = self.table.weight
         state = self.table_optimizer.state[weight]
         if not state:
-            state["step"] = torch.tensor(0.0)
+            state["step"] = torch.tensor(0.0, device="cpu")  # on the host, as torch.optim.Adam keeps it
             state["exp_avg"] = torch.zeros_like(weight, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(weight, memory_format=torch.preserve_format)
         return state
@@ -355,7 +356,7 @@ class SparseTableDDP:
         if self.weight_decay:
             rows = grad.indices()[0]
             weight.grad = torch.sparse_coo_tensor(grad.indices(), grad.values() + self.weight_decay * weight.detach()[rows],
-                                                  weight.shape, check_invariants=False).coalesce()
+                                                  weight.shape, check_invariants=False, device=weight.device).coalesce()
         self.table_optimizer.step()
 
     def _dense_step(self) -> None:
@@ -453,7 +454,8 @@ def _all_gather_rows(grad: torch.Tensor) -> tuple[torch.Tensor, int]:
     dist.all_gather(val_all, val_pad)
     rows = torch.cat([i[:c] for i, c in zip(idx_all, n)])
     values = torch.cat([v[:c] for v, c in zip(val_all, n)]) / world
-    summed = torch.sparse_coo_tensor(rows[None], values, grad.shape, check_invariants=False).coalesce()
+    summed = torch.sparse_coo_tensor(rows[None], values, grad.shape, check_invariants=False,
+                                     device=values.device).coalesce()
     sent = count.element_size() + longest * (idx_pad.element_size() + val_pad.shape[1] * val_pad.element_size())
     return summed, sent
 

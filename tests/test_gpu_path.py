@@ -1,0 +1,200 @@
+"""The GPU path, checked on a CPU: every collective of the training loop has a backend in the process group a
+GPU worker group gets, the rendezvous sets what NCCL and gloo need, the device fingerprint is exact, SASRec's
+top-k on a device equals faiss's, and `python -m bench.gpu_check` skips cleanly without a GPU.
+
+A GPU worker's group maps each device type to a backend (torch's BackendConfig): a tensor on a device type
+without one fails with "No backend type associated with device type ...". ``two_gpu_workers`` replays the
+loop's collectives against that map for two identical workers, as a GPU worker would see their tensors: the
+model is on the CPU here, standing for the worker's GPU, and torch's default device is set to "meta", standing
+for the worker's CPU (where a tensor created without naming its device lands).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.distributed_c10d import Backend, BackendConfig
+
+from seater_dist.config import SasrecSettings, SeaterSettings
+from seater_dist.model.sasrec import SASRec, topk_inner_product, topk_on_device
+from seater_dist.model.seater import SeaterModel
+from seater_dist.model.toy_trees import random_balanced_tree
+from seater_dist.train import loop
+from seater_dist.train.sparse_table import SparseTableDDP
+from seater_dist.train.trainer import process_group_backend, process_group_env
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class TwoWorkerGroup:
+    """torch.distributed's collectives for two identical workers, refusing (as a real group does) a tensor
+    whose device type, as a GPU worker sees it (meta -> cpu, the CPU -> cuda), has no backend in ``backend``'s
+    map. Records (collective, device type on the GPU worker) of every call."""
+
+    def __init__(self, backend: str) -> None:
+        self.devices = BackendConfig(Backend(backend)).get_device_backend_map()
+        self.calls: list[tuple[str, str]] = []
+
+    def _check(self, name: str, tensor: torch.Tensor) -> None:
+        on_gpu_worker = "cpu" if tensor.device.type == "meta" else "cuda"
+        if on_gpu_worker not in self.devices:
+            raise RuntimeError(f"{name}: No backend type associated with device type {on_gpu_worker}")
+        self.calls.append((name, on_gpu_worker))
+
+    def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM, **_) -> None:
+        self._check("all_reduce", tensor)
+        if op == dist.ReduceOp.SUM:
+            tensor.mul_(2)
+
+    def all_gather(self, out: list[torch.Tensor], tensor: torch.Tensor, **_) -> None:
+        self._check("all_gather", tensor)
+        for target in out:
+            target.copy_(tensor)
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0, **_) -> None:
+        self._check("broadcast", tensor)
+
+
+@pytest.fixture
+def two_gpu_workers(monkeypatch):
+    """Enter a two-worker group with the backend the rendezvous picks for workers with one GPU each."""
+
+    def enter() -> TwoWorkerGroup:
+        group = TwoWorkerGroup(process_group_backend(None, gpus_per_worker=1))
+        for name in ("all_reduce", "all_gather", "broadcast"):
+            monkeypatch.setattr(dist, name, getattr(group, name))
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+        torch.set_default_device("meta")
+        return group
+
+    yield enter
+    torch.set_default_device(None)
+
+
+def _seater() -> tuple[SeaterModel, SparseTableDDP, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    tree = random_balanced_tree(40, 4, seed=0)
+    model = SeaterModel(tree, SeaterSettings(d_model=16, n_heads=2, ffn_dim=32, history_len=5, beam_size=8),
+                        sparse_embedding=True)
+    trainer = SparseTableDDP(model, "tok_emb", lr=1e-3, weight_decay=1e-5, device=torch.device("cpu"))
+    history = torch.tensor([[tree.pad, 1, 2, 3, 4], [5, 6, 7, 8, 9]])
+    return model, trainer, {"history": history, "target": torch.tensor([10, 11])}
+
+
+def test_a_gpu_worker_group_has_a_backend_for_every_collective_the_loop_makes(two_gpu_workers):
+    model, trainer, batch = _seater()
+    histories = [np.array([1, 2, 3]), np.array([7])]
+    truth = [np.array([4]), np.array([8, 9])]
+    group = two_gpu_workers()
+
+    # In the loop's order: a step, then the epoch's bookkeeping.
+    assert loop._everyone_has(True) is True
+    model(batch["history"], batch["target"])["loss"].backward()
+    trainer.step(grad_clip=1.0)  # the table's row all-gather
+    assert loop._sum_all(3) == 6
+    metrics = loop._validate(None, model, histories, truth, [5], torch.device("cpu"))
+    assert loop._params_identical_across_workers(model)
+
+    names = {name for name, _ in group.calls}
+    assert names == {"all_reduce", "all_gather"} and len(group.calls) >= 5
+    assert set(metrics) >= {"recall@5", "hr@5", "ndcg@5"}
+
+
+def test_a_gpu_worker_group_serves_cpu_and_cuda_tensors_where_plain_nccl_serves_cuda_only():
+    """The loop's host bookkeeping (a flag, a count, metric sums) is on the CPU: it needs gloo beside NCCL."""
+    gpu_group = BackendConfig(Backend(process_group_backend(None, gpus_per_worker=1))).get_device_backend_map()
+    assert {str(gpu_group["cpu"]), str(gpu_group["cuda"])} == {"gloo", "nccl"}
+    assert "cpu" not in BackendConfig(Backend("nccl")).get_device_backend_map()
+    with pytest.raises(RuntimeError, match="device type cpu"):
+        TwoWorkerGroup("nccl").all_reduce(torch.ones(1, device="meta"))
+    assert process_group_backend(None, gpus_per_worker=0) == "gloo"  # CPU runs unchanged
+    assert process_group_backend("gloo", gpus_per_worker=1) == "gloo"  # an explicit choice wins
+
+
+def test_rendezvous_sets_both_socket_interfaces_and_keeps_nccl_async_error_handling(monkeypatch):
+    for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+                 "TORCH_NCCL_BLOCKING_WAIT"):
+        monkeypatch.delenv(name, raising=False)
+    gpu = process_group_env("cpu:gloo,cuda:nccl", "eth1")
+    assert gpu == {"GLOO_SOCKET_IFNAME": "eth1", "NCCL_SOCKET_IFNAME": "eth1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+    assert "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in process_group_env("gloo", "lo")
+    monkeypatch.setenv("TORCH_NCCL_BLOCKING_WAIT", "1")  # the user's choice of error handling is kept
+    assert "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in process_group_env("cpu:gloo,cuda:nccl", "eth1")
+
+
+def test_a_rank_joins_with_both_interfaces_set_to_its_ray_address(monkeypatch):
+    """A real one-rank gloo group through the bound rendezvous, on loopback."""
+    import ray.util
+
+    from seater_dist.train import trainer
+
+    for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.1")
+    address, port = trainer._bind_store_socket()
+    try:
+        trainer._join_process_group("gloo", address, port, world_rank=0, world=1, timeout_s=30)
+        assert os.environ["GLOO_SOCKET_IFNAME"] == os.environ["NCCL_SOCKET_IFNAME"] == "lo"
+        assert dist.get_world_size() == 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        trainer._store_socket.detach()  # the store owns (and closed) the listening socket
+
+
+def test_fingerprint_is_exact_and_chunked(monkeypatch):
+    monkeypatch.setattr(loop, "FINGERPRINT_CHUNK", 7)  # many chunks, the last one short
+    t = torch.randn(10, 9)
+    fp = loop.fingerprint(t)
+    assert fp.dtype == torch.int64 and fp.shape == (2,)
+    monkeypatch.setattr(loop, "FINGERPRINT_CHUNK", 1 << 20)
+    assert torch.equal(loop.fingerprint(t), fp)  # chunking changes nothing
+    nudged = t.clone()
+    nudged[9, 8] = torch.nextafter(nudged[9, 8], torch.tensor(np.inf))  # one ulp of one element
+    assert not torch.equal(loop.fingerprint(nudged), fp)
+    swapped = t.clone()
+    swapped[[0, 1]] = t[[1, 0]]  # the same values in other places
+    assert not torch.equal(loop.fingerprint(swapped), fp)
+
+
+@pytest.mark.parametrize("k", [5, 40])
+def test_topk_on_device_in_item_chunks_equals_faiss(k):
+    rng = np.random.default_rng(0)
+    users = rng.normal(size=(6, 8)).astype(np.float32)
+    items = rng.normal(size=(30, 8)).astype(np.float32)
+    expected_ids, expected_scores = topk_inner_product(users, items, k)
+    ids, scores = topk_on_device(torch.from_numpy(users), torch.from_numpy(items), k, chunk=7)
+    np.testing.assert_array_equal(ids.numpy(), expected_ids)
+    np.testing.assert_allclose(scores.numpy(), expected_scores, rtol=1e-5)  # -inf past N in both
+
+
+def test_sasrec_builds_its_faiss_index_once_per_table(monkeypatch):
+    from seater_dist.model import sasrec
+
+    model = SASRec(50, SasrecSettings(max_len=5, d_model=8, n_heads=2, num_blocks=1))
+    built, build = [], sasrec.flat_index
+    monkeypatch.setattr(sasrec, "flat_index", lambda table: built.append(1) or build(table))
+    histories = [np.array([1, 2]), np.array([3])]
+    first = model.topk(histories, 10)
+    model.topk(histories, 10)
+    assert len(built) == 1  # reused while the table is unchanged
+    with torch.no_grad():
+        model.item_emb.weight[:50].mul_(-1)  # an optimiser step changes the table in place
+    assert not np.array_equal(model.topk(histories, 10), first) and len(built) == 2
+
+
+def test_gpu_check_says_it_skipped_and_succeeds_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: run `make gpu-check` itself")
+    done = subprocess.run([sys.executable, "-m", "bench.gpu_check"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "no GPU: skipped"
