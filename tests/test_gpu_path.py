@@ -198,3 +198,52 @@ def test_gpu_check_says_it_skipped_and_succeeds_without_a_gpu():
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "no GPU: skipped"
+
+
+def test_evaluation_actors_load_the_checkpoint_onto_the_gpu_ray_gave_them(monkeypatch):
+    import ray
+
+    from seater_dist.eval import offline
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [3])  # Ray sets CUDA_VISIBLE_DEVICES=3: torch's cuda:0
+    assert offline.actor_device() == torch.device("cuda", 0)
+    loaded = {}
+    monkeypatch.setattr(offline, "load_checkpoint", lambda path, map_location: loaded.update(at=map_location))
+    offline._BatchScorer("ckpt", (20,), threads=1)
+    assert loaded["at"] == torch.device("cuda", 0)
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])  # an actor without a GPU ranks on the CPU
+    assert offline.actor_device() == torch.device("cpu")
+
+
+def test_sasrec_index_shards_reserve_no_gpu(tmp_path):
+    """They search a CPU faiss index; the encoder, which runs the model, keeps its share of a GPU."""
+    from seater_dist.model.checkpoint import save_checkpoint
+    from seater_dist.serve.app import build_app
+
+    model = SASRec(10, SasrecSettings(max_len=5, d_model=8, n_heads=2, num_blocks=1))
+    save_checkpoint(tmp_path / "ckpt", model, model.settings, np.array([str(i) for i in range(10)]))
+    router = build_app({"checkpoint": str(tmp_path / "ckpt"), "shards": 2, "gpu": True})._bound_deployment
+    encoder, shards = router.init_args[0]._bound_deployment, [s._bound_deployment for s in router.init_args[1]]
+    assert [s.name for s in shards] == ["IndexShard0", "IndexShard1"]
+    assert all("num_gpus" not in s.ray_actor_options for s in shards)
+    assert encoder.ray_actor_options["num_gpus"] == 0.5 and "num_gpus" not in router.ray_actor_options
+
+
+def test_gpu_check_fails_a_run_that_left_the_gpu_unused_or_drifted():
+    from bench import gpu_check
+
+    assert gpu_check.settings(use_gpu=True).train.use_gpu and gpu_check.settings(use_gpu=True).eval.use_gpu
+    metrics = {m: 0.2 for m in gpu_check.METRICS}
+
+    def run(peak: int, device: str, drift: float = 0.0) -> dict:
+        return {model: {"metrics": {m: v + drift for m, v in metrics.items()}, "devices": [device],
+                        "history": [{"gpu_peak_bytes": peak}]} for model in gpu_check.MODELS}
+
+    rescored = {model: dict(metrics) for model in gpu_check.MODELS}
+    assert gpu_check.checks(run(0, "cpu"), run(1 << 20, "cuda:0", drift=0.01), rescored) == []
+    failed = gpu_check.checks(run(0, "cpu"), run(0, "cpu", drift=0.2), rescored)
+    assert any("did not allocate GPU memory" in f for f in failed)
+    assert any("ranked on ['cpu']" in f for f in failed)
+    assert any("GPU-trained" in f for f in failed)
