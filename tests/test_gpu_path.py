@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import Backend, BackendConfig
+from torch.overrides import TorchFunctionMode
 
 from seater_dist.config import SasrecSettings, SeaterSettings
 from seater_dist.model.sasrec import SASRec, topk_inner_product, topk_on_device
@@ -66,13 +67,13 @@ class TwoWorkerGroup:
 def two_gpu_workers(monkeypatch):
     """Enter a two-worker group with the backend the rendezvous picks for workers with one GPU each."""
 
-    def enter() -> TwoWorkerGroup:
+    def enter(default_device: str = "meta") -> TwoWorkerGroup:
         group = TwoWorkerGroup(process_group_backend(None, gpus_per_worker=1))
         for name in ("all_reduce", "all_gather", "broadcast"):
             monkeypatch.setattr(dist, name, getattr(group, name))
         monkeypatch.setattr(dist, "is_initialized", lambda: True)
         monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
-        torch.set_default_device("meta")
+        torch.set_default_device(default_device)
         return group
 
     yield enter
@@ -106,6 +107,56 @@ def test_a_gpu_worker_group_has_a_backend_for_every_collective_the_loop_makes(tw
     names = {name for name, _ in group.calls}
     assert names == {"all_reduce", "all_gather"} and len(group.calls) >= 5
     assert set(metrics) >= {"recall@5", "hr@5", "ndcg@5"}
+
+
+class HostReads(TorchFunctionMode):
+    """Records every read of a tensor's value by the host (on a GPU: a wait for the device), except reads of
+    ``exempt`` (tensors that live on the host by design)."""
+
+    READS = {"item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy"}
+
+    def __init__(self, exempt: tuple[torch.Tensor, ...] = ()) -> None:
+        super().__init__()
+        self.exempt = exempt
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS and not any(args[0] is t for t in self.exempt):
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_training_step_reads_two_device_values_whatever_the_number_of_workers(two_gpu_workers):
+    """The row counts of the table's all-gather (sizes to allocate) and the chunk bounds of the whole-table
+    Adam pass; the clipping norm and the per-worker counts stay on the device. Adam's step counts live on the
+    host (torch's single-tensor Adam, as on a CPU; fused Adam on CUDA keeps them on the GPU): not device reads."""
+    model, trainer, batch = _seater()
+    two_gpu_workers(default_device="cpu")  # only the reads matter here
+    for step in range(3):
+        model(batch["history"], batch["target"])["loss"].backward()
+        optimizers = (trainer.dense_optimizer, trainer.table_optimizer)
+        steps = tuple(state["step"] for o in optimizers for state in o.state.values())
+        with HostReads(exempt=steps) as host:
+            stats = trainer.step(grad_clip=1e-3)  # clipping applies
+        if step > 0:  # the first step creates the optimisers' state
+            assert host.reads == ["tolist", "tolist"], step
+    assert stats.grad_norm.dtype == torch.float64 and float(stats.grad_norm) > 1e-3
+
+
+def test_input_checks_read_no_device_value():
+    """On a device (meta stands for it) the model's and loss's id checks are skipped: each would be a sync."""
+    from seater_dist.model import losses
+
+    with torch.device("meta"):
+        tree = random_balanced_tree(40, 4, seed=0)
+        model = SeaterModel(tree, SeaterSettings(d_model=16, n_heads=2, ffn_dim=32, history_len=5), trainable=False)
+        memory, _ = model.encode(torch.zeros(2, 5, dtype=torch.long))
+        loss = losses.generation_loss(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4, dtype=torch.long),
+                                      torch.zeros(2, 3, dtype=torch.long))
+    assert memory.shape == (2, 5, 16) and loss.device.type == "meta"
+    with pytest.raises(ValueError, match="history holds token"):  # on the host they still run
+        SeaterModel(tree, SeaterSettings(d_model=16, n_heads=2, ffn_dim=32, history_len=5)).encode(
+            torch.full((1, 5), -1))
 
 
 def test_a_gpu_worker_group_serves_cpu_and_cuda_tensors_where_plain_nccl_serves_cuda_only():
