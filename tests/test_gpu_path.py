@@ -258,8 +258,12 @@ def test_evaluation_actors_load_the_checkpoint_onto_the_gpu_ray_gave_them(monkey
 
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [3])  # Ray sets CUDA_VISIBLE_DEVICES=3: torch's cuda:0
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [3])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # as Ray sets it for the actor: torch's cuda:0
     assert offline.actor_device() == torch.device("cuda", 0)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,3")  # every GPU of the node visible: torch's cuda:1
+    assert offline.actor_device() == torch.device("cuda", 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
     loaded = {}
     monkeypatch.setattr(offline, "load_checkpoint", lambda path, map_location: loaded.update(at=map_location))
     offline._BatchScorer("ckpt", (20,), threads=1)

@@ -82,14 +82,19 @@ def evaluation_dir(parent: str | Path, split: str) -> str:
 
 
 def actor_device() -> "torch.device":
-    """The device of this Ray actor: its first GPU when Ray assigned it one (``ray.get_gpu_ids()``; Ray then
-    sets CUDA_VISIBLE_DEVICES to the assigned GPUs, so torch numbers them from 0), else the CPU."""
+    """The device of this Ray actor: the first GPU Ray assigned it (``ray.get_gpu_ids()``), numbered as torch
+    sees it, i.e. its place in CUDA_VISIBLE_DEVICES (Ray sets that to the assigned GPUs: cuda:0), as
+    ray.train.torch.get_device does for training workers; the CPU when it has none."""
+    import os
+
     import ray
     import torch
 
-    if ray.is_initialized() and ray.get_gpu_ids() and torch.cuda.is_available():
-        return torch.device("cuda", 0)
-    return torch.device("cpu")
+    if not (ray.is_initialized() and ray.get_gpu_ids() and torch.cuda.is_available()):
+        return torch.device("cpu")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+    gpu = str(ray.get_gpu_ids()[0])
+    return torch.device("cuda", visible.index(gpu) if gpu in visible else 0)
 
 
 class _BatchScorer:

@@ -133,7 +133,7 @@ class SASRec(nn.Module):
         history = torch.from_numpy(left_pad(histories, self.settings.max_len, self.num_items))
         weight = self.item_emb.weight
         with eval_mode(self), torch.no_grad():
-            states = self.user_state(history.to(weight.device, non_blocking=True)).float()  # [U, d]
+            states = self.user_state(history.to(weight.device)).float()  # [U, d]
             if weight.device.type != "cpu":
                 return topk_on_device(states, weight[: self.num_items].float(), top_k)[0].cpu().numpy()
         return search_index(self._cpu_index(), states.numpy(), top_k)[0]

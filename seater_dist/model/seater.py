@@ -247,6 +247,6 @@ class SeaterModel(nn.Module):
         -> int64 [U, top_k] best first, -1 padded. Beam search with the settings' beam (at least top_k)."""
         history = torch.from_numpy(left_pad(histories, self.settings.history_len, self.pad))
         self.check_history(history)
-        items, _ = self.beam_search(history.to(self.tok_emb.weight.device, non_blocking=True),
+        items, _ = self.beam_search(history.to(self.tok_emb.weight.device),
                                     max(self.settings.beam_size, top_k), top_k)
         return items.cpu().numpy()
