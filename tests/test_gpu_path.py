@@ -302,3 +302,10 @@ def test_gpu_check_fails_a_run_that_left_the_gpu_unused_or_drifted():
     assert any("did not allocate GPU memory" in f for f in failed)
     assert any("ranked on ['cpu']" in f for f in failed)
     assert any("GPU-trained" in f for f in failed)
+
+
+def test_the_microvideo_preset_trains_and_evaluates_on_gpus():
+    from jobs.train_microvideo import run_settings
+
+    settings = run_settings("microvideo")
+    assert settings.train.use_gpu and settings.sasrec_train.use_gpu and settings.eval.use_gpu
