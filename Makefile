@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 
-.PHONY: install demo test bench bench-list clean
+.PHONY: install demo test bench bench-list gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,10 @@ bench: install
 
 bench-list: install
 	$(BIN)/python -m bench.run_all --list
+
+# The GPU path end to end (tiny preset, GPU vs CPU): "no GPU: skipped" on a machine without CUDA.
+gpu-check: install
+	$(BIN)/python -m bench.gpu_check
 
 clean:
 	rm -rf $(VENV) runs

@@ -53,7 +53,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                              "epochs": 20, "max_valid_users": 20000},
             "train": {"workers": 8, "use_gpu": True, "cpus_per_worker": 8, "batch_size": 2048, "epochs": 50,
                       "max_valid_users": 20000},
-            "eval": {"batch_size": 1024},
+            "eval": {"batch_size": 1024, "use_gpu": True, "concurrency": 8, "cpus_per_actor": 4},
         },
     },
     # The same stages sized for a 2-CPU machine (minutes, not hours).

@@ -24,7 +24,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,7 @@ class EvalResult:
     checkpoint: str
     model: str
     out: str
+    devices: list[str] = field(default_factory=list)  # where the users were ranked ("cpu", "cuda:0")
 
     def to_dict(self) -> dict[str, Any]:
         """The ``metrics.json`` layout: each metric and its ``<metric>_ci95`` at the top level, then the rest."""
@@ -80,14 +81,32 @@ def evaluation_dir(parent: str | Path, split: str) -> str:
     return storage.join(parent, f"eval_{split}")
 
 
+def actor_device() -> "torch.device":
+    """The device of this Ray actor: the first GPU Ray assigned it (``ray.get_gpu_ids()``), numbered as torch
+    sees it, i.e. its place in CUDA_VISIBLE_DEVICES (Ray sets that to the assigned GPUs: cuda:0), as
+    ray.train.torch.get_device does for training workers; the CPU when it has none."""
+    import os
+
+    import ray
+    import torch
+
+    if not (ray.is_initialized() and ray.get_gpu_ids() and torch.cuda.is_available()):
+        return torch.device("cpu")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+    gpu = str(ray.get_gpu_ids()[0])
+    return torch.device("cuda", visible.index(gpu) if gpu in visible else 0)
+
+
 class _BatchScorer:
-    """Ray Data callable class: a batch of users -> one row per user (user_index, topk, each metric)."""
+    """Ray Data callable class: a batch of users -> one row per user (user_index, topk, each metric, and the
+    device that ranked them). The model is loaded once, onto the actor's GPU when it has one."""
 
     def __init__(self, checkpoint: str, ks: tuple[int, ...], threads: int) -> None:
         import torch
 
-        torch.set_num_threads(threads)
-        self.checkpoint = load_checkpoint(checkpoint)
+        torch.set_num_threads(threads)  # faiss follows torch's thread count (model/sasrec.py::search_index)
+        self.device = actor_device()
+        self.checkpoint = load_checkpoint(checkpoint, map_location=self.device)
         self.ks = ks
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -95,7 +114,8 @@ class _BatchScorer:
         truth = [np.asarray(g, dtype=np.int64) for g in batch["ground_truth"]]
         topk = self.checkpoint.topk(histories, max(self.ks))  # int64 [B, K_max], -1 padded
         values = per_user_metrics(topk, truth, ks=self.ks)
-        return {"user_index": np.asarray(batch["user_index"], dtype=np.int64), "topk": topk, **values}
+        return {"user_index": np.asarray(batch["user_index"], dtype=np.int64), "topk": topk, **values,
+                "device": np.full(len(histories), str(self.device))}
 
 
 def evaluate(checkpoint: str | Path, dataset_path: str | Path, split: str = "test",
@@ -140,7 +160,7 @@ def _evaluate(checkpoint: str, manifest: dict[str, Any], dataset: Dataset, split
         metrics={name: math.fsum(values[:, i]) / len(values) for i, name in enumerate(names)},
         ci95={name: [float(lo), float(hi)] for name, (lo, hi) in zip(names, bounds)},
         users=len(values), seconds=0.0, rank_seconds=round(rank_seconds, 2), split=split, checkpoint=checkpoint,
-        model=manifest["model"], out=target)
+        model=manifest["model"], out=target, devices=sorted(set(rows["device"].tolist())))
     table = _per_user_table(dataset, rows, names)
     pq.write_table(table, tmp / PER_USER_FILE)
     result.seconds = round(time.time() - t0, 2)

@@ -6,7 +6,7 @@
 * ``losses``: L_gen, L_ali (paper's exclusion rule), L_rank and its exact-prefix negative sampler.
 * ``beam_search.beam_search``: batched over users and beams, key/value cache, encoder once per user.
 * ``sasrec.SASRec(num_items, settings)``: ``loss``, ``user_state``, ``topk(histories, top_k)`` (exact
-  inner-product search, ``sasrec.topk_inner_product``: faiss IndexFlatIP).
+  inner-product search: torch.topk on a GPU, faiss IndexFlatIP built once per table on a CPU).
 * ``checkpoint.save_checkpoint`` / ``load_checkpoint``: the one checkpoint format of both models;
   ``load_checkpoint(path).topk(histories, top_k)`` ranks with either.
 * ``retriever.SeaterRetriever.from_checkpoint(path).recommend(histories, top_n)``: raw ids in and out.

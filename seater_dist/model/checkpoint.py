@@ -95,9 +95,8 @@ class Checkpoint:
         return str(self.manifest["checksums"]["model.pt"][:12])
 
     def topk(self, histories: Sequence[Sequence[int]], top_k: int) -> np.ndarray:
-        """U item-index histories -> int64 [U, top_k] item indices, best first (-1 padded)."""
-        if self.kind == "sasrec":
-            return self.model.topk(histories, top_k, item_table=self.item_table)
+        """U item-index histories -> int64 [U, top_k] item indices, best first (-1 padded), on the model's
+        device (a SASRec model ranks against its own item table, equal to ``item_table``)."""
         return self.model.topk(histories, top_k)
 
 

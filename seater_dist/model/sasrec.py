@@ -3,7 +3,8 @@
 Causal self-attention over the history with pre-LN blocks; item embeddings scaled by sqrt(d) plus learned
 absolute positions; the user state is the output at the last position (the latest item, histories being
 left-padded). Items are scored by inner product with the same item table, so retrieval is exact
-maximum inner-product search (:func:`topk_inner_product`, faiss IndexFlatIP).
+maximum inner-product search: on a GPU :func:`topk_on_device` (torch.topk over states @ table.T in item chunks),
+on a CPU a faiss IndexFlatIP (:func:`topk_inner_product`), built once per table and reused.
 
 Two losses: ``sampled`` — softmax over the positive and ``num_negatives`` uniform negatives shared by the
 batch (the paper's setting, 1,280), ``ce`` — full cross-entropy over all items (the stronger modern baseline).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,6 +72,8 @@ class SASRec(nn.Module):
             PreLNBlock(d, settings.n_heads, ffn, settings.dropout) for _ in range(settings.num_blocks)
         )
         self.final_norm = nn.LayerNorm(d)
+        self._index: Any = None  # topk's faiss index on a CPU, and the (storage, version) of the table it holds
+        self._index_key: tuple[int, int] | None = None
 
     def forward(self, seq: Tensor) -> Tensor:
         """seq int [B, T] left-padded with num_items (T <= max_len) -> states [B, T, d].
@@ -121,32 +125,88 @@ class SASRec(nn.Module):
         """The item table without the pad row, float32 [N, d] (the tree's input; the retrieval index)."""
         return self.item_emb.weight[: self.num_items].detach().cpu().float().numpy().copy()
 
-    def topk(self, histories: Sequence[Sequence[int]], top_k: int,
-             item_table: np.ndarray | None = None) -> np.ndarray:
+    def topk(self, histories: Sequence[Sequence[int]], top_k: int) -> np.ndarray:
         """The retrieval interface shared with SEATER: U item-index histories (oldest first, any length)
-        -> int64 [U, top_k] best first, -1 padded. Exact inner-product search over every item;
-        ``item_table`` (float32 [N, d]) saves recomputing :meth:`item_embeddings` per call."""
+        -> int64 [U, top_k] best first, -1 padded. Exact inner-product search over every item, where the model
+        is: torch on a GPU, faiss on a CPU (its index built on the first call and reused while the table is
+        unchanged)."""
         history = torch.from_numpy(left_pad(histories, self.settings.max_len, self.num_items))
-        with eval_mode(self):
-            states = self.user_state(history.to(self.item_emb.weight.device)).float().cpu().numpy()
-        table = self.item_embeddings() if item_table is None else item_table
-        return topk_inner_product(states, table, top_k)[0]
+        weight = self.item_emb.weight
+        with eval_mode(self), torch.no_grad():
+            states = self.user_state(history.to(weight.device)).float()  # [U, d]
+            if weight.device.type != "cpu":
+                return topk_on_device(states, weight[: self.num_items].float(), top_k)[0].cpu().numpy()
+        return search_index(self._cpu_index(), states.numpy(), top_k)[0]
+
+    def _cpu_index(self) -> Any:
+        """The faiss IndexFlatIP over the item table, rebuilt only when the table changed (a training step
+        bumps the weight's version counter; loading new weights replaces the tensor)."""
+        weight = self.item_emb.weight
+        key = (weight.data_ptr(), weight._version)
+        if self._index_key != key:
+            self._index, self._index_key = flat_index(self.item_embeddings()), key
+        return self._index
 
 
-def topk_inner_product(user_states: np.ndarray, item_emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact maximum inner-product search with faiss IndexFlatIP.
+# Items scored at once by topk_on_device: U x 64k float32 scores (64 MB for 256 users).
+ITEM_CHUNK = 1 << 16
 
-    user_states float [U, d], item_emb float [N, d] -> (items int64 [U, k], scores float32 [U, k]), best first;
-    when k > N the tail is item -1, score -inf.
+
+def topk_on_device(states: Tensor, table: Tensor, k: int, chunk: int = ITEM_CHUNK) -> tuple[Tensor, Tensor]:
+    """Exact maximum inner-product search with torch on the tensors' device: torch.topk over
+    states @ table.T, ``chunk`` items at a time, each chunk's best merged into the running best.
+
+    states float [U, d], table float [N, d] -> (items int64 [U, k], scores float32 [U, k]), best first, on the
+    same device; when k > N the tail is item -1, score -inf (as :func:`topk_inner_product`).
+    """
+    users = states.shape[0]
+    best_scores = states.new_empty((users, 0))
+    best_items = torch.empty((users, 0), dtype=torch.long, device=states.device)
+    for start in range(0, table.shape[0], chunk):
+        scores, items = (states @ table[start : start + chunk].T).topk(min(k, table[start : start + chunk].shape[0]), dim=1)
+        scores, items = torch.cat([best_scores, scores], 1), torch.cat([best_items, items + start], 1)
+        best_scores, order = scores.topk(min(k, scores.shape[1]), dim=1)
+        best_items = items.gather(1, order)
+    missing = k - best_items.shape[1]
+    if missing > 0:
+        best_items = torch.cat([best_items, best_items.new_full((users, missing), -1)], 1)
+        best_scores = torch.cat([best_scores, best_scores.new_full((users, missing), float("-inf"))], 1)
+    return best_items, best_scores
+
+
+def flat_index(item_emb: np.ndarray) -> Any:
+    """A faiss IndexFlatIP over item_emb float [N, d] (exact inner product; built once, searched many times)."""
+    import faiss
+
+    items = np.ascontiguousarray(item_emb, dtype=np.float32)
+    if items.ndim != 2:
+        raise ValueError(f"flat_index: item table of shape {items.shape}, expected [N, d]")
+    index = faiss.IndexFlatIP(items.shape[1])
+    index.add(items)
+    return index
+
+
+def search_index(index: Any, user_states: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Search a faiss index with faiss's threads capped to torch's (the CPUs the worker or actor reserved).
+
+    user_states float [U, d] -> (items int64 [U, k], scores float32 [U, k]), best first; when k > N the tail
+    is item -1, score -inf.
     """
     import faiss
 
     users = np.ascontiguousarray(user_states, dtype=np.float32)
-    items = np.ascontiguousarray(item_emb, dtype=np.float32)
-    if users.ndim != 2 or items.ndim != 2 or users.shape[1] != items.shape[1]:
-        raise ValueError(f"topk_inner_product: shapes {users.shape} and {items.shape} do not match as [U, d], [N, d]")
-    index = faiss.IndexFlatIP(items.shape[1])
-    index.add(items)
+    if users.ndim != 2 or users.shape[1] != index.d:
+        raise ValueError(f"topk_inner_product: shapes {users.shape} and [N, {index.d}] do not match as [U, d], [N, d]")
+    faiss.omp_set_num_threads(torch.get_num_threads())
     scores, ids = index.search(users, k)
     scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
     return ids.astype(np.int64), scores
+
+
+def topk_inner_product(user_states: np.ndarray, item_emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact maximum inner-product search with a faiss IndexFlatIP built for this one call.
+
+    user_states float [U, d], item_emb float [N, d] -> (items int64 [U, k], scores float32 [U, k]), best first;
+    when k > N the tail is item -1, score -inf.
+    """
+    return search_index(flat_index(item_emb), user_states, k)

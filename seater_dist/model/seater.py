@@ -102,11 +102,8 @@ class SeaterModel(nn.Module):
         t = self.settings.history_len
         history = history[:, -t:]
         B, length = history.shape
-        bad = (history < 0) | ((history >= self.num_items) & (history != self.pad))
-        if bool(bad.any()):
-            raise ValueError(
-                f"history holds token {int(history[bad][0])}: expected item ids 0..{self.num_items - 1} or PAD={self.pad}"
-            )
+        if history.device.type == "cpu":  # on a GPU a check costs a sync: checked on the host before the copy
+            self.check_history(history)
         pad_mask = history == self.pad
         pad_mask[:, -1] &= ~pad_mask.all(dim=1)
         positions = torch.arange(t - length, t, device=history.device)
@@ -115,6 +112,14 @@ class SeaterModel(nn.Module):
         for layer in self.encoder:
             x = layer(x, bias)
         return x, pad_mask
+
+    def check_history(self, history: Tensor) -> None:
+        """ValueError unless every token of history [B, t] is an item id 0..N-1 or PAD."""
+        bad = (history < 0) | ((history >= self.num_items) & (history != self.pad))
+        if bool(bad.any()):
+            raise ValueError(
+                f"history holds token {int(history[bad][0])}: expected item ids 0..{self.num_items - 1} or PAD={self.pad}"
+            )
 
     def _key_bias(self, pad_mask: Tensor) -> Tensor:
         """[B, t] True-at-padding -> additive bias [B, 1, 1, t] (in the model's float type)."""
@@ -186,9 +191,12 @@ class SeaterModel(nn.Module):
 
     # ------------------------------------------------------------------ training (Eq. 5-9)
     def forward(self, history: Tensor, target: Tensor) -> dict[str, Tensor]:
-        """history int [B, t] (left-padded), target int [B] item ids -> {"loss", "gen", "ali", "rank"} scalars."""
+        """history int [B, t] (left-padded), target int [B] item ids -> {"loss", "gen", "ali", "rank"} scalars.
+
+        The ids are checked on a CPU; on a GPU a check would cost a host sync every step, and the training
+        batches hold the dataset's item indices, checked when it was prepared."""
         s = self.settings
-        if bool(((target < 0) | (target >= self.num_items)).any()):
+        if target.device.type == "cpu" and bool(((target < 0) | (target >= self.num_items)).any()):
             raise ValueError(f"target holds ids outside 0..{self.num_items - 1}")
         memory, pad_mask = self.encode(history)
         ids = self.identifiers(target)[:, None, :]  # [B, 1, D]
@@ -238,6 +246,7 @@ class SeaterModel(nn.Module):
         """The retrieval interface shared with SASRec: U item-index histories (oldest first, any length)
         -> int64 [U, top_k] best first, -1 padded. Beam search with the settings' beam (at least top_k)."""
         history = torch.from_numpy(left_pad(histories, self.settings.history_len, self.pad))
+        self.check_history(history)
         items, _ = self.beam_search(history.to(self.tok_emb.weight.device),
                                     max(self.settings.beam_size, top_k), top_k)
         return items.cpu().numpy()

@@ -586,9 +586,9 @@ def build_app(args: dict[str, Any]) -> Application:
     plain = a.model_dump()
     plain["gpu"] = gpu
 
-    def opts(target: float, cpus: float) -> dict[str, Any]:
+    def opts(target: float, cpus: float, uses_gpu: bool = True) -> dict[str, Any]:
         actor: dict[str, Any] = {"num_cpus": cpus, "runtime_env": {"env_vars": serve_env()}}
-        if gpu:
+        if gpu and uses_gpu:
             actor["num_gpus"] = 0.5
         return {"ray_actor_options": actor, "autoscaling_config": _autoscaling(a.max_replicas, target, a.min_replicas)}
 
@@ -600,9 +600,8 @@ def build_app(args: dict[str, Any]) -> Application:
     if a.layout == "single":  # the encoder's and the shards' reservations in one replica, scaled as the shards are
         return Router.options(**opts(8, 0.05 + 0.1 * (a.shards + 1))).bind(None, [], kind, plain)
     shard_class = BeamShard if kind == "seater" else IndexShard
-    shards = [shard_class.options(name=f"{shard_class.name}{s}", **opts(8, 0.1)).bind(plain, s)
-              for s in range(a.shards)]
+    # A SASRec IndexShard searches a CPU faiss index: it never touches a GPU, so it reserves none.
+    shards = [shard_class.options(name=f"{shard_class.name}{s}", **opts(8, 0.1, uses_gpu=kind == "seater"))
+              .bind(plain, s) for s in range(a.shards)]
     encoder = Encoder.options(**opts(8, 0.1)).bind(plain)
-    router_opts = opts(32, 0.05)
-    router_opts["ray_actor_options"].pop("num_gpus", None)
-    return Router.options(**router_opts).bind(encoder, shards, kind, plain)
+    return Router.options(**opts(32, 0.05, uses_gpu=False)).bind(encoder, shards, kind, plain)

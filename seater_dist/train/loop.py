@@ -101,10 +101,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _seed_epoch(settings.seed, epoch, rank)
         t0 = time.time()
         model.train()
-        totals: dict[str, float] = {}
+        totals: dict[str, torch.Tensor] = {}  # float64 on the device: read once, at the end of the epoch
         steps = samples = 0
         bytes_sent = 0
         batches = iter(shard.iter_torch_batches(batch_size=per_worker_batch, device=device,
+                                                pin_memory=device.type == "cuda",
                                                 local_shuffle_buffer_size=config.get("shuffle_buffer", 4096),
                                                 local_shuffle_seed=settings.seed * 1009 + epoch * 17 + rank))
         while True:
@@ -117,7 +118,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             losses["loss"].backward()
             stats = trainer.step(settings.grad_clip)
             for key, value in losses.items():
-                totals[key] = totals.get(key, 0.0) + float(value.detach())
+                totals[key] = totals.get(key, 0.0) + value.detach().double()
             steps += 1
             samples += len(next(iter(batch.values())))
             bytes_sent += stats.total_bytes
@@ -127,12 +128,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         model.eval()
         metrics = _validate(task, model, valid_histories, valid_truth, config["ks"], device)
-        record = {"epoch": epoch, **{f"train_{k}": v / max(steps, 1) for k, v in totals.items()},
+        record = {"epoch": epoch, **{f"train_{k}": float(v) / max(steps, 1) for k, v in totals.items()},
                   **{f"valid_{k}": v for k, v in metrics.items()},
                   "train_seconds": train_seconds, "valid_seconds": time.time() - t0 - train_seconds,
                   "steps": steps, "samples_per_second": _sum_all(samples) / max(train_seconds, 1e-9),
                   "bytes_per_step": bytes_sent / max(steps, 1), "resumed_from_epoch": resumed_from,
-                  "params_in_sync": int(_params_identical_across_workers(model))}
+                  "params_in_sync": int(_params_identical_across_workers(model)),
+                  "gpu_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0}
         improved = state.update(metrics[settings.select_metric])
         state.history.append(record)
         if rank == 0:
@@ -165,30 +167,54 @@ def _quiet_report_logs() -> None:
 
 
 def _everyone_has(flag: bool) -> bool:
-    """True only if every worker still has a batch (keeps the DDP collectives in lockstep)."""
+    """True only if every worker still has a batch (keeps the DDP collectives in lockstep).
+
+    Host data, so a CPU tensor (gloo's part of a GPU group, see trainer.process_group_backend): no copy to
+    the GPU and no wait for the GPU's queued work."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device="cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
 
 
 def _params_identical_across_workers(model: torch.nn.Module) -> bool:
-    """Compare a fingerprint of every parameter (the sparse table included) across workers."""
+    """Compare a fingerprint of every parameter (the sparse table included) across workers, bit for bit."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return True
-    with torch.no_grad():
-        fp = torch.stack([torch.stack([p.double().sum(), p.double().abs().sum(), (p.double() ** 2).sum()])
-                          for p in model.parameters()]).flatten()
+    fp = torch.cat([fingerprint(p.detach()) for p in model.parameters()])  # int64 [2 P], on the training device
     gathered = [torch.empty_like(fp) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, fp)
     return all(torch.equal(gathered[0], g) for g in gathered[1:])
 
 
+# A Mersenne prime: fingerprint terms are reduced modulo it, so every sum stays exact in int64.
+_PRIME = (1 << 31) - 1
+FINGERPRINT_CHUNK = 1 << 20  # elements hashed at once (a few int64 temporaries of 8 MB)
+
+
+def fingerprint(t: torch.Tensor) -> torch.Tensor:
+    """Two position-weighted sums of the bits of ``t``'s elements modulo 2**31 - 1: int64 [2], on ``t``'s device.
+
+    Computed chunk by chunk (FINGERPRINT_CHUNK elements) without a float copy of ``t``; integer arithmetic, so
+    the same bits give the same fingerprint on any device and in any summation order. Different bits give a
+    different fingerprint except with probability about 2**-62."""
+    flat = t.detach().reshape(-1)
+    bits = flat.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
+    total = torch.zeros(2, dtype=torch.int64, device=t.device)
+    for start in range(0, flat.numel(), FINGERPRINT_CHUNK):
+        value = bits[start : start + FINGERPRINT_CHUNK].long().remainder(_PRIME)
+        index = torch.arange(start, start + value.numel(), dtype=torch.int64, device=t.device)
+        weights = torch.stack([(index + 1).remainder(_PRIME), (index * 48271 + 11).remainder(_PRIME)])  # [2, n]
+        total = (total + (value * weights).remainder(_PRIME).sum(1)).remainder(_PRIME)
+    return total
+
+
 def _sum_all(value: float) -> float:
+    """``value`` summed over workers (host data: a CPU tensor, as in :func:`_everyone_has`)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device="cpu")
     dist.all_reduce(t)
     return float(t.item())
 
@@ -224,7 +250,7 @@ def _validate(task: Task, model: torch.nn.Module, histories: list[np.ndarray], t
         sums = {key: 0.0 for key in empty}
     if dist.is_initialized() and dist.get_world_size() > 1:
         keys = sorted(sums)
-        t = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+        t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device="cpu")  # host data
         dist.all_reduce(t)
         sums = dict(zip(keys, t.tolist()))
     return finalize(sums)

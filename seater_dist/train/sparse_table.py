@@ -43,12 +43,13 @@ from torch import nn
 
 @dataclass
 class StepStats:
-    """What one step communicated (payload bytes each worker contributes) and the gradient norm."""
+    """What one step communicated (payload bytes each worker contributes) and the gradient norm (a float64
+    0-dim tensor on the training device: reading it is a host-device sync, left to whoever needs it)."""
 
     dense_bytes: int
     table_bytes: int
     touched_rows: int
-    grad_norm: float
+    grad_norm: torch.Tensor
 
     @property
     def total_bytes(self) -> int:
@@ -62,8 +63,15 @@ def _distributed() -> bool:
 TableOptimizer = Literal["adam", "lazy_adam"]
 
 
-# Rows of the table updated at once by the dense Adam step (64k x 64 floats: 16 MB of temporaries).
+# Rows of the table updated at once by the dense Adam step: 64k x 64 floats (16 MB of temporaries) on a CPU,
+# 1M x 64 (256 MB) on a GPU, where each chunk costs a few kernel launches and fewer chunks keep the GPU busy.
 TABLE_CHUNK_ROWS = 1 << 16
+TABLE_CHUNK_ROWS_CUDA = 1 << 20
+
+
+def table_chunk_rows(device: torch.device) -> int:
+    """Rows per chunk of a whole-table pass on ``device``."""
+    return TABLE_CHUNK_ROWS_CUDA if device.type == "cuda" else TABLE_CHUNK_ROWS
 
 
 class AdamCatchUp:
@@ -94,13 +102,14 @@ class AdamCatchUp:
         if not max(rhos) < 1:
             raise ValueError(f"closed-form catch-up needs beta1 < beta2**{self.ORDERS / 2}, got ({beta1}, {beta2})")
         self.window = math.ceil(-20 * math.log(10) / math.log(max(rhos)))
-        steps_back = torch.arange(self.window, 0, -1, dtype=torch.float64)
+        # The per-step scalars live on the host (float64 [ORDERS, steps]); only the rows' state is on ``device``.
+        steps_back = torch.arange(self.window, 0, -1, dtype=torch.float64, device="cpu")
         self.powers = torch.stack([rho**steps_back for rho in rhos])  # [ORDERS, window]: rho**window .. rho**1
         self.last = torch.zeros(num_rows, dtype=torch.long, device=device)  # step each row is up to date with
         self.step = 0
         self.origin = 0
-        self.acc = torch.zeros(self.ORDERS, 1024, dtype=torch.float64)
-        self.step_sizes = torch.zeros(1024, dtype=torch.float64)  # lr_u / (1 - beta1**u) at u - origin
+        self.acc = torch.zeros(self.ORDERS, 1024, dtype=torch.float64, device="cpu")
+        self.step_sizes = torch.zeros(1024, dtype=torch.float64, device="cpu")  # lr_u / (1 - beta1**u) at u - origin
 
     def reset(self, step: int) -> None:
         """Every row is up to date with ``step`` (after a full catch-up, a dense step, or a resume)."""
@@ -117,7 +126,7 @@ class AdamCatchUp:
             self.step_sizes = torch.cat([self.step_sizes, torch.zeros_like(self.step_sizes)])
         self.step_sizes[t - self.origin] = lr / (1 - self.beta1**t)
         first = max(self.origin, t - self.window)
-        orders = torch.arange(1, self.ORDERS + 1, dtype=torch.float64)
+        orders = torch.arange(1, self.ORDERS + 1, dtype=torch.float64, device="cpu")
         per_order = self.step_sizes[t - self.origin] * (1 - self.beta2**t) ** (orders / 2)  # [ORDERS]
         self.acc[:, first - self.origin : t - self.origin] += per_order[:, None] * self.powers[:, self.window - (t - first):]
 
@@ -195,7 +204,10 @@ class SparseTableDDP:
         else:
             self.ddp = model
         self.dense_params = [p for n, p in model.named_parameters() if n != table_param and p.requires_grad]
-        self.dense_optimizer = torch.optim.Adam(self.dense_params, lr=lr, betas=betas, weight_decay=weight_decay)
+        # On CUDA, torch's fused Adam: one kernel for all dense parameters instead of several per parameter.
+        on_cuda = bool(self.dense_params) and self.dense_params[0].device.type == "cuda"
+        self.dense_optimizer = torch.optim.Adam(self.dense_params, lr=lr, betas=betas, weight_decay=weight_decay,
+                                                fused=True if on_cuda else None)
         if self.lazy:
             self.table_optimizer: torch.optim.Optimizer = torch.optim.SparseAdam([self.table.weight], lr=lr, betas=betas)
         else:
@@ -237,7 +249,7 @@ class SparseTableDDP:
         if grad is None:
             grad = torch.sparse_coo_tensor(torch.zeros((1, 0), dtype=torch.long, device=weight.device),
                                            torch.zeros((0, weight.shape[1]), dtype=weight.dtype, device=weight.device),
-                                           weight.shape, check_invariants=False)
+                                           weight.shape, check_invariants=False, device=weight.device)
         table_bytes = 0
         if not grad.is_sparse:  # a loss touched every row (e.g. SASRec's full softmax): all-reduce it densely
             if _distributed():
@@ -246,7 +258,7 @@ class SparseTableDDP:
                 table_bytes = grad.numel() * grad.element_size()
             rows = torch.nonzero(grad.abs().sum(1)).flatten()
             if self.lazy:  # SparseAdam takes the non-zero rows
-                weight.grad = torch.sparse_coo_tensor(rows[None], grad[rows], weight.shape).coalesce()
+                weight.grad = torch.sparse_coo_tensor(rows[None], grad[rows], weight.shape, device=grad.device).coalesce()
             return table_bytes, int(rows.numel())
         grad = grad.coalesce()
         if _distributed():
@@ -254,10 +266,10 @@ class SparseTableDDP:
         weight.grad = grad
         return table_bytes, int(grad._nnz())
 
-    def clip_and_update(self, grad_clip: float | None = None) -> float:
+    def clip_and_update(self, grad_clip: float | None = None) -> torch.Tensor:
         """Clip the global gradient norm (before weight decay, as clip_grad_norm_ then torch Adam), step.
 
-        Returns the gradient norm before clipping.
+        Returns the gradient norm before clipping (float64 0-dim, on the training device).
         """
         norm = self._clip(grad_clip)
         self.dense_optimizer.step()
@@ -279,9 +291,10 @@ class SparseTableDDP:
             return
         weight = self.table.weight
         state = self._adam_state()
+        chunk = table_chunk_rows(weight.device)
         with torch.no_grad():
-            for start in range(0, weight.shape[0], TABLE_CHUNK_ROWS):
-                rows = torch.arange(start, min(weight.shape[0], start + TABLE_CHUNK_ROWS), device=weight.device)
+            for start in range(0, weight.shape[0], chunk):
+                rows = torch.arange(start, min(weight.shape[0], start + chunk), device=weight.device)
                 self.catch.catch_up(rows, weight.detach(), state["exp_avg"], state["exp_avg_sq"])
         self.catch.reset(self.catch.step)
 
@@ -299,7 +312,7 @@ class SparseTableDDP:
         weight = self.table.weight
         state = self.table_optimizer.state[weight]
         if not state:
-            state["step"] = torch.tensor(0.0)
+            state["step"] = torch.tensor(0.0, device="cpu")  # on the host, as torch.optim.Adam keeps it
             state["exp_avg"] = torch.zeros_like(weight, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(weight, memory_format=torch.preserve_format)
         return state
@@ -343,7 +356,7 @@ class SparseTableDDP:
         if self.weight_decay:
             rows = grad.indices()[0]
             weight.grad = torch.sparse_coo_tensor(grad.indices(), grad.values() + self.weight_decay * weight.detach()[rows],
-                                                  weight.shape, check_invariants=False).coalesce()
+                                                  weight.shape, check_invariants=False, device=weight.device).coalesce()
         self.table_optimizer.step()
 
     def _dense_step(self) -> None:
@@ -363,14 +376,14 @@ class SparseTableDDP:
         step_size = lr / (1 - beta1**step)
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5
         n = weight.shape[0]
+        chunk = table_chunk_rows(weight.device)
         sparse = grad is not None and grad.is_sparse
         if sparse:
             rows, values = grad.indices()[0], grad.values()  # coalesced: rows sorted, each once
-            bounds = torch.searchsorted(rows, torch.arange(0, n + TABLE_CHUNK_ROWS, TABLE_CHUNK_ROWS,
-                                                           device=rows.device)).tolist()
+            bounds = torch.searchsorted(rows, torch.arange(0, n + chunk, chunk, device=rows.device)).tolist()
         with torch.no_grad():
-            for i, start in enumerate(range(0, n, TABLE_CHUNK_ROWS)):
-                end = min(n, start + TABLE_CHUNK_ROWS)
+            for i, start in enumerate(range(0, n, chunk)):
+                end = min(n, start + chunk)
                 param = weight[start:end]
                 if sparse:
                     g = torch.zeros_like(param)
@@ -387,23 +400,23 @@ class SparseTableDDP:
                 denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
                 param.addcdiv_(exp_avg, denom, value=-step_size)
 
-    def _clip(self, max_norm: float | None) -> float:
-        sq = torch.zeros((), dtype=torch.float64)
-        for p in self.dense_params:
-            if p.grad is not None:
-                sq += p.grad.detach().double().pow(2).sum().cpu()
+    def _clip(self, max_norm: float | None) -> torch.Tensor:
+        """Scale every gradient by max_norm / (norm + 1e-6) when the global norm exceeds max_norm.
+
+        Computed on the training device without reading the norm on the host (no sync): the scale is 1 when
+        the norm is within bounds, and multiplying by 1 changes no gradient. -> the norm, float64 0-dim."""
         g = self.table.weight.grad
         table_values = None if g is None else (g._values() if g.is_sparse else g)
-        if table_values is not None:
-            sq += table_values.detach().double().pow(2).sum().cpu()
-        norm = float(sq.sqrt())
-        if max_norm is not None and norm > max_norm:
-            scale = max_norm / (norm + 1e-6)
-            for p in self.dense_params:
-                if p.grad is not None:
-                    p.grad.mul_(scale)
-            if table_values is not None:
-                table_values.mul_(scale)
+        grads = [p.grad.detach() for p in self.dense_params if p.grad is not None]
+        grads += [] if table_values is None else [table_values.detach()]
+        sq = torch.zeros((), dtype=torch.float64, device=self.table.weight.device)
+        for grad in grads:
+            sq += grad.double().pow(2).sum()
+        norm = sq.sqrt()
+        if max_norm is not None:
+            scale = torch.where(norm > max_norm, max_norm / (norm + 1e-6), torch.ones_like(norm))
+            for grad in grads:
+                grad.mul_(scale.to(grad.dtype))
         return norm
 
     def state_dict(self) -> dict:
@@ -429,7 +442,8 @@ def _all_gather_rows(grad: torch.Tensor) -> tuple[torch.Tensor, int]:
     count = torch.tensor([idx.numel()], dtype=torch.long, device=idx.device)
     counts = [torch.zeros_like(count) for _ in range(world)]
     dist.all_gather(counts, count)
-    longest = int(max(c.item() for c in counts))
+    n = torch.cat(counts).tolist()  # the step's one read of device data: the padded size to allocate
+    longest = max(n)
     idx_pad = torch.zeros(longest, dtype=torch.long, device=idx.device)
     val_pad = torch.zeros((longest, val.shape[1]), dtype=val.dtype, device=val.device)
     idx_pad[: idx.numel()] = idx
@@ -438,10 +452,10 @@ def _all_gather_rows(grad: torch.Tensor) -> tuple[torch.Tensor, int]:
     val_all = [torch.empty_like(val_pad) for _ in range(world)]
     dist.all_gather(idx_all, idx_pad)
     dist.all_gather(val_all, val_pad)
-    n = [int(c.item()) for c in counts]
     rows = torch.cat([i[:c] for i, c in zip(idx_all, n)])
     values = torch.cat([v[:c] for v, c in zip(val_all, n)]) / world
-    summed = torch.sparse_coo_tensor(rows[None], values, grad.shape, check_invariants=False).coalesce()
+    summed = torch.sparse_coo_tensor(rows[None], values, grad.shape, check_invariants=False,
+                                     device=values.device).coalesce()
     sent = count.element_size() + longest * (idx_pad.element_size() + val_pad.shape[1] * val_pad.element_size())
     return summed, sent
 

@@ -432,9 +432,8 @@ def _start_bound_process_group(self: Any, worker_group: Any, backend_config: Any
     import ray
     from ray.train.torch.config import _set_torch_distributed_env_vars
 
-    backend = backend_config.backend
-    if backend is None:
-        backend = "nccl" if worker_group.get_resources_per_worker().get("GPU", 0) > 0 else "gloo"
+    gpus = worker_group.get_resources_per_worker().get("GPU", 0)
+    backend = process_group_backend(backend_config.backend, gpus)
     address, port = worker_group.execute_single(0, _bind_store_socket)
     worker_group.execute(_set_torch_distributed_env_vars)
     world = len(worker_group)
@@ -472,13 +471,38 @@ def _join_process_group(backend: str, address: str, port: int, world_rank: int, 
     import torch.distributed as dist
 
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = address, str(port)
-    interface = _interface_of(ray.util.get_node_ip_address())
-    if interface:  # the user's own choice, if any, wins
-        os.environ.setdefault("NCCL_SOCKET_IFNAME" if backend == "nccl" else "GLOO_SOCKET_IFNAME", interface)
+    for name, value in process_group_env(backend, _interface_of(ray.util.get_node_ip_address())).items():
+        os.environ.setdefault(name, value)  # the user's own choice, if any, wins
     timeout = timedelta(seconds=timeout_s)
     store = dist.TCPStore(address, port, world, world_rank == 0, timeout=timeout,
                           master_listen_fd=_store_socket.fileno() if world_rank == 0 else None)
     dist.init_process_group(backend=backend, store=store, rank=world_rank, world_size=world, timeout=timeout)
+
+
+def process_group_backend(configured: str | None, gpus_per_worker: float) -> str:
+    """The process group's backend: ``configured`` if set, else NCCL for CUDA tensors beside gloo for CPU
+    tensors on GPU workers ("cpu:gloo,cuda:nccl": the loop's host-side bookkeeping, a flag or a count, needs no
+    copy to the GPU and no device sync), gloo alone on CPU workers. Plain "nccl" serves CUDA tensors only."""
+    if configured is not None:
+        return configured
+    return "cpu:gloo,cuda:nccl" if gpus_per_worker > 0 else "gloo"
+
+
+def process_group_env(backend: str, interface: str | None) -> dict[str, str]:
+    """Environment a rank sets (unless already set) before it joins a process group over ``backend``.
+
+    Both socket-interface variables name ``interface`` (the one holding the node's Ray address), since a
+    "cpu:gloo,cuda:nccl" group opens gloo's and NCCL's sockets. With NCCL, TORCH_NCCL_ASYNC_ERROR_HANDLING=1
+    (as Ray Train's own setup does) makes a timed-out or failed collective abort the worker, so that Ray Train
+    restarts the group instead of waiting forever; not set when the user chose TORCH_NCCL_BLOCKING_WAIT."""
+    import os
+
+    env = {}
+    if interface:
+        env["GLOO_SOCKET_IFNAME"] = env["NCCL_SOCKET_IFNAME"] = interface
+    if "nccl" in backend and "TORCH_NCCL_BLOCKING_WAIT" not in os.environ:
+        env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "1"
+    return env
 
 
 def _interface_of(address: str) -> str | None:
