@@ -6,7 +6,8 @@
 Beam search keeps the b best prefixes at every level, so a larger beam can only find more of what the model
 itself ranks high; this measures how much Recall@20/50 that is worth and what it costs (ms per user, one
 thread, batches of 256 users, in this process: no Ray; one untimed warm-up batch first). A beam b returns only
-b items, so below 20 (50) Recall@20 (@50) counts b items. With --sasrec, the same users' exact inner-product search is the reference line.
+b items, so below 20 (50) Recall@20 (@50) counts b items. With --sasrec, the same users' exact inner-product
+search is the reference line.
 Validation users by default: an analysis must not spend the test users.
 
 Writes bench/results/beam_sweep.json and a PNG (default docs/img/beam_sweep.png).

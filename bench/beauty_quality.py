@@ -77,7 +77,14 @@ def run_protocol(data: str, out: Path, protocol: str, epochs: int, ablations: bo
                  variants: list[str] | None = None) -> dict[str, Any]:
     import numpy as np
 
-    from seater_dist.config import EvalSettings, PrepareSettings, SasrecSettings, SeaterSettings, TrainSettings, TreeSettings
+    from seater_dist.config import (
+        EvalSettings,
+        PrepareSettings,
+        SasrecSettings,
+        SeaterSettings,
+        TrainSettings,
+        TreeSettings,
+    )
     from seater_dist.data.prepare import prepare
     from seater_dist.eval.offline import evaluate
     from seater_dist.train.trainer import train_sasrec, train_seater
@@ -106,7 +113,8 @@ def run_protocol(data: str, out: Path, protocol: str, epochs: int, ablations: bo
         if not (ckpt / "best" / "manifest.json").exists():
             print(f"== {protocol}: training {name}", flush=True)
             timed(name, lambda: train_sasrec(root / "dataset", ckpt, train, SasrecSettings(loss=loss)))
-        results[name] = evaluate(ckpt / "best", root / "dataset", "test", EvalSettings()).to_dict()  # -> ckpt/eval_test/
+        # -> ckpt/eval_test/
+        results[name] = evaluate(ckpt / "best", root / "dataset", "test", EvalSettings()).to_dict()
 
     def tree_dir(k: int, source: str = "sampled", kind: str = "balanced") -> Path:
         """The k-ary tree over a SASRec's embeddings (sampled softmax or full CE), built once per (k, source,
@@ -142,7 +150,8 @@ def run_protocol(data: str, out: Path, protocol: str, epochs: int, ablations: bo
                                              embeddings=root / f"sasrec_{source}" / "item_embeddings.npy"))
         if name in GRID or name in VARIANTS:  # tuning runs are compared on validation only (see curves())
             continue
-        results[name] = evaluate(ckpt / "best", root / "dataset", "test", EvalSettings()).to_dict()  # -> ckpt/eval_test/
+        # -> ckpt/eval_test/
+        results[name] = evaluate(ckpt / "best", root / "dataset", "test", EvalSettings()).to_dict()
         results[name]["train_history_epochs"] = len(json.loads((ckpt / "history.json").read_text()))
     return {"metrics": results, "seconds": seconds, "tree_depth": tree.depth, "ks": ks}
 
@@ -266,7 +275,9 @@ def table(protocol: str, res: dict[str, Any]) -> str:
     ks = res["ks"]
     cols = [f"{m}@{k}" for k in ks for m in ("recall", "ndcg")] + [f"hr@{k}" for k in ks if protocol == "comirec"]
     base = res["metrics"]["sasrec (sampled)"]
-    lines = [f"### {protocol}", "", "| model | " + " | ".join(cols) + " | R@{} vs SASRec (sampled) |".format(ks[-1] if protocol == "comirec" else 10),
+    lines = [f"### {protocol}", "",
+             "| model | " + " | ".join(cols)
+             + " | R@{} vs SASRec (sampled) |".format(ks[-1] if protocol == "comirec" else 10),
              "|---|" + "---|" * (len(cols) + 1)]
     key = f"recall@{ks[-1] if protocol == 'comirec' else 10}"
     for name, m in res["metrics"].items():

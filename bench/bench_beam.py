@@ -121,7 +121,8 @@ def main() -> None:
     model = SeaterModel(tree, settings, trainable=False).eval()
     model_s = time.perf_counter() - t0
     rss_model = proc.memory_info().rss
-    log(f"model ready in {model_s:.1f} s: table {tree.num_tokens:,} x {settings.d_model}, RSS {rss_model / GIB:.2f} GiB")
+    log(f"model ready in {model_s:.1f} s: table {tree.num_tokens:,} x {settings.d_model}, "
+        f"RSS {rss_model / GIB:.2f} GiB")
 
     g = torch.Generator().manual_seed(args.seed + 1)
     histories = torch.randint(0, args.items, (args.users, args.history), generator=g)

@@ -160,8 +160,8 @@ def _table(rows: list[dict]) -> str:
     for r in rows:
         tr = f"{r['wall_s'] / peer['wall_s']:.2f}x" if peer and r["step"] != "synth" else "-"
         mr = f"{r['peak_pss_gib'] / peer['peak_pss_gib']:.2f}x" if peer and r["step"] != "synth" else "-"
-        lines.append(f"{names[r['step']]:<28} {r['wall_s']:>9,.1f} {r.get('cpu_s', 0):>9,.1f} {r['peak_pss_gib']:>13.2f} "
-                     f"{r['peak_rss_sum_gib']:>12.2f} {tr:>10} {mr:>9}")
+        lines.append(f"{names[r['step']]:<28} {r['wall_s']:>9,.1f} {r.get('cpu_s', 0):>9,.1f} "
+                     f"{r['peak_pss_gib']:>13.2f} {r['peak_rss_sum_gib']:>12.2f} {tr:>10} {mr:>9}")
     return "\n".join(lines)
 
 

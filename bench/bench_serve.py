@@ -368,13 +368,15 @@ def main() -> None:
                 logging_config={"log_level": "WARNING", "enable_access_log": False})
     url = f"http://127.0.0.1:{port}"
     configs = [(f"SEATER S={s}" + ("" if layout == "split" else " single")
-                + ("" if args.min_replicas == 1 else f" x{args.min_replicas}") + (" direct" if args.direct_ingress else ""),
+                + ("" if args.min_replicas == 1 else f" x{args.min_replicas}")
+                + (" direct" if args.direct_ingress else ""),
                 {"checkpoint": str(seater_path), "shards": s, "layout": layout, "min_replicas": args.min_replicas,
                  "max_replicas": max(2, args.min_replicas)})
                for layout in args.layouts for s in args.shards]
-    configs += [(f"SASRec {ix}" + (" direct" if args.direct_ingress else ""), {"checkpoint": str(sasrec_path), "shards": 1, "index": ix, "ef_search": args.ef_search,
-                                  "hnsw_m": args.hnsw_m, "ef_construction": args.ef_construction,
-                                  "index_cache": str(work / "faiss")}) for ix in args.sasrec]
+    configs += [(f"SASRec {ix}" + (" direct" if args.direct_ingress else ""),
+                 {"checkpoint": str(sasrec_path), "shards": 1, "index": ix, "ef_search": args.ef_search,
+                  "hnsw_m": args.hnsw_m, "ef_construction": args.ef_construction,
+                  "index_cache": str(work / "faiss")}) for ix in args.sasrec]
     results = [run_config(name, app_args, url, args.rates, args.duration, histories_file, histories, args.top_n,
                           args.timeout, args.direct_ingress) for name, app_args in configs]
     by_name = {res["name"]: res for res in results}

@@ -145,7 +145,8 @@ def main() -> None:
     summary["samples_per_s_2_vs_1_worker"] = two["samples_per_s"] / one["samples_per_s"]
     summary["dense_allreduce_of_table_mb"] = runs[1]["table_mb"] * 1.048576
     print("\n" + "\n".join(lines))
-    print(f"\na dense all-reduce of the N = {large:,} table would send {summary['dense_allreduce_of_table_mb']:,.0f} MB")
+    print(f"\na dense all-reduce of the N = {large:,} table would send "
+          f"{summary['dense_allreduce_of_table_mb']:,.0f} MB")
     print(f"throughput at N = {small:,} ({args.optimizers[0]}): 1 worker {one['samples_per_s']:,.0f} samples/s, "
           f"2 workers {two['samples_per_s']:,.0f} samples/s (x{summary['samples_per_s_2_vs_1_worker']:.2f})")
     RESULTS.mkdir(exist_ok=True)

@@ -65,7 +65,8 @@ def rescore_on_gpu(out: Path) -> dict[str, dict[str, float]]:
     from seater_dist.eval.offline import evaluate
 
     gpu = EvalSettings(use_gpu=True, concurrency=1)
-    return {model: evaluate(out / model / "best", out / "dataset", "test", gpu, out=out / model / "eval_test_gpu").metrics
+    return {model: evaluate(out / model / "best", out / "dataset", "test", gpu,
+                            out=out / model / "eval_test_gpu").metrics
             for model in MODELS}
 
 

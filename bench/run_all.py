@@ -31,7 +31,8 @@ QUICK: dict[str, list[str]] = {
     "beauty_quality": ["--data", str(ROOT.parent / "shared" / "data" / "beauty" / "Beauty.txt"), "--only", "comirec",
                        "--epochs", "2", "--out", "runs/beauty_quick"],
     # after beauty_quality: it sweeps the checkpoint that run trained
-    "beam_sweep": ["--checkpoint", "runs/beauty_quick/comirec/seater/best", "--data", "runs/beauty_quick/comirec/dataset",
+    "beam_sweep": ["--checkpoint", "runs/beauty_quick/comirec/seater/best",
+                   "--data", "runs/beauty_quick/comirec/dataset",
                    "--users", "500", "--beams", "5", "50", "--plot", "runs/beauty_quick/beam_sweep.png"],
 }
 

@@ -42,7 +42,8 @@ EXAMPLES: dict[str, str] = {
     "  seater prepare --input logs.parquet --format interactions --user-column uid --item-column vid "
     "--time-column ts --out runs/mine/dataset",
     "embed": "  seater embed --data runs/beauty/dataset --out runs/beauty/sasrec",
-    "build-tree": "  seater build-tree --embeddings runs/beauty/sasrec/item_embeddings.npy --k 8 --out runs/beauty/tree",
+    "build-tree": "  seater build-tree --embeddings runs/beauty/sasrec/item_embeddings.npy --k 8 "
+    "--out runs/beauty/tree",
     "train": "  seater train --data runs/beauty/dataset --tree runs/beauty/tree --out runs/beauty/seater --workers 2\n"
     "  seater train --data runs/beauty/dataset --tree runs/beauty/tree --out runs/beauty/seater --resume",
     "evaluate": "  seater evaluate --checkpoint runs/beauty/seater/best --data runs/beauty/dataset --split test"
@@ -155,7 +156,8 @@ def _parser() -> argparse.ArgumentParser:
 
     sp = add("embed", "Train SASRec (Ray Train) and write the item embeddings the tree is built from.", _cmd_embed)
     sp.add_argument("--data", required=True, help="a dataset/ directory (from `seater prepare`)")
-    sp.add_argument("--out", required=True, help="output directory: best/ checkpoint, item_embeddings.npy, history.json")
+    sp.add_argument("--out", required=True,
+                    help="output directory: best/ checkpoint, item_embeddings.npy, history.json")
     workers(sp)
     config(sp, "`sasrec:` and `sasrec_train:`")
 
@@ -469,7 +471,8 @@ def _after_interrupt(args: argparse.Namespace) -> str:
     """What a Ctrl-C left behind, and how to go on."""
     out = getattr(args, "out", None)
     if args.command == "train":
-        return f"; {out} keeps every finished epoch: run the same command{'' if args.resume else ' with --resume'} to continue"
+        return (f"; {out} keeps every finished epoch: run the same command"
+                f"{'' if args.resume else ' with --resume'} to continue")
     if args.command in ("prepare", "build-tree"):
         return f"; {out} is as it was (an output is replaced only once complete)"
     if args.command in ("run", "demo"):

@@ -128,8 +128,9 @@ def _run_pipeline(input_path: str, fmt: str, protocol: str, out: str | Path, set
     progress(f"      {counts['users']:,} users, {counts['items']:,} items, {counts['interactions']:,} interactions")
 
     t = stage(2, "embed", f"embed: SASRec ({settings.sasrec.loss} loss) on {settings.sasrec_train.workers} worker(s)")
-    sasrec = _train_or_resume(progress, resume, at("sasrec"), settings.sasrec_train, "sasrec", lambda again: train_sasrec(
-        at("dataset"), at("sasrec"), settings.sasrec_train, settings.sasrec, resume=again))
+    sasrec = _train_or_resume(progress, resume, at("sasrec"), settings.sasrec_train, "sasrec",
+                              lambda again: train_sasrec(at("dataset"), at("sasrec"), settings.sasrec_train,
+                                                         settings.sasrec, resume=again))
     seconds["embed"] = time.time() - t
     _report_epochs(progress, "SASRec", sasrec, settings.sasrec_train.select_metric)
 

@@ -50,8 +50,17 @@ from seater_dist.config import PrepareSettings
 from seater_dist.data import ops
 from seater_dist.data.dataset import SCHEMA_VERSION
 from seater_dist.data.errors import DataError
-from seater_dist.data.readers import (REJECTED_SCHEMA, Chunk, ReaderOptions, integer_ids, list_input_files,
-                                      plan_chunks, read_chunk, reader_options, unify)
+from seater_dist.data.readers import (
+    REJECTED_SCHEMA,
+    Chunk,
+    ReaderOptions,
+    integer_ids,
+    list_input_files,
+    plan_chunks,
+    read_chunk,
+    reader_options,
+    unify,
+)
 
 log = logging.getLogger(__name__)
 _FILTER_REASONS = ("item_below_min_count", "user_below_min_count")
@@ -127,7 +136,8 @@ def _collect_rejected(where: str, local: Path) -> None:
     infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     for info in infos:
         if info.type == pafs.FileType.File and info.path.endswith(".parquet"):
-            (local / storage.name_of(info.path)).write_bytes(storage.read_bytes(f"{where}/{storage.name_of(info.path)}"))
+            name = storage.name_of(info.path)
+            (local / name).write_bytes(storage.read_bytes(f"{where}/{name}"))
     if infos:
         fs.delete_dir(root)
 

@@ -295,9 +295,11 @@ def _header_columns(file: str, header: bytes, opts: ReaderOptions) -> tuple[str,
     others = [d for d in ("\t", ",", ";", "|") if d != delim and d in text]
     if len(names) == 1 and others:
         shown = {"\t": "tab", ",": "comma", ";": "semicolon", "|": "pipe"}
+        fix = ("rename it to .csv" if others[0] == "," else "rename it to .tsv" if others[0] == chr(9)
+               else "convert it to comma- or tab-separated")
         raise DataError(f"{file}: the header is one column {text[:80]!r}: this file is read as "
                         f"{shown[delim]}-separated (by its name) but its header is {shown[others[0]]}-separated; "
-                        f"{'rename it to .csv' if others[0] == ',' else 'rename it to .tsv' if others[0] == chr(9) else 'convert it to comma- or tab-separated'}")
+                        f"{fix}")
     _check_columns(file, names, opts)
     return tuple(names)
 

@@ -33,7 +33,8 @@ def _flat(sequences: Any) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    values = np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences]) if len(lengths) else np.zeros(0, np.int64)
+    values = (np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences]) if len(lengths)
+              else np.zeros(0, np.int64))
     return values, offsets
 
 

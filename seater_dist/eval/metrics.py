@@ -83,7 +83,8 @@ def finalize(sums: Mapping[str, float]) -> dict[str, float]:
     return {name: value / users for name, value in sorted(sums.items()) if name != "users"}
 
 
-def compute_metrics(topk: np.ndarray, ground_truth: Sequence[np.ndarray], ks: Iterable[int] = (20, 50)) -> dict[str, float]:
+def compute_metrics(topk: np.ndarray, ground_truth: Sequence[np.ndarray],
+                    ks: Iterable[int] = (20, 50)) -> dict[str, float]:
     """Means over users: finalize(metric_sums(topk, ground_truth, ks))."""
     return finalize(metric_sums(topk, ground_truth, ks))
 

@@ -26,7 +26,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +40,9 @@ from seater_dist.data.dataset import Dataset, load_dataset
 from seater_dist.eval import stats
 from seater_dist.eval.metrics import per_user_metrics
 from seater_dist.model.checkpoint import catalogue_id, check_same_catalogue, load_checkpoint, verify_checkpoint
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 

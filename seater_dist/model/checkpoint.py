@@ -39,8 +39,15 @@ import torch
 from torch import nn
 
 from seater_dist import storage
-from seater_dist.artifacts import (ArtifactError, atomic_dir, member, read_manifest, sha256_file, verify_files,
-                                   write_manifest)
+from seater_dist.artifacts import (
+    ArtifactError,
+    atomic_dir,
+    member,
+    read_manifest,
+    sha256_file,
+    verify_files,
+    write_manifest,
+)
 from seater_dist.config import SasrecSettings, SeaterSettings, Settings, SettingsError
 from seater_dist.files import load_npy, load_tensors
 from seater_dist.model.sasrec import SASRec

@@ -90,7 +90,8 @@ class SASRec(nn.Module):
         idx = torch.arange(T, device=seq.device)
         allowed = (idx[None, :] <= idx[:, None])[None] & (seq != self.num_items)[:, None, :]  # [B, T(q), T(k)]
         allowed = allowed | torch.eye(T, dtype=torch.bool, device=seq.device)[None]
-        bias = torch.zeros(allowed.shape, device=seq.device, dtype=x.dtype).masked_fill(~allowed, float("-inf"))[:, None]
+        bias = torch.zeros(allowed.shape, device=seq.device, dtype=x.dtype)
+        bias = bias.masked_fill(~allowed, float("-inf"))[:, None]
         for block in self.blocks:
             x = block(x, bias)
         return self.final_norm(x)
@@ -163,7 +164,8 @@ def topk_on_device(states: Tensor, table: Tensor, k: int, chunk: int = ITEM_CHUN
     best_scores = states.new_empty((users, 0))
     best_items = torch.empty((users, 0), dtype=torch.long, device=states.device)
     for start in range(0, table.shape[0], chunk):
-        scores, items = (states @ table[start : start + chunk].T).topk(min(k, table[start : start + chunk].shape[0]), dim=1)
+        block = table[start : start + chunk]
+        scores, items = (states @ block.T).topk(min(k, block.shape[0]), dim=1)
         scores, items = torch.cat([best_scores, scores], 1), torch.cat([best_items, items + start], 1)
         best_scores, order = scores.topk(min(k, scores.shape[1]), dim=1)
         best_items = items.gather(1, order)

@@ -2,7 +2,8 @@
 
 Reads like the paper's Section 3 (docs/method.md §2-§3, §5):
 
-* one token table E (items are the leaf tokens; BOS = root, PAD, internal nodes), tokens and positions initialised at one scale (embedding_init_std);
+* one token table E (items are the leaf tokens; BOS = root, PAD, internal nodes), tokens and positions
+  initialised at one scale (embedding_init_std);
 * encoder over the user's last t items (Eq. 2), decoder over the identifier [BOS, y1, ..., y_{D-1}] (Eq. 3);
 * the constrained softmax (Eq. 4): logits are the decoder state against the embeddings of the previous
   token's children only (<= k rows), never the vocabulary;
@@ -118,7 +119,8 @@ class SeaterModel(nn.Module):
         bad = (history < 0) | ((history >= self.num_items) & (history != self.pad))
         if bool(bad.any()):
             raise ValueError(
-                f"history holds token {int(history[bad][0])}: expected item ids 0..{self.num_items - 1} or PAD={self.pad}"
+                f"history holds token {int(history[bad][0])}: "
+                f"expected item ids 0..{self.num_items - 1} or PAD={self.pad}"
             )
 
     def _key_bias(self, pad_mask: Tensor) -> Tensor:

@@ -292,7 +292,8 @@ class BeamShard(_Shard):
         or Stale for another version. Concurrent calls are searched together."""
         return await self.search_all(requests)
 
-    async def search_all(self, requests: list[tuple[str, np.ndarray, np.ndarray, int]]) -> list[list[ShardBeams] | Stale]:
+    async def search_all(self,
+                         requests: list[tuple[str, np.ndarray, np.ndarray, int]]) -> list[list[ShardBeams] | Stale]:
         out: list[list[ShardBeams] | Stale] = [Stale(self.version)] * len(requests)
         current = [i for i, r in enumerate(requests) if r[0] == self.version]
         for beam in sorted({requests[i][3] for i in current}):

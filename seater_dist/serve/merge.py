@@ -180,7 +180,8 @@ def merge_top(answers: Sequence[tuple[np.ndarray, np.ndarray, list[str]]], n: in
     """The best n of several shards' (item ids, scores, raw ids), by score, best first (stable: earlier shards
     win ties). Entries with item id -1 (fewer items than asked) are dropped."""
     ids = np.concatenate([np.asarray(a[0], dtype=np.int64) for a in answers]) if answers else np.zeros(0, np.int64)
-    scores = np.concatenate([np.asarray(a[1], dtype=np.float32) for a in answers]) if answers else np.zeros(0, np.float32)
+    scores = (np.concatenate([np.asarray(a[1], dtype=np.float32) for a in answers]) if answers
+              else np.zeros(0, np.float32))
     raw = [r for a in answers for r in a[2]]
     keep = np.flatnonzero(ids >= 0)
     order = keep[np.argsort(-scores[keep], kind="stable")][:n]

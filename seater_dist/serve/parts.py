@@ -93,7 +93,8 @@ def find_popularity(checkpoint: Path, manifest: dict[str, Any], explicit: str | 
         if "count" not in pq.read_schema(path).names:
             raise ValueError(f"{path}: has no 'count' column (expected a dataset's items.parquet)")
         return path
-    candidate = checkpoint.resolve().parents[1] / "dataset" / "items.parquet" if len(checkpoint.resolve().parents) > 1 else None
+    candidate = (checkpoint.resolve().parents[1] / "dataset" / "items.parquet"
+                 if len(checkpoint.resolve().parents) > 1 else None)
     if candidate is None or not candidate.is_file():
         return None
     try:
@@ -312,7 +313,8 @@ class BeamShardPart:
         return dict(zip(self.global_of[items].tolist(), raw))
 
     # -------------------------------------------------------------- the search
-    def search(self, memory: np.ndarray | torch.Tensor, pad_mask: np.ndarray | torch.Tensor, beam: int) -> list[ShardBeams]:
+    def search(self, memory: np.ndarray | torch.Tensor, pad_mask: np.ndarray | torch.Tensor,
+               beam: int) -> list[ShardBeams]:
         """Encoder memories [B, t, d] (with pad masks [B, t]) -> each user's expanded nodes per level.
 
         The beam search of docs/method.md §5 with beam ``beam``, starting from this shard's root children,

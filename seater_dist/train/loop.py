@@ -138,7 +138,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         improved = state.update(metrics[settings.select_metric])
         state.history.append(record)
         if rank == 0:
-            print(f"{task.name} epoch {epoch + 1}/{settings.epochs}: loss {record.get('train_loss', float('nan')):.4f}, "
+            print(f"{task.name} epoch {epoch + 1}/{settings.epochs}: "
+                  f"loss {record.get('train_loss', float('nan')):.4f}, "
                   f"valid {settings.select_metric} {metrics[settings.select_metric]:.4f}"
                   f"{' (best)' if improved else ''}, {train_seconds:.0f} s, "
                   f"{record['samples_per_second']:,.0f} samples/s", flush=True)
@@ -227,7 +228,8 @@ def _validation_slice(config: dict[str, Any], rank: int, world: int) -> tuple[li
     order = np.arange(table.num_rows)
     limit = config["train_settings"].get("max_valid_users")
     if limit and limit < table.num_rows:
-        order = np.sort(np.random.default_rng(config["train_settings"].get("seed", 0)).choice(order, limit, replace=False))
+        rng = np.random.default_rng(config["train_settings"].get("seed", 0))
+        order = np.sort(rng.choice(order, limit, replace=False))
     mine = order[rank::world]
     histories = table.column("history").take(mine).to_pylist()
     truth = table.column("ground_truth").take(mine).to_pylist()

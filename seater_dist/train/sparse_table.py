@@ -128,7 +128,8 @@ class AdamCatchUp:
         first = max(self.origin, t - self.window)
         orders = torch.arange(1, self.ORDERS + 1, dtype=torch.float64, device="cpu")
         per_order = self.step_sizes[t - self.origin] * (1 - self.beta2**t) ** (orders / 2)  # [ORDERS]
-        self.acc[:, first - self.origin : t - self.origin] += per_order[:, None] * self.powers[:, self.window - (t - first):]
+        self.acc[:, first - self.origin : t - self.origin] += (per_order[:, None]
+                                                               * self.powers[:, self.window - (t - first):])
 
     def catch_up(self, rows: torch.Tensor, param: torch.Tensor, exp_avg: torch.Tensor,
                  exp_avg_sq: torch.Tensor) -> None:
@@ -209,7 +210,8 @@ class SparseTableDDP:
         self.dense_optimizer = torch.optim.Adam(self.dense_params, lr=lr, betas=betas, weight_decay=weight_decay,
                                                 fused=True if on_cuda else None)
         if self.lazy:
-            self.table_optimizer: torch.optim.Optimizer = torch.optim.SparseAdam([self.table.weight], lr=lr, betas=betas)
+            self.table_optimizer: torch.optim.Optimizer = torch.optim.SparseAdam([self.table.weight], lr=lr,
+                                                                                 betas=betas)
         else:
             self.table_optimizer = torch.optim.Adam([self.table.weight], lr=lr, betas=betas,
                                                     weight_decay=self.weight_decay)
@@ -258,7 +260,8 @@ class SparseTableDDP:
                 table_bytes = grad.numel() * grad.element_size()
             rows = torch.nonzero(grad.abs().sum(1)).flatten()
             if self.lazy:  # SparseAdam takes the non-zero rows
-                weight.grad = torch.sparse_coo_tensor(rows[None], grad[rows], weight.shape, device=grad.device).coalesce()
+                weight.grad = torch.sparse_coo_tensor(rows[None], grad[rows], weight.shape,
+                                                      device=grad.device).coalesce()
             return table_bytes, int(rows.numel())
         grad = grad.coalesce()
         if _distributed():
@@ -355,7 +358,8 @@ class SparseTableDDP:
             return
         if self.weight_decay:
             rows = grad.indices()[0]
-            weight.grad = torch.sparse_coo_tensor(grad.indices(), grad.values() + self.weight_decay * weight.detach()[rows],
+            weight.grad = torch.sparse_coo_tensor(grad.indices(),
+                                                  grad.values() + self.weight_decay * weight.detach()[rows],
                                                   weight.shape, check_invariants=False, device=weight.device).coalesce()
         self.table_optimizer.step()
 

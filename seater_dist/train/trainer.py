@@ -215,7 +215,8 @@ def _check_inputs(config: dict[str, Any], dataset: Any, run_dir: Path, resume: b
     last = saved[-1].parent
     check_same_catalogue(last, read_checkpoint_manifest(last), dataset.path, dataset.item_ids)
     if tree is not None:
-        theirs = read_manifest(last / "tree", "tree", TREE_SCHEMA_VERSION, CheckpointError)["checksums"].get("codes.npy")
+        theirs = read_manifest(last / "tree", "tree", TREE_SCHEMA_VERSION,
+                               CheckpointError)["checksums"].get("codes.npy")
         if theirs != tree["checksums"].get("codes.npy"):
             raise CheckpointError(f"{last}: the run to resume was trained with another tree than {config['tree_path']} "
                                   f"(item paths {str(theirs)[:12]} vs {str(tree['checksums'].get('codes.npy'))[:12]}); "
@@ -241,7 +242,8 @@ def _fit_locked(config: dict[str, Any], dataset: Any, out: Path, settings: Train
 
 def _check_is_a_train_run(run_dir: Path) -> None:
     """A fresh run replaces an earlier run's Ray Train directory, never a directory Ray Train did not write."""
-    if not (run_dir / "checkpoint_manager_snapshot.json").exists() and not (run_dir / ".validate_storage_marker").exists():
+    if (not (run_dir / "checkpoint_manager_snapshot.json").exists()
+            and not (run_dir / ".validate_storage_marker").exists()):
         raise ArtifactError(f"{run_dir}: exists and is not a Ray Train run directory; refusing to replace it "
                             "(choose another train.storage_path or --out)")
 

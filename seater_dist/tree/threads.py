@@ -37,7 +37,8 @@ def _openblas_thread_controls() -> tuple[Any, Any] | None:
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""), ("openblas", "64_"), ("openblas", "")):
+        for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""),
+                               ("openblas", "64_"), ("openblas", "")):
             setter, getter = f"{prefix}_set_num_threads{suffix}", f"{prefix}_get_num_threads{suffix}"
             if hasattr(lib, setter) and hasattr(lib, getter):
                 return getattr(lib, setter), getattr(lib, getter)
