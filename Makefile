@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 
-.PHONY: install demo test bench bench-list gpu-check clean
+.PHONY: install demo lint test test-fast bench bench-list gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,8 +24,16 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/seater demo --out runs/demo
 
-test: install
+lint: install
+	$(BIN)/ruff check seater_dist tests bench jobs
+
+# The whole suite (CI runs this); `make test-fast`: everything but Ray Train fits, Serve services and extra
+# Ray clusters (tests/conftest.py), for daily work.
+test: lint
 	$(BIN)/python -m pytest -q --durations=10 tests
+
+test-fast: lint
+	$(BIN)/python -m pytest -q --durations=5 -m "not slow" tests
 
 # `make bench` runs every benchmark's quick variant (heavy: nothing else on the machine meanwhile);
 # `make bench-list` (or `make -n bench`) shows what it runs.

@@ -1,4 +1,13 @@
-"""Shared fixtures: one local Ray per test session (started on first use), real data paths."""
+"""Shared fixtures (one local Ray per test session, started on first use; real data paths; a Ray head of a
+test's own) and the test tiers.
+
+Tiers follow from what a test uses, so they cannot drift from what it does:
+
+* ``ray``: the test uses Ray (a fixture that starts or joins it, or ``@pytest.mark.ray`` on a test whose
+  child process starts its own). ``-m "not ray"`` runs without Ray.
+* ``slow``: the test uses a fixture that trains with Ray Train, serves with Ray Serve or starts another Ray
+  head (:data:`SLOW_FIXTURES`), or starts a Ray of its own. ``make test-fast`` runs ``-m "not slow"``.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +19,25 @@ import time
 from pathlib import Path
 
 import pytest
+from own_ray_head import ray_head  # noqa: F401 - a fixture: a Ray head of a test's own
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
+RAY_FIXTURES = {"ray_session", "s3", "ray_head"}
+SLOW_FIXTURES = {"ray_head"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        own_ray = item.get_closest_marker("ray") is not None
+        if used & RAY_FIXTURES:
+            item.add_marker(pytest.mark.ray)
+        if used & SLOW_FIXTURES or own_ray:
+            item.add_marker(pytest.mark.slow)
 
 
 def _free_port() -> int:

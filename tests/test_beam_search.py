@@ -12,7 +12,6 @@ from seater_dist.model.toy_trees import random_balanced_tree
 from seater_dist.tree.item_tree import ItemTree
 
 
-
 def make_model(tree: ItemTree, layers: int = 1, seed: int = 0) -> SeaterModel:
     torch.manual_seed(seed)
     settings = SeaterSettings(

@@ -19,6 +19,8 @@ import sys
 import tempfile
 import textwrap
 
+import pytest
+
 # A Ray Data actor pool whose actors log INFO to the console and import faiss (the loader's AVX512/AVX2
 # probing), trigger Ray Train's exclude_resources deprecation the way its controller does, and are created
 # by the driver with ObjectRef constructor arguments (core_worker.cc's "constructor arguments in the object
@@ -85,6 +87,7 @@ def _run(extra_env: dict[str, str]) -> subprocess.CompletedProcess:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.mark.ray  # its own Ray, in a child process
 def test_console_hides_known_chatter_but_not_real_errors():
     proc = _run({})
     out = proc.stdout
@@ -95,6 +98,7 @@ def test_console_hides_known_chatter_but_not_real_errors():
     assert REAL_ERROR in out, out
 
 
+@pytest.mark.ray  # its own Ray, in a child process
 def test_seater_verbose_shows_everything():
     proc = _run({"SEATER_VERBOSE": "1"})
     out = proc.stdout

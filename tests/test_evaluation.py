@@ -17,8 +17,6 @@ import pytest
 from seater_dist.cli import main
 from seater_dist.config import EvalSettings
 
-pytestmark = pytest.mark.ray
-
 SEATER = {"d_model": 16, "n_heads": 2, "ffn_dim": 32, "history_len": 5, "beam_size": 50}
 SASREC = {"d_model": 16, "n_heads": 2, "num_blocks": 1, "max_len": 6, "num_negatives": 8}
 EVAL = {"batch_size": 8, "cpus_per_actor": 0.5}  # 300 test users: ~38 batches, enough for both actors to get some

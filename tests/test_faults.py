@@ -31,9 +31,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from seater_dist.cli import main
-from test_ray_job_submit import ray_head  # noqa: F401 - the fixture: a Ray head of a test's own, stopped by pid
-
-pytestmark = pytest.mark.ray
 
 SEATER = {"d_model": 16, "n_heads": 2, "ffn_dim": 32, "history_len": 5, "beam_size": 12}
 SASREC = {"d_model": 16, "n_heads": 2, "num_blocks": 1, "max_len": 6, "num_negatives": 8}
@@ -663,7 +660,8 @@ def test_a_dataset_is_hashed_once_then_trusted_by_its_stamp(art, tmp_path, monke
     monkeypatch.setattr(dataset_module, "_stamps", {})  # no in-process stamp: the file must do
     dataset_module.load_dataset(data)
     first = len(hashed)
-    assert first == len(json.loads((data / "manifest.json").read_text())["checksums"]) and (data / ".verified.json").is_file()
+    assert first == len(json.loads((data / "manifest.json").read_text())["checksums"])
+    assert (data / ".verified.json").is_file()
     monkeypatch.setattr(dataset_module, "_stamps", {})
     dataset_module.load_dataset(data)
     assert len(hashed) == first  # trusted by the stamp: nothing re-hashed

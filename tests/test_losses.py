@@ -17,7 +17,6 @@ from seater_dist.model.toy_trees import random_balanced_tree
 from seater_dist.tree.item_tree import ItemTree
 
 
-
 def settings(**kw) -> SeaterSettings:
     no_dropout = dict(dropout=0.0, input_dropout=0.0)
     return SeaterSettings(**{**dict(d_model=8, n_heads=2, ffn_dim=16, history_len=4, **no_dropout), **kw})

@@ -12,7 +12,6 @@ from seater_dist.model.seater import SeaterModel
 from seater_dist.model.toy_trees import random_balanced_tree
 
 
-
 def tiny_settings(**overrides) -> SeaterSettings:
     base = dict(d_model=16, n_heads=2, ffn_dim=32, dropout=0.0, input_dropout=0.0, history_len=6, beam_size=8)
     return SeaterSettings(**{**base, **overrides})
@@ -199,7 +198,8 @@ def test_tree_arrays_are_buffers_outside_the_state_dict():
     tree = random_balanced_tree(30, k=4)
     model = SeaterModel(tree, tiny_settings())
     keys = set(model.state_dict())
-    assert not any(k.startswith(("child_table", "item_codes", "token_parent", "token_level", "rank_sampler")) for k in keys)
+    buffers = ("child_table", "item_codes", "token_parent", "token_level", "rank_sampler")
+    assert not any(k.startswith(buffers) for k in keys)
     assert torch.equal(model.item_codes, torch.from_numpy(tree.codes))
     assert model.tok_emb.weight.shape == (tree.num_tokens, 16)
 

@@ -43,7 +43,8 @@ def sasrec_checkpoint(tmp_path):
 
 def test_round_trip_gives_the_same_model_tree_items_and_recommendations(trained):
     path, model, settings, tree, item_ids = trained
-    assert sorted(p.name for p in path.iterdir()) == ["items.parquet", "manifest.json", "model.pt", "settings.json", "tree"]
+    assert sorted(p.name for p in path.iterdir()) == ["items.parquet", "manifest.json", "model.pt", "settings.json",
+                                                      "tree"]
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")], "temp dir left behind"
     ckpt = load_checkpoint(path)
     loaded = ckpt.model

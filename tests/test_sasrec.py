@@ -11,9 +11,9 @@ from seater_dist.config import SasrecSettings
 from seater_dist.model.sasrec import SASRec, topk_inner_product
 
 
-
 def small(**kw) -> SasrecSettings:
-    return SasrecSettings(**{**dict(d_model=16, n_heads=2, num_blocks=2, dropout=0.0, max_len=8, num_negatives=20), **kw})
+    base = dict(d_model=16, n_heads=2, num_blocks=2, dropout=0.0, max_len=8, num_negatives=20)
+    return SasrecSettings(**{**base, **kw})
 
 
 def cyclic_batch(num_items: int, batch: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,8 +31,7 @@ from seater_dist.model.seater import SeaterModel
 from seater_dist.model.toy_trees import random_balanced_tree
 from seater_dist.serve.app import ServeArgs, build_app, deployment_names
 from seater_dist.serve.merge import merge_top
-from seater_dist.serve.parts import (IndexShardPart, SasrecEncoderPart, ShardedSeater,
-                                     shard_roots, sharded_beam_search)
+from seater_dist.serve.parts import IndexShardPart, SasrecEncoderPart, ShardedSeater, shard_roots, sharded_beam_search
 from seater_dist.serve.request import RequestError, parse_recommend
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,7 +129,8 @@ def test_merge_recovers_what_independent_shard_beams_lose(tmp_path):
         got, _, _, extra = sharded_beam_search(sharded.shards, memory[u], pad_mask[u], beam, beam)
         expanded += extra
         assert got.tolist() == items[u].tolist()
-    print(f"\n{lost} of {history.shape[0]} users lose an item with independent shard beams; {expanded} nodes expanded on request")
+    print(f"\n{lost} of {history.shape[0]} users lose an item with independent shard beams; "
+          f"{expanded} nodes expanded on request")
     assert lost > 0, "this seed was chosen to show the loss"
     assert expanded > 0, "this seed was chosen to exercise the second round trip"
 
@@ -342,7 +342,6 @@ def _post(url: str, body, timeout: float = 60):
                          timeout=timeout)
 
 
-@pytest.mark.ray
 def test_http_round_trip_equals_seater_retriever(service, run_dir):
     import requests
 
@@ -367,7 +366,6 @@ def test_http_round_trip_equals_seater_retriever(service, run_dir):
                                                                  "model_version": retriever.model_version}
 
 
-@pytest.mark.ray
 def test_bad_requests_get_their_4xx_and_the_service_answers_afterwards(service, run_dir):
     import requests
 
@@ -401,7 +399,6 @@ def test_bad_requests_get_their_4xx_and_the_service_answers_afterwards(service, 
     assert after.status_code == 200 and len(after.json()["items"]) == 5
 
 
-@pytest.mark.ray
 def test_four_shard_service_with_a_full_beam_returns_the_single_process_ranking(service, run_dir):
     from ray import serve
 
@@ -418,7 +415,6 @@ def test_four_shard_service_with_a_full_beam_returns_the_single_process_ranking(
         serve.delete("wide")
 
 
-@pytest.mark.ray
 def test_single_layout_answers_as_the_split_service_does_from_one_deployment(service, run_dir):
     """layout: single (one deployment holding the encoder and both shards, no calls between deployments):
     the same answers as SeaterRetriever, the popular fallback, a 4xx for a bad request."""
@@ -442,7 +438,6 @@ def test_single_layout_answers_as_the_split_service_does_from_one_deployment(ser
         serve.delete("single")
 
 
-@pytest.mark.ray
 def test_sasrec_is_served_through_the_same_api(service, run_dir):
     from ray import serve
 
@@ -484,8 +479,8 @@ class _Load:
         while not self._stop.is_set():
             try:
                 r = _post(self.url, {"history": histories[i % len(histories)], "top_n": 10}, timeout=60)
-                self.results.append((time.monotonic(), r.status_code,
-                                     r.json().get("model_version", r.text[:200]) if r.status_code == 200 else r.text[:200]))
+                version = r.json().get("model_version", r.text[:200]) if r.status_code == 200 else r.text[:200]
+                self.results.append((time.monotonic(), r.status_code, version))
             except Exception as err:  # noqa: BLE001 - a failed request is an outcome to count
                 self.results.append((time.monotonic(), -1, repr(err)[:200]))
             i += 1
@@ -503,7 +498,6 @@ def _replicas(app: str, deployment: str) -> list[str]:
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix))
 
 
-@pytest.mark.ray
 def test_a_killed_shard_replica_is_replaced_under_load(service, record_property):
     import ray
     from ray import serve
@@ -533,7 +527,6 @@ def test_a_killed_shard_replica_is_replaced_under_load(service, record_property)
     assert len(load.results) >= 3  # requests were in flight around the kill (each waits for a live replica)
 
 
-@pytest.mark.ray
 def test_rollout_to_a_second_checkpoint_fails_no_request(service, run_dir):
     import requests
 
@@ -563,7 +556,7 @@ def _settled() -> bool:
     return app.status == "RUNNING" and all(d.status == "HEALTHY" for d in app.deployments.values())
 
 
-@pytest.mark.ray
+@pytest.mark.ray  # its own Ray, in a child process
 def test_seater_serve_direct_ingress_answers_on_the_replicas_own_port_as_through_the_proxy(run_dir):
     """`seater serve --direct-ingress` (its own private Ray, in a child process): the Router replica answers on
     its own port (--port + 1 and up) what the proxy on --port answers, and Ctrl-C (SIGTERM) stops it all."""

@@ -31,7 +31,8 @@ class Toy(nn.Module):
     def forward(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.linear:
             g = torch.Generator().manual_seed(int(idx.sum()) * 31 + idx.numel())
-            direction = (torch.randn(idx.numel(), self.emb.embedding_dim, generator=g) * self.row_scale[idx, None]).to(self.proj.weight.dtype)
+            direction = torch.randn(idx.numel(), self.emb.embedding_dim, generator=g) * self.row_scale[idx, None]
+            direction = direction.to(self.proj.weight.dtype)
             return {"loss": (self.emb(idx) * direction).sum() + self.proj(direction).pow(2).mean()}
         x = self.proj(self.emb(idx))
         if self.full_softmax:
@@ -126,12 +127,14 @@ def _rare_batch(step: int, rank: int, n: int) -> torch.Tensor:
     """Rows touched rarely and irregularly: a few hot rows, a long tail touched now and then."""
     g = torch.Generator().manual_seed(7919 * step + rank)
     hot = torch.randint(0, 5, (6,), generator=g)
-    tail = torch.randint(5, n, (2,), generator=g) if torch.rand((), generator=g) < 0.3 else torch.empty(0, dtype=torch.long)
+    with_tail = torch.rand((), generator=g) < 0.3
+    tail = torch.randint(5, n, (2,), generator=g) if with_tail else torch.empty(0, dtype=torch.long)
     return torch.cat([hot, tail])
 
 
 def _train_pair(world: int, rank: int, n: int, steps: int, weight_decay: float = 1e-3,
-                expected_update: str = "adam, one pass per step", linear: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                expected_update: str = "adam, one pass per step",
+                linear: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The table after ``steps`` with SparseTableDDP(adam), and after torch.optim.Adam on a dense twin that
     sees every rank's batch (the gradient DDP averages)."""
     torch.manual_seed(0)
@@ -198,7 +201,8 @@ def test_table_adam_matches_torch_adam_on_a_dense_table_two_workers(weight_decay
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_dense_adam_worker, args=(r, 2, port, 60, 2000, queue, weight_decay, expected_update, linear))
+    procs = [ctx.Process(target=_dense_adam_worker,
+                         args=(r, 2, port, 60, 2000, queue, weight_decay, expected_update, linear))
              for r in range(2)]
     for p in procs:
         p.start()

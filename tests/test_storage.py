@@ -11,8 +11,8 @@ import pytest
 from seater_dist import storage
 from seater_dist.artifacts import ArtifactError
 from seater_dist.cli import main
-from seater_dist.tree.item_tree import ItemTree, TreeError
 from seater_dist.model.toy_trees import random_balanced_tree
+from seater_dist.tree.item_tree import ItemTree, TreeError
 
 SEATER = {"d_model": 16, "n_heads": 2, "ffn_dim": 32, "history_len": 5, "beam_size": 12}
 SASREC = {"d_model": 16, "n_heads": 2, "num_blocks": 1, "max_len": 6, "num_negatives": 8}
@@ -99,7 +99,8 @@ def test_seater_run_keeps_every_artifact_in_s3_and_reads_them_back(ray_session, 
     for artifact in ("dataset/manifest.json", "dataset/items.parquet", "sasrec/best/manifest.json",
                      "sasrec/item_embeddings.npy", "sasrec/history.json", "tree/manifest.json",
                      "seater/best/manifest.json", "seater/best/tree/codes.npy", "seater/history.json",
-                     "seater/eval_test/metrics.json", "sasrec/eval_test/per_user.parquet", "report.json", "report.md", "training.png"):
+                     "seater/eval_test/metrics.json", "sasrec/eval_test/per_user.parquet", "report.json", "report.md",
+                     "training.png"):
         assert artifact in written, artifact
     assert any(name.startswith("seater/ray_results/") for name in written)  # Ray Train's own run, in the bucket
     report = json.loads(storage.read_bytes(f"{run}/report.json"))

@@ -53,7 +53,8 @@ def test_same_seed_same_files_other_seed_other_files(tiny, tmp_path):
 
 def test_each_user_has_strictly_increasing_timestamps(tiny):
     out, _ = tiny
-    t = pq.read_table(sorted(out.glob("part-*.parquet"))).sort_by([("user_id", "ascending"), ("timestamp", "ascending")])
+    t = pq.read_table(sorted(out.glob("part-*.parquet")))
+    t = t.sort_by([("user_id", "ascending"), ("timestamp", "ascending")])
     users, ts = t.column("user_id").to_numpy(), t.column("timestamp").to_numpy()
     same_user = users[1:] == users[:-1]
     assert (ts[1:][same_user] > ts[:-1][same_user]).all()

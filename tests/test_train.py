@@ -11,8 +11,6 @@ import pytest
 
 from seater_dist.config import RunSettings, SynthSettings, TrainSettings
 
-pytestmark = pytest.mark.ray
-
 FAST_TRAIN = {"workers": 2, "cpus_per_worker": 0.5, "batch_size": 128, "patience": 5, "max_failures": 2}
 
 

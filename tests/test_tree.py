@@ -187,7 +187,6 @@ def test_use_ray_true_without_ray_is_an_error(monkeypatch) -> None:
         build_tree(_emb(20), TreeSettings(k=4), use_ray=True)
 
 
-@pytest.mark.ray
 def test_ray_path_puts_embeddings_once_and_builds_a_valid_tree(ray_session, monkeypatch) -> None:
     ray = ray_session
     puts = []

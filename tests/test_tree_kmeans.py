@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 
 from seater_dist.config import TreeSettings
-from seater_dist.tree import ItemTree
+from seater_dist.tree import ItemTree, lloyd
 from seater_dist.tree import assignment as asg
-from seater_dist.tree import lloyd
 from seater_dist.tree.balance import balanced_paths, group_of_rank
 from seater_dist.tree.reference import split_reference, sse_of
 from seater_dist.tree.synthetic import skewed_clustered_embeddings
