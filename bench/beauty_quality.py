@@ -311,7 +311,7 @@ def main() -> None:
                    help="evaluate the best epoch so far of runs that were stopped early, and write the tables")
     args = p.parse_args()
 
-    from seater_dist.ray_env import init_ray
+    from seater_dist.runtime.ray_env import init_ray
 
     init_ray()
     out = Path(args.out)

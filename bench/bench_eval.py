@@ -92,7 +92,7 @@ def main() -> None:
     dataset = synthetic.loo_dataset(args.cache / f"eval-N{args.items}-U{args.users}-s{args.seed}", args.items,
                                     args.users, args.seed, log)
 
-    from seater_dist.ray_env import init_ray
+    from seater_dist.runtime.ray_env import init_ray
 
     if args.users <= 4 * args.batch_size:
         raise SystemExit(f"--users must exceed 4 x --batch-size ({4 * args.batch_size}): the short calls take "

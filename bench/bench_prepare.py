@@ -126,7 +126,7 @@ def run_step(a: argparse.Namespace) -> dict:
     t0 = time.time()
     if a.step == "synth":
         from seater_dist.data.synth import synthesize
-        from seater_dist.ray_env import init_ray
+        from seater_dist.runtime.ray_env import init_ray
 
         init_ray(num_cpus=2)
         summary = synthesize(SynthSettings(preset=a.preset, out=str(a.work / "synth"), seed=a.seed,
@@ -136,7 +136,7 @@ def run_step(a: argparse.Namespace) -> dict:
                                    out=str(a.work / f"dataset_{a.step}"))
         if a.step == "ray":
             from seater_dist.data.prepare import prepare
-            from seater_dist.ray_env import init_ray
+            from seater_dist.runtime.ray_env import init_ray
 
             init_ray(num_cpus=2)
             summary = prepare(settings)

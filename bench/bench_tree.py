@@ -222,7 +222,7 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     parts = args.part or ["c", "b", "a"]
-    from seater_dist.ray_env import init_ray
+    from seater_dist.runtime.ray_env import init_ray
 
     init_ray(num_cpus=2)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from seater_dist.config import SynthSettings
     from seater_dist.data.synth import synthesize
-    from seater_dist.ray_env import init_ray
+    from seater_dist.runtime.ray_env import init_ray
 
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         root = Path(args.out or tmp)

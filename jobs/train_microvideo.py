@@ -126,11 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     from seater_dist import storage
     from seater_dist.artifacts import output_lock
     from seater_dist.pipeline import run_pipeline
-    from seater_dist.ray_env import init_ray
+    from seater_dist.runtime.ray_env import init_ray
 
     init_ray(args.address)  # RAY_ADDRESS is set by `ray job submit`; else a local Ray
     if not os.environ.get("SEATER_VERBOSE"):
-        from seater_dist.errors import hide_duplicate_error_reports
+        from seater_dist.runtime.errors import hide_duplicate_error_reports
 
         hide_duplicate_error_reports()
     # A local --out is held from the synth on (run_pipeline re-enters the lock); a URI has no lock.
@@ -162,7 +162,7 @@ def _synth(preset: str, synth_dir: str, resume: bool) -> str:
 
 def run(argv: list[str] | None = None) -> int:
     """:func:`main` with the CLI's one error path: any failure as one line (traceback with SEATER_VERBOSE=1)."""
-    from seater_dist.errors import EXIT_INTERRUPTED, describe
+    from seater_dist.runtime.errors import EXIT_INTERRUPTED, describe
 
     try:
         return main(argv)

@@ -436,11 +436,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("prepare", "run"):  # and on an output inside the input (run's holds dataset/ etc.)
             check_apart(args.input, args.out, CliError)
         if args.command in _NEEDS_RAY:
-            from seater_dist.ray_env import init_ray
+            from seater_dist.runtime.ray_env import init_ray
 
             init_ray(args.address)
         if not os.environ.get("SEATER_VERBOSE"):
-            from seater_dist.errors import hide_duplicate_error_reports
+            from seater_dist.runtime.errors import hide_duplicate_error_reports
 
             hide_duplicate_error_reports()
         t0 = time.time()
@@ -454,8 +454,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report_error(args: argparse.Namespace, err: BaseException) -> int:
     """Print ``err`` as ``seater <command>: error: <message>`` (its traceback first with SEATER_VERBOSE=1);
-    -> the exit code (seater_dist.errors.describe)."""
-    from seater_dist.errors import EXIT_INTERRUPTED, describe
+    -> the exit code (seater_dist.runtime.errors.describe)."""
+    from seater_dist.runtime.errors import EXIT_INTERRUPTED, describe
 
     message, code = describe(err)
     if os.environ.get("SEATER_VERBOSE"):

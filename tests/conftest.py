@@ -84,7 +84,7 @@ def ray_session():
     """A local 2-CPU Ray, started once for the whole session and shut down at its end."""
     import ray
 
-    from seater_dist.ray_env import init_ray
+    from seater_dist.runtime.ray_env import init_ray
 
     init_ray(num_cpus=2)
     yield ray

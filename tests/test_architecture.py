@@ -10,8 +10,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "seater_dist"
 
 # Lower number = lower layer; a module may import only from its own layer or below.
 LAYERS = {
-    "seater_dist.config": 0, "seater_dist.formats": 0, "seater_dist.artifacts": 0, "seater_dist.ray_env": 0,
-    "seater_dist.quiet": 0, "seater_dist.storage": 0, "seater_dist.files": 0,
+    "seater_dist.config": 0, "seater_dist.formats": 0, "seater_dist.artifacts": 0, "seater_dist.runtime": 0,
+    "seater_dist.storage": 0, "seater_dist.files": 0,
     "seater_dist.tree": 1, "seater_dist.data": 1,
     "seater_dist.model": 2,
     "seater_dist.train": 3, "seater_dist.eval": 3, "seater_dist.serve": 3,
@@ -94,3 +94,30 @@ def test_the_import_graph_has_no_cycle():
     # a package's __init__ re-exporting its own modules is not a cycle between ideas
     cycles = [c for c in cycles if not all(p.startswith(c.split(" -> ")[0]) for p in c.split(" -> "))]
     assert cycles == []
+
+
+def _private_ray_uses(path: Path) -> list[str]:
+    """Imports of Ray's private modules or names (a path part or an imported name starting with "_": ray._private,
+    ray.serve._private, ray.train.v2._internal, ray.train.torch.config._TorchBackend) and dotted strings naming
+    them (a logger or module looked up by name) in one file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names = [node.value] if node.value.startswith("ray.") and " " not in node.value else []
+        found += [f"{path.name}:{node.lineno}: {name}" for name in names
+                  if name.split(".")[0] == "ray" and any(part.startswith("_") for part in name.split(".")[1:])]
+    return found
+
+
+def test_only_the_runtime_package_touches_private_ray():
+    outside = [use for name, path in _modules().items() if not name.startswith("seater_dist.runtime")
+               for use in _private_ray_uses(path)]
+    assert outside == []
+    inside = [use for name, path in _modules().items() if name.startswith("seater_dist.runtime")
+              for use in _private_ray_uses(path)]
+    assert inside, "the check found nothing in the runtime package: it no longer sees private imports"

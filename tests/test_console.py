@@ -1,4 +1,4 @@
-"""The console shows our own lines and real errors, not known-harmless Ray / faiss chatter (seater_dist.quiet).
+"""The console shows our own lines and real errors, not known-harmless Ray / faiss chatter (seater_dist.runtime.quiet).
 
 The check runs in a subprocess of its own: Ray writes some of that chatter from C++ straight to file
 descriptor 2 and from worker processes, which pytest's capture of this process would not see as a user
@@ -33,7 +33,7 @@ SCRIPT = textwrap.dedent(
 
     import numpy as np
 
-    from seater_dist.ray_env import init_ray
+    from seater_dist.runtime.ray_env import init_ray
 
 
     class Scorer:
@@ -109,7 +109,7 @@ def test_seater_verbose_shows_everything():
 def test_the_stderr_filter_drops_the_known_lines_only():
     import re
 
-    from seater_dist.quiet import DROPPED_LINES
+    from seater_dist.runtime.quiet import DROPPED_LINES
 
     dropped = re.compile(DROPPED_LINES)
     raylet = ("\x1b[33m(raylet)\x1b[0m WARNING: 8 PYTHON worker processes have been started on node: 9c3a84bb8e with "

@@ -326,9 +326,9 @@ def test_a_planted_pickle_in_the_resumable_state_is_never_executed(art, tmp_path
     import torch
 
     from seater_dist.config import SeaterSettings
-    from seater_dist.errors import describe
     from seater_dist.model.checkpoint import CheckpointError
     from seater_dist.model.seater import SeaterModel
+    from seater_dist.runtime.errors import describe
     from seater_dist.train import loop
     from seater_dist.tree.item_tree import ItemTree
 
@@ -548,17 +548,17 @@ def test_the_failure_policy_raises_input_errors_and_retries_worker_deaths():
     from ray.train.v2.api.exceptions import WorkerGroupError
 
     from seater_dist.data.errors import DataError
-    from seater_dist.train.trainer import _input_errors_fail_fast, _InputErrorsFailFast
+    from seater_dist.runtime.train_fit import InputErrorsFailFast, input_errors_fail_fast
 
-    policy = _InputErrorsFailFast(FailureConfig(max_failures=2))
+    policy = InputErrorsFailFast(FailureConfig(max_failures=2))
     bad_input = WorkerGroupError("rank 0", {0: DataError("x.parquet: checksum mismatch"), 1: RuntimeError("gloo")})
     assert policy.make_decision(bad_input) == FailureDecision.RAISE
     died = WorkerGroupError("rank 1", {1: ActorDiedError()})
     assert policy.make_decision(died) == FailureDecision.RETRY
     assert policy.make_decision(WorkerGroupError("rank 0", {0: RuntimeError("boom")})) == FailureDecision.RETRY
     original = data_parallel_trainer.create_failure_policy
-    with _input_errors_fail_fast():
-        assert data_parallel_trainer.create_failure_policy is _InputErrorsFailFast
+    with input_errors_fail_fast():
+        assert data_parallel_trainer.create_failure_policy is InputErrorsFailFast
     assert data_parallel_trainer.create_failure_policy is original
 
 
@@ -572,7 +572,7 @@ def test_an_input_error_inside_a_train_worker_is_not_retried(art, tmp_path, monk
     import seater_dist.train.trainer as trainer
     from seater_dist.config import SeaterSettings, TrainSettings
     from seater_dist.data.dataset import load_dataset
-    from seater_dist.errors import describe
+    from seater_dist.runtime.errors import describe
 
     data = copy(art.dataset, tmp_path / "dataset")
     (data / ".verified.json").unlink(missing_ok=True)
@@ -918,7 +918,7 @@ def test_a_line_of_more_than_16m_items_names_its_row(tmp_path, monkeypatch):
     from seater_dist.config import PrepareSettings
     from seater_dist.data.errors import DataError
     from seater_dist.data.prepare import prepare_local
-    from seater_dist.errors import describe
+    from seater_dist.runtime.errors import describe
 
     monkeypatch.setattr(readers, "SEQ_POS_BITS", 3)  # at most 7 items a line
     path = tmp_path / "log.txt"
@@ -934,7 +934,7 @@ def test_errors_raised_inside_ray_are_unwrapped_to_one_line():
     from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
     from seater_dist.data.errors import DataError
-    from seater_dist.errors import describe
+    from seater_dist.runtime.errors import describe
 
     original = DataError("/data/x.csv: row 3: not UTF-8 text")
     task_error = RayTaskError("read", "Traceback ...\nseater_dist.data.errors.DataError: /data/x.csv: row 3: not UTF-8 "

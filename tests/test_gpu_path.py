@@ -27,9 +27,9 @@ from seater_dist.config import SasrecSettings, SeaterSettings
 from seater_dist.model.sasrec import SASRec, topk_inner_product, topk_on_device
 from seater_dist.model.seater import SeaterModel
 from seater_dist.model.toy_trees import random_balanced_tree
+from seater_dist.runtime.rendezvous import process_group_backend, process_group_env
 from seater_dist.train import loop
 from seater_dist.train.sparse_table import SparseTableDDP
-from seater_dist.train.trainer import process_group_backend, process_group_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,20 +185,20 @@ def test_a_rank_joins_with_both_interfaces_set_to_its_ray_address(monkeypatch):
     """A real one-rank gloo group through the bound rendezvous, on loopback."""
     import ray.util
 
-    from seater_dist.train import trainer
+    from seater_dist.runtime import rendezvous
 
     for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.1")
-    address, port = trainer._bind_store_socket()
+    address, port = rendezvous._bind_store_socket()
     try:
-        trainer._join_process_group("gloo", address, port, world_rank=0, world=1, timeout_s=30)
+        rendezvous._join_process_group("gloo", address, port, world_rank=0, world=1, timeout_s=30)
         assert os.environ["GLOO_SOCKET_IFNAME"] == os.environ["NCCL_SOCKET_IFNAME"] == "lo"
         assert dist.get_world_size() == 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-        trainer._store_socket.detach()  # the store owns (and closed) the listening socket
+        rendezvous._store_socket.detach()  # the store owns (and closed) the listening socket
 
 
 def test_fingerprint_is_exact_and_chunked(monkeypatch):

@@ -157,7 +157,7 @@ def _start_replica(threads: int) -> None:
     """What every replica does first: its torch threads, and its Serve gRPC port on loopback on a private Ray."""
     import torch
 
-    from seater_dist.ray_env import keep_serve_replica_on_loopback
+    from seater_dist.runtime.ray_env import keep_serve_replica_on_loopback
 
     torch.set_num_threads(threads)
     keep_serve_replica_on_loopback()

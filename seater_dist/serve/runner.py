@@ -13,7 +13,7 @@ import time
 import urllib.request
 from typing import Any, Callable
 
-from seater_dist.ray_env import LOOPBACK_ADDRESSES, init_ray
+from seater_dist.runtime.ray_env import LOOPBACK_ADDRESSES, init_ray
 from seater_dist.serve.app import ServeArgs, build_app, deployment_names, serve_env
 
 APP_NAME = "seater"

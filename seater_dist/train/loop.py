@@ -10,7 +10,6 @@ stop early after ``patience`` epochs without improvement, and report a self-cont
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import signal
@@ -27,6 +26,7 @@ import torch.distributed as dist
 from seater_dist.config import TrainSettings
 from seater_dist.files import load_tensors
 from seater_dist.model.checkpoint import CheckpointError
+from seater_dist.runtime.train_fit import quiet_train_worker
 from seater_dist.train.sparse_table import SparseTableDDP
 from seater_dist.train.tasks import LossModule, SasrecTask, SeaterTask, Task
 
@@ -73,7 +73,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     settings = TrainSettings.model_validate(config["train_settings"])
-    _quiet_report_logs()
+    quiet_train_worker(bool(config.get("verbose")))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
@@ -154,23 +154,10 @@ def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
     np.random.seed(int(mixed[1]))
 
 
-def _quiet_report_logs() -> None:
-    """Ray Train logs every report's full metrics at INFO under a logger named by its file path (so
-    LoggingConfig does not reach it); our rank 0 prints one line per epoch instead."""
-    if os.environ.get("SEATER_VERBOSE"):
-        return
-    try:
-        from ray.train.v2._internal.execution import context as train_context
-
-        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-    except ImportError:  # a Ray without Train V2 internals: keep its logs
-        pass
-
-
 def _everyone_has(flag: bool) -> bool:
     """True only if every worker still has a batch (keeps the DDP collectives in lockstep).
 
-    Host data, so a CPU tensor (gloo's part of a GPU group, see trainer.process_group_backend): no copy to
+    Host data, so a CPU tensor (gloo's part of a GPU group, see runtime.rendezvous.process_group_backend): no copy to
     the GPU and no wait for the GPU's queued work."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return flag

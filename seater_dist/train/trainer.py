@@ -33,6 +33,9 @@ from seater_dist.config import SasrecSettings, SeaterSettings, SettingsError, Tr
 from seater_dist.data.dataset import load_dataset
 from seater_dist.files import load_npy
 from seater_dist.model.checkpoint import CheckpointError, read_checkpoint_manifest
+from seater_dist.runtime.quiet import verbose
+from seater_dist.runtime.rendezvous import bound_torch_config
+from seater_dist.runtime.train_fit import ctrl_c_as_keyboard_interrupt, input_errors_fail_fast
 from seater_dist.storage import exists, is_remote, join, local_copy, publish, read_bytes, resolve, write_bytes
 from seater_dist.train.loop import train_loop_per_worker
 
@@ -250,7 +253,6 @@ def _check_is_a_train_run(run_dir: Path) -> None:
 
 def _run_trainer(config: dict[str, Any], dataset: Any, out: Path, settings: TrainSettings, ks: tuple[int, ...],
                  storage: str, name: str, inject_fault: dict[str, Any] | None) -> TrainResult:
-    import os
 
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -265,24 +267,24 @@ def _run_trainer(config: dict[str, Any], dataset: Any, out: Path, settings: Trai
     resources = {"CPU": settings.cpus_per_worker, **({"GPU": 1} if settings.use_gpu else {})}
     metric = f"valid_{settings.select_metric}"
     trainer = TorchTrainer(
-        _train_loop,
-        train_loop_config={**config, "verbose": bool(os.environ.get("SEATER_VERBOSE"))},
+        train_loop_per_worker,
+        train_loop_config={**config, "verbose": verbose()},
         scaling_config=ScalingConfig(num_workers=settings.workers, use_gpu=settings.use_gpu,
                                      resources_per_worker=resources),
-        torch_config=_bound_torch_config(),
+        torch_config=bound_torch_config(),
         run_config=RunConfig(
             name=name, storage_path=storage,
             failure_config=FailureConfig(max_failures=settings.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,
                                                checkpoint_score_order="max"),
-            logging_config=LoggingConfig(log_level="INFO" if os.environ.get("SEATER_VERBOSE") else "WARNING"),
+            logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
             # Worker prints (one progress line per epoch) go straight to stdout, once.
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
         datasets={"train": train_dataset(dataset_path, task.batch_fn(), settings.seed)},
     )
     t0 = time.time()
-    with _input_errors_fail_fast(), _ctrl_c_as_keyboard_interrupt():
+    with input_errors_fail_fast(), ctrl_c_as_keyboard_interrupt():
         result = trainer.fit()
     if result.error:
         raise RuntimeError(f"{name} training failed: {result.error}")
@@ -304,217 +306,3 @@ def _write_atomically(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
-
-
-def _train_loop(config: dict[str, Any]) -> None:
-    """The workers' entry point: the train loop, with Ray Train's own "Error in training function" report
-    (a traceback per rank) kept off the console unless SEATER_VERBOSE: the driver prints the error once."""
-    import logging
-
-    if not config.get("verbose"):
-        logging.getLogger("ray.train.v2._internal.util").addFilter(
-            lambda record: not str(record.msg).startswith("Error in training function"))
-    train_loop_per_worker(config)
-
-
-# ------------------------------------------------------------------------------------------ failure policy
-
-
-class _InputErrorsFailFast:
-    """Ray Train failure policy: Ray's default (a failed worker group is retried up to ``max_failures`` times
-    from the last checkpoint), except that a failure in which a worker raised an input error and no worker
-    died is raised at once: the retry would read the same input and fail the same way.
-
-    Input errors: ``ValueError`` (DataError, TreeError, CheckpointError, SettingsError, ...) and the OSErrors of a
-    missing or unreadable path. Ray Train 2.x has no public hook for this: :func:`_input_errors_fail_fast`
-    installs the policy for one ``fit()`` (and leaves Ray's default in place if its internals move).
-    """
-
-    def __init__(self, failure_config: Any) -> None:
-        from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy
-
-        self.failure_config = failure_config
-        self._default = DefaultFailurePolicy(failure_config)
-
-    def make_decision(self, training_failed_error: BaseException) -> Any:
-        from ray.train.v2._internal.execution.failure_handling import FailureDecision
-
-        if _is_input_failure(training_failed_error):
-            return FailureDecision.RAISE
-        return self._default.make_decision(training_failed_error)
-
-
-def _is_input_failure(err: BaseException) -> bool:
-    from ray.exceptions import RayActorError
-
-    failures = list(getattr(err, "worker_failures", {}).values())
-    if not failures or any(isinstance(f, RayActorError) or type(f).__name__ == "WorkerHealthCheckFailedError"
-                           for f in failures):
-        return False
-    return any(isinstance(f, (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError))
-               for f in failures)
-
-
-class _input_errors_fail_fast:  # noqa: N801 - used as a context manager
-    """Install :class:`_InputErrorsFailFast` as the failure policy of the ``fit()`` calls in the block."""
-
-    def __enter__(self) -> None:
-        try:
-            from ray.train.v2.api import data_parallel_trainer
-        except ImportError:
-            self.module = None
-            return
-        self.module = data_parallel_trainer
-        self.original = getattr(data_parallel_trainer, "create_failure_policy", None)
-        if self.original is not None:
-            data_parallel_trainer.create_failure_policy = _InputErrorsFailFast
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.module is not None and self.original is not None:
-            self.module.create_failure_policy = self.original
-
-
-class _ctrl_c_as_keyboard_interrupt:  # noqa: N801 - used as a context manager
-    """Ctrl-C during ``fit()`` ends as a KeyboardInterrupt, as everywhere else.
-
-    Ray Train's ``fit()`` installs its own SIGINT handler (it aborts the run gracefully, then calls
-    ``sys.exit(0)`` from inside the handler, which surfaced as exit code 1 and no message) and leaves it
-    installed. This notes that the handler fired, turns what ``fit()`` then raises into a
-    KeyboardInterrupt, and puts the previous handler back. The run keeps its finished epochs (resumable).
-    """
-
-    def __enter__(self) -> None:
-        import signal
-
-        self.fired = False
-        self.previous = signal.getsignal(signal.SIGINT)
-        self.install = signal.signal
-
-        def install(signum: int, handler: Any) -> Any:
-            if signum == signal.SIGINT and callable(handler):
-                inner = handler
-
-                def handler(sig: int, frame: Any) -> None:
-                    self.fired = True
-                    inner(sig, frame)
-            return self.install(signum, handler)
-
-        signal.signal = install
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        import signal
-        import threading
-
-        signal.signal = self.install
-        if threading.current_thread() is threading.main_thread() and self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-        if self.fired and exc_type is not None and not issubclass(exc_type, KeyboardInterrupt):
-            raise KeyboardInterrupt from exc
-
-
-# ------------------------------------------------------------------------------------------ rendezvous
-
-
-def _bound_torch_config() -> Any:
-    """Ray Train's TorchConfig, except that the process group's rendezvous (the TCPStore on rank 0, and gloo's
-    or NCCL's sockets) listens only on the address Ray uses for each node: 127.0.0.1 for the local Ray that
-    ``init_ray`` starts, the node's cluster address on a cluster. (torch's TCPStore otherwise listens on every
-    interface, whatever MASTER_ADDR says.)"""
-    from ray.train.torch import TorchConfig
-    from ray.train.torch.config import _TorchBackend
-
-    backend = type("BoundTorchBackend", (_TorchBackend,), {"on_start": _start_bound_process_group})
-    config = type("BoundTorchConfig", (TorchConfig,), {"backend_cls": property(lambda self: backend)})
-    return config()
-
-
-def _start_bound_process_group(self: Any, worker_group: Any, backend_config: Any) -> None:
-    """``on_start`` of the bound backend (runs in the Train controller): rank 0 binds the store's socket on
-    its node address, every rank joins the process group through it."""
-    import ray
-    from ray.train.torch.config import _set_torch_distributed_env_vars
-
-    gpus = worker_group.get_resources_per_worker().get("GPU", 0)
-    backend = process_group_backend(backend_config.backend, gpus)
-    address, port = worker_group.execute_single(0, _bind_store_socket)
-    worker_group.execute(_set_torch_distributed_env_vars)
-    world = len(worker_group)
-    ray.get([worker_group.execute_single_async(rank, _join_process_group, backend=backend, address=address,
-                                               port=port, world_rank=rank, world=world,
-                                               timeout_s=backend_config.timeout_s)
-             for rank in range(world)])
-
-
-_store_socket: Any = None  # rank 0: the listening socket of the process group's store (open for the run)
-
-
-def _bind_store_socket() -> tuple[str, int]:
-    """Rank 0: listen on this node's Ray address, on a free port. -> (address, port)."""
-    import socket
-
-    import ray
-
-    global _store_socket
-    address = ray.util.get_node_ip_address()
-    sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((address, 0))
-    sock.listen(socket.SOMAXCONN)
-    _store_socket = sock
-    return address, sock.getsockname()[1]
-
-
-def _join_process_group(backend: str, address: str, port: int, world_rank: int, world: int, timeout_s: int) -> None:
-    """Every rank: the process group over rank 0's store, its own sockets on its own node's Ray address."""
-    import os
-    from datetime import timedelta
-
-    import ray
-    import torch.distributed as dist
-
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = address, str(port)
-    for name, value in process_group_env(backend, _interface_of(ray.util.get_node_ip_address())).items():
-        os.environ.setdefault(name, value)  # the user's own choice, if any, wins
-    timeout = timedelta(seconds=timeout_s)
-    store = dist.TCPStore(address, port, world, world_rank == 0, timeout=timeout,
-                          master_listen_fd=_store_socket.fileno() if world_rank == 0 else None)
-    dist.init_process_group(backend=backend, store=store, rank=world_rank, world_size=world, timeout=timeout)
-
-
-def process_group_backend(configured: str | None, gpus_per_worker: float) -> str:
-    """The process group's backend: ``configured`` if set, else NCCL for CUDA tensors beside gloo for CPU
-    tensors on GPU workers ("cpu:gloo,cuda:nccl": the loop's host-side bookkeeping, a flag or a count, needs no
-    copy to the GPU and no device sync), gloo alone on CPU workers. Plain "nccl" serves CUDA tensors only."""
-    if configured is not None:
-        return configured
-    return "cpu:gloo,cuda:nccl" if gpus_per_worker > 0 else "gloo"
-
-
-def process_group_env(backend: str, interface: str | None) -> dict[str, str]:
-    """Environment a rank sets (unless already set) before it joins a process group over ``backend``.
-
-    Both socket-interface variables name ``interface`` (the one holding the node's Ray address), since a
-    "cpu:gloo,cuda:nccl" group opens gloo's and NCCL's sockets. With NCCL, TORCH_NCCL_ASYNC_ERROR_HANDLING=1
-    (as Ray Train's own setup does) makes a timed-out or failed collective abort the worker, so that Ray Train
-    restarts the group instead of waiting forever; not set when the user chose TORCH_NCCL_BLOCKING_WAIT."""
-    import os
-
-    env = {}
-    if interface:
-        env["GLOO_SOCKET_IFNAME"] = env["NCCL_SOCKET_IFNAME"] = interface
-    if "nccl" in backend and "TORCH_NCCL_BLOCKING_WAIT" not in os.environ:
-        env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "1"
-    return env
-
-
-def _interface_of(address: str) -> str | None:
-    """The name of the network interface that holds ``address`` (``lo`` for 127.0.0.1), or None."""
-    try:
-        import psutil
-    except ImportError:
-        return None
-    for name, addrs in psutil.net_if_addrs().items():
-        if any(a.address.split("%")[0] == address for a in addrs):
-            return name
-    return None
-

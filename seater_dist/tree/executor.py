@@ -200,7 +200,7 @@ class Runner:
         self.emb = emb
         self.ray = _ray_ready() if use_ray is None else use_ray
         if self.ray and not _ray_ready():
-            raise TreeError("use_ray=True but Ray is not initialised (call seater_dist.ray_env.init_ray first)")
+            raise TreeError("use_ray=True but Ray is not initialised (call seater_dist.runtime.ray_env.init_ray first)")
         self.cpus = os.cpu_count() or 1
         self.ref = None
         if self.ray:

@@ -56,7 +56,7 @@ def verbose() -> bool:
 
 
 class _DropMessages(logging.Filter):
-    """Drop records whose message starts with one of ``prefixes``; everything else passes."""
+    """Drop records whose message starts with one of ``prefixes``; everything else passes (drop_messages)."""
 
     def __init__(self, prefixes: tuple[str, ...]) -> None:
         super().__init__()
@@ -76,9 +76,15 @@ def quiet_process() -> None:
     logging.getLogger(FAISS_LOADER_LOGGER).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=EXCLUDE_RESOURCES_WARNING, category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=READ_ONLY_BATCH_WARNING, category=UserWarning)
-    progress = logging.getLogger(PROGRESS_LOGGER)
-    if not any(isinstance(f, _DropMessages) for f in progress.filters):
-        progress.addFilter(_DropMessages(PROGRESS_NOTICES))
+    drop_messages(PROGRESS_LOGGER, PROGRESS_NOTICES)
+
+
+def drop_messages(logger_name: str, prefixes: tuple[str, ...]) -> None:
+    """Records of the logger ``logger_name`` whose message starts with one of ``prefixes`` are dropped
+    (idempotent: a logger keeps one such filter)."""
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, _DropMessages) for f in logger.filters):
+        logger.addFilter(_DropMessages(prefixes))
 
 
 def quiet_worker() -> None:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from seater_dist.quiet import filter_stderr, quiet_process, quiet_worker, verbose
+from seater_dist.runtime.quiet import filter_stderr, quiet_process, quiet_worker, verbose
 
 LOOPBACK_ADDRESSES = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
 
@@ -21,14 +21,14 @@ _QUIET_ENV = {
 }
 
 # Runs in every worker of the job (Train controller and workers, Ray Data actors, tasks): setup_worker.
-_SETUP_HOOK = "seater_dist.ray_env.setup_worker"
+_SETUP_HOOK = "seater_dist.runtime.ray_env.setup_worker"
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> None:
     """Join the cluster at ``address`` (or RAY_ADDRESS), else start a local Ray on 127.0.0.1.
 
     Ray's own INFO logs (every Ray Data plan, every Train report) and known-harmless third-party chatter
-    (seater_dist.quiet) are hidden unless SEATER_VERBOSE=1; our stages print their own progress. Does
+    (seater_dist.runtime.quiet) are hidden unless SEATER_VERBOSE=1; our stages print their own progress. Does
     nothing if Ray is already initialised in this process (tests share one session).
     """
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
@@ -99,7 +99,7 @@ def _check_private() -> None:
     if node_address not in LOOPBACK_ADDRESSES:
         ray.shutdown()
         raise RuntimeError(f"the local Ray started on {node_address}, not on loopback: stopped it "
-                           "(seater_dist/ray_env.py keeps a private Ray on 127.0.0.1; this Ray version moved a "
+                           "(seater_dist/runtime/ray_env.py keeps a private Ray on 127.0.0.1; this Ray version moved a "
                            "setting it relies on)")
 
 
@@ -125,7 +125,7 @@ def keep_serve_replica_on_loopback() -> None:
 
 def setup_worker() -> None:
     """The runtime_env ``worker_process_setup_hook``, in every Ray worker of the job: :func:`address_own_cluster`,
-    and seater_dist.quiet's filters (the faiss loader, Ray's exclude_resources deprecation, the progress-bar
+    and seater_dist.runtime.quiet's filters (the faiss loader, Ray's exclude_resources deprecation, the progress-bar
     notice) unless SEATER_VERBOSE is set."""
     address_own_cluster()
     if not verbose():

@@ -19,8 +19,9 @@ ArtifactError or SettingsError; a missing, unreadable or unwritable path; a full
 from __future__ import annotations
 
 import errno
-import logging
 import re
+
+from seater_dist.runtime.quiet import drop_messages
 
 EXIT_INPUT = 2
 EXIT_INTERNAL = 1
@@ -140,7 +141,7 @@ def describe(err: BaseException) -> tuple[str, int]:
 
 
 # Ray's own reports of an error it then raises to the driver: with the error printed once by the CLI,
-# these would print it (and a traceback) a second time. They stay in the session's log files.
+# these would print it (and a traceback) a second time. They stay in Ray's log files.
 _DUPLICATE_REPORTS = {
     "ray.data._internal.execution.streaming_executor_state": ("An exception was raised from a task of operator",),
     "ray.data.exceptions": ("Exception occurred in user code", "Full stack trace"),
@@ -150,19 +151,8 @@ _DUPLICATE_REPORTS = {
 }
 
 
-class _DropPrefixes(logging.Filter):
-    def __init__(self, prefixes: tuple[str, ...]) -> None:
-        super().__init__()
-        self.prefixes = prefixes
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefixes)
-
-
 def hide_duplicate_error_reports() -> None:
     """Keep Ray's own console reports of an error it raises to the driver off the console (idempotent);
     the CLI prints the error once, in one line. Not called with SEATER_VERBOSE=1."""
     for name, prefixes in _DUPLICATE_REPORTS.items():
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropPrefixes) for f in logger.filters):
-            logger.addFilter(_DropPrefixes(prefixes))
+        drop_messages(name, prefixes)
