@@ -41,6 +41,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir, when not pip-installed
 
 from seater_dist.config import RunSettings, SettingsError, SynthSettings  # noqa: E402
+from seater_dist.runtime.quiet import verbose  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's industrial setting on a GPU cluster: k = 16 (depth 6 for 6.1M items), batch 2048.
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     from seater_dist.runtime.ray_env import init_ray
 
     init_ray(args.address)  # RAY_ADDRESS is set by `ray job submit`; else a local Ray
-    if not os.environ.get("SEATER_VERBOSE"):
+    if not verbose():
         from seater_dist.runtime.errors import hide_duplicate_error_reports
 
         hide_duplicate_error_reports()
@@ -168,7 +169,7 @@ def run(argv: list[str] | None = None) -> int:
         return main(argv)
     except (Exception, KeyboardInterrupt) as err:
         message, code = describe(err)
-        if os.environ.get("SEATER_VERBOSE"):
+        if verbose():
             traceback.print_exception(err)
         if code == EXIT_INTERRUPTED:
             message = "interrupted; re-submit with --resume to keep the finished stages and epochs"

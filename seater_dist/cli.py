@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import dataclasses
 import logging
-import os
 import sys
 import time
 import traceback
@@ -21,6 +20,7 @@ from typing import Any, Callable
 
 from seater_dist.config import RunSettings
 from seater_dist.formats import FORMAT_NAMES, FORMATS, PROTOCOL_NAMES, PROTOCOLS
+from seater_dist.runtime.quiet import verbose
 from seater_dist.storage import check_apart, join
 
 EPILOG = """\
@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             from seater_dist.runtime.ray_env import init_ray
 
             init_ray(args.address)
-        if not os.environ.get("SEATER_VERBOSE"):
+        if not verbose():
             from seater_dist.runtime.errors import hide_duplicate_error_reports
 
             hide_duplicate_error_reports()
@@ -458,7 +458,7 @@ def _report_error(args: argparse.Namespace, err: BaseException) -> int:
     from seater_dist.runtime.errors import EXIT_INTERRUPTED, describe
 
     message, code = describe(err)
-    if os.environ.get("SEATER_VERBOSE"):
+    if verbose():
         traceback.print_exception(err)
     if code == EXIT_INTERRUPTED:
         print(f"seater {args.command}: interrupted{_after_interrupt(args)}", file=sys.stderr)

@@ -306,6 +306,8 @@ class TrainSettings(Settings):
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL) instead of CPU (gloo).")
     epochs: int = Field(50, ge=1, description="Most epochs to train.")
     batch_size: int = Field(256, ge=1, description="Global batch (split over workers).")
+    shuffle_buffer: int = Field(4096, ge=1, description="Samples each worker shuffles locally before batching "
+                                "(Ray Data's local shuffle buffer), on top of the per-epoch order of users.")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
     weight_decay: float = Field(1e-5, ge=0, description="L2 penalty added to the gradient, as torch.optim.Adam does.")
     table_weight_decay: float | None = Field(

@@ -49,7 +49,7 @@ from seater_dist.model.layers import KVCache, eval_mode
 from seater_dist.model.retriever import ItemIdIndex
 from seater_dist.model.sasrec import topk_inner_product
 from seater_dist.model.seater import SeaterModel
-from seater_dist.serve.merge import BeamMerge, EncodeResult, Expansion, ShardBeams, merge_top
+from seater_dist.serve.merge import BeamMerge, EncodeResult, Expansion, ShardBeams
 from seater_dist.tree.item_tree import ItemTree
 
 log = logging.getLogger(__name__)
@@ -540,9 +540,3 @@ class ShardedSeater:
             self.expansions += expanded
             results.append({"items": raw, "scores": scores.astype(float).tolist(), "ignored": enc.ignored})
         return results
-
-
-def sasrec_search(shards: Sequence[IndexShardPart], state: np.ndarray, top_n: int
-                  ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """One user's search over SASRec index shards in this process, merged by score."""
-    return merge_top([s.search(state[None], top_n)[0] for s in shards], top_n)

@@ -13,6 +13,7 @@ import time
 import urllib.request
 from typing import Any, Callable
 
+from seater_dist.runtime.quiet import verbose
 from seater_dist.runtime.ray_env import LOOPBACK_ADDRESSES, init_ray
 from seater_dist.serve.app import ServeArgs, build_app, deployment_names, serve_env
 
@@ -41,7 +42,7 @@ def port_in_use(host: str, port: int) -> bool:
 
 def serve_logging() -> dict[str, Any]:
     """Serve's own logs: warnings only and no access log, unless SEATER_VERBOSE is set."""
-    if os.environ.get("SEATER_VERBOSE"):
+    if verbose():
         return {"log_level": "INFO", "enable_access_log": True}
     return {"log_level": "WARNING", "enable_access_log": False}
 
@@ -102,7 +103,7 @@ def run_service(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, addr
     if host not in LOOPBACK_HOSTS:
         out(exposure_warning(host, port, address))
     init_ray(address)
-    if not os.environ.get("SEATER_VERBOSE"):
+    if not verbose():
         import logging
 
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # "Started Serve", "Application ... is ready"

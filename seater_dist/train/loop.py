@@ -106,7 +106,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         bytes_sent = 0
         batches = iter(shard.iter_torch_batches(batch_size=per_worker_batch, device=device,
                                                 pin_memory=device.type == "cuda",
-                                                local_shuffle_buffer_size=config.get("shuffle_buffer", 4096),
+                                                local_shuffle_buffer_size=settings.shuffle_buffer,
                                                 local_shuffle_seed=settings.seed * 1009 + epoch * 17 + rank))
         while True:
             batch = next(batches, None)
