@@ -358,7 +358,7 @@ def main() -> None:
     from ray import serve
 
     from seater_dist.runtime.ray_env import init_ray
-    from seater_dist.serve.app import serve_env
+    from seater_dist.serve.replicas import serve_env
 
     for name, value in serve_env(args.direct_ingress).items():  # as `seater serve` does: the HTTP proxy too
         os.environ.setdefault(name, value)

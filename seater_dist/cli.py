@@ -366,7 +366,7 @@ def _cmd_recommend(a: argparse.Namespace) -> Any:
 
 
 def _cmd_serve(a: argparse.Namespace) -> Any:
-    from seater_dist.serve.app import parse_serve_args
+    from seater_dist.config import parse_serve_args
     from seater_dist.serve.runner import run_service
 
     args = parse_serve_args(dict(checkpoint=a.checkpoint, shards=a.shards, beam_size=a.beam_size,

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from seater_dist.formats import FORMAT_NAMES, METRICS, PROTOCOL_KS, PROTOCOL_NAMES
 
@@ -46,7 +46,7 @@ class Settings(BaseModel):
         try:
             return super().model_validate(obj, *args, **kwargs)
         except ValidationError as err:
-            raise SettingsError(_describe(err, cls.__name__)) from None
+            raise SettingsError(_describe(err)) from None
 
     @classmethod
     def build(cls, **fields: Any):
@@ -74,12 +74,12 @@ class Settings(BaseModel):
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
 
 
-def _describe(err: ValidationError, model: str) -> str:
+def _describe(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or model
+        loc = ".".join(str(x) for x in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}")
+        parts.append(f"{loc}: {msg}" if loc else msg)  # a model-level check's message names its own fields
     return "; ".join(parts)
 
 
@@ -362,3 +362,51 @@ class RunSettings(Settings):
     sasrec_train: TrainSettings = Field(default_factory=TrainSettings, description="Training SASRec "
                                         "(`seater embed`).")
     eval: EvalSettings = Field(default_factory=EvalSettings, description="`seater evaluate`.")
+
+
+class ServeArgs(Settings):
+    """The application's arguments (``args:`` of a Serve config, ``key=value`` after ``serve run``)."""
+
+    checkpoint: str = Field(description="SEATER or SASRec checkpoint directory, or a pyarrow.fs URI (s3://...).")
+    shards: int = Field(1, ge=1, description="Search shards: SEATER splits the root's children (at most k), "
+                        "SASRec the items.")
+    beam_size: int | None = Field(None, ge=1, description="SEATER: beam (default: the checkpoint's); SASRec: the "
+                                  "largest top_n (default 50).")
+    popularity: str | None = Field(None, description="Dataset directory or items.parquet with counts for the "
+                                   "popular fallback (default: the run's dataset beside the checkpoint if its "
+                                   "items match, else the model's answer to an empty history).")
+    index: Literal["flat", "hnsw"] = Field("flat", description="SASRec: exact IndexFlatIP or HNSW.")
+    hnsw_m: int = Field(16, ge=4, description="SASRec HNSW: links per node.")
+    ef_construction: int = Field(40, ge=8, description="SASRec HNSW: candidates while building.")
+    ef_search: int = Field(128, ge=1, description="SASRec HNSW: candidates per query (recall vs speed).")
+    index_cache: str | None = Field(None, description="SASRec HNSW: directory where built indexes are kept and "
+                                    "reused (keyed by model version, shard and parameters).")
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="Larger request bodies get 413.")
+    threads: int = Field(1, ge=1, description="torch/faiss threads per replica.")
+    gpu: bool | None = Field(None, description="Place encoder and shards on GPUs (default: if the cluster has any).")
+    min_replicas: int = Field(1, ge=1, description="Replicas every deployment starts with and keeps (warm "
+                              "capacity: a new replica takes as long as loading the checkpoint to start).")
+    max_replicas: int = Field(2, ge=1, description="Autoscaling ceiling of every deployment.")
+    retry_timeout_s: float = Field(30.0, gt=0, description="How long the router retries a request whose replica "
+                                   "died or changed version before answering 503.")
+    batch_size: int = Field(16, ge=1, description="Most requests one encoder/shard batch holds.")
+    serial_load: bool = Field(True, description="Replicas on one machine load the checkpoint one at a time "
+                              "(bounds the peak memory of a deployment; slower to start).")
+    layout: Literal["split", "single"] = Field("split", description="split: a Router, an Encoder and S shard "
+                                               "deployments, each scaled on its own; single: one deployment whose "
+                                               "replicas hold the encoder and every shard (no calls between "
+                                               "deployments: less CPU and latency per request; scales as a whole).")
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> "ServeArgs":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas: {self.min_replicas} > max_replicas {self.max_replicas}")
+        return self
+
+
+def parse_serve_args(args: dict[str, Any]) -> ServeArgs:
+    """``args`` checked -> ServeArgs; else a SettingsError naming the bad fields in one line ("serve args: ...")."""
+    try:
+        return ServeArgs.model_validate(args)
+    except SettingsError as err:
+        raise SettingsError(f"serve args: {err}") from None

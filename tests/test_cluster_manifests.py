@@ -199,7 +199,8 @@ def test_kuberay_clusters_turn_on_ray_token_authentication(kind):
 def test_kuberay_rayservice_serve_config_is_a_valid_serve_config_with_every_deployment():
     from ray.serve.schema import ServeDeploySchema
 
-    from seater_dist.serve.app import ServeArgs, deployment_names
+    from seater_dist.config import ServeArgs
+    from seater_dist.serve.app import deployment_names
 
     doc = _load(ROOT / "cluster" / KUBERAY["RayService"])
     serve_config = ServeDeploySchema.model_validate(yaml.safe_load(doc["spec"]["serveConfigV2"]))
@@ -235,7 +236,7 @@ def test_every_job_command_shown_in_cluster_files_and_the_readme_is_valid():
 
 
 def test_every_serve_import_path_imports_and_its_args_validate():
-    from seater_dist.serve.app import ServeArgs
+    from seater_dist.config import ServeArgs
 
     apps = _serve_apps()
     assert len(apps) == 4

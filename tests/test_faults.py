@@ -353,10 +353,10 @@ def test_the_serving_load_lock_is_private_to_the_user(tmp_path, monkeypatch):
     import tempfile
 
     from seater_dist.artifacts import ArtifactError
-    from seater_dist.serve import app
+    from seater_dist.serve import replicas
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the shared temp directory, for this test
-    with app._one_at_a_time(True):
+    with replicas._one_at_a_time(True):
         locks = list(tmp_path.rglob("*.lock"))
         assert len(locks) == 1 and locks[0].parent != tmp_path, locks
         private = locks[0].parent.stat()
@@ -368,12 +368,12 @@ def test_the_serving_load_lock_is_private_to_the_user(tmp_path, monkeypatch):
     directory.mkdir()
     directory.chmod(0o777)  # planted by someone else: open to every user
     with pytest.raises(ArtifactError, match=f"{directory}: not a private directory of this user"):
-        with app._one_at_a_time(True):
+        with replicas._one_at_a_time(True):
             pass
     directory.rmdir()
     directory.symlink_to(tmp_path)  # or a symlink to somewhere else
     with pytest.raises(ArtifactError, match="not a private directory"):
-        with app._one_at_a_time(True):
+        with replicas._one_at_a_time(True):
             pass
 
 

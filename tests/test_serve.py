@@ -23,13 +23,13 @@ import pytest
 import torch
 import yaml
 
-from seater_dist.config import SasrecSettings, SeaterSettings
+from seater_dist.config import SasrecSettings, SeaterSettings, ServeArgs
 from seater_dist.model.checkpoint import load_checkpoint, save_checkpoint
 from seater_dist.model.retriever import SeaterRetriever
 from seater_dist.model.sasrec import SASRec, topk_inner_product
 from seater_dist.model.seater import SeaterModel
 from seater_dist.model.toy_trees import random_balanced_tree
-from seater_dist.serve.app import ServeArgs, build_app, deployment_names
+from seater_dist.serve.app import build_app, deployment_names
 from seater_dist.serve.merge import merge_top
 from seater_dist.serve.parts import IndexShardPart, SasrecEncoderPart, ShardedSeater, shard_roots, sharded_beam_search
 from seater_dist.serve.request import RequestError, parse_recommend
@@ -138,10 +138,10 @@ def test_merge_recovers_what_independent_shard_beams_lose(tmp_path):
 def test_single_layout_with_one_shard_keeps_one_copy_of_the_token_table(run_dir):
     """The encoder reads its item rows from the shard's table (the same storage), and answers as a separate
     encoder part does."""
-    from seater_dist.serve.app import _single_parts
     from seater_dist.serve.parts import SeaterEncoderPart
+    from seater_dist.serve.replicas import single_parts
 
-    encoder, (shard,) = _single_parts(ServeArgs(checkpoint=str(run_dir / "seater" / "best"), layout="single",
+    encoder, (shard,) = single_parts(ServeArgs(checkpoint=str(run_dir / "seater" / "best"), layout="single",
                                                 serial_load=False))
     own = encoder.model.tok_emb.weight
     assert own.untyped_storage().data_ptr() == shard.model.tok_emb.weight.untyped_storage().data_ptr()

@@ -13,9 +13,11 @@ import time
 import urllib.request
 from typing import Any, Callable
 
+from seater_dist.config import ServeArgs
 from seater_dist.runtime.quiet import verbose
 from seater_dist.runtime.ray_env import LOOPBACK_ADDRESSES, init_ray
-from seater_dist.serve.app import ServeArgs, build_app, deployment_names, serve_env
+from seater_dist.serve.app import build_app, deployment_names
+from seater_dist.serve.replicas import serve_env
 
 APP_NAME = "seater"
 LOOPBACK_HOSTS = LOOPBACK_ADDRESSES | {"localhost"}
