@@ -6,7 +6,8 @@ Tiers follow from what a test uses, so they cannot drift from what it does:
 * ``ray``: the test uses Ray (a fixture that starts or joins it, or ``@pytest.mark.ray`` on a test whose
   child process starts its own). ``-m "not ray"`` runs without Ray.
 * ``slow``: the test uses a fixture that trains with Ray Train, serves with Ray Serve or starts another Ray
-  head (:data:`SLOW_FIXTURES`), or starts a Ray of its own. ``make test-fast`` runs ``-m "not slow"``.
+  head (:data:`SLOW_FIXTURES`), starts a Ray of its own, or is marked ``slow`` itself (a Train fit, a whole
+  ``seater run``, a multi-process exactness check). ``make test-fast`` runs ``-m "not slow"``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 
 RAY_FIXTURES = {"ray_session", "s3", "ray_head"}
-SLOW_FIXTURES = {"ray_head"}
+# Fixtures that fit with Ray Train, run a Serve service or start another Ray head (tens of seconds each).
+SLOW_FIXTURES = {"ray_head", "tiny_run", "training", "service"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -41,6 +41,7 @@ def _epoch_orders(path, seed: int, epochs: int = 2) -> list[list[tuple[int, ...]
     return [[(int(r["target"]), *map(int, r["history"])) for r in ds.iter_rows()] for _ in range(epochs)]
 
 
+@pytest.mark.slow
 def test_each_epoch_is_a_fresh_shuffle_and_the_seed_reproduces_it(ray_session, small_dataset):
     first_run = _epoch_orders(small_dataset, seed=3)
     second_run = _epoch_orders(small_dataset, seed=3)

@@ -194,6 +194,7 @@ def test_table_adam_in_row_chunks_matches_torch_adam(monkeypatch) -> None:
     assert float((ours - reference).abs().max()) < 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weight_decay,expected_update,linear", ADAM_KINDS)
 def test_table_adam_matches_torch_adam_on_a_dense_table_two_workers(weight_decay, expected_update, linear) -> None:
     with socket.socket() as s:

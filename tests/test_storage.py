@@ -79,6 +79,7 @@ def test_publishing_never_replaces_what_it_did_not_write(s3):
         random_balanced_tree(50, 4, seed=2).save(dataset_like)
 
 
+@pytest.mark.slow
 def test_seater_run_keeps_every_artifact_in_s3_and_reads_them_back(ray_session, s3, tmp_path, monkeypatch, capsys):
     rng = np.random.default_rng(0)
     lines = [" ".join([f"u{u}"] + [f"i{x}" for x in rng.integers(0, 30, rng.integers(6, 12))]) for u in range(60)]
