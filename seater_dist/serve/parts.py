@@ -44,8 +44,9 @@ import torch
 
 from seater_dist import storage
 from seater_dist.data.samples import left_pad
+from seater_dist.model.beam_search import search_levels
 from seater_dist.model.checkpoint import Checkpoint, CheckpointError, catalogue_id, load_checkpoint
-from seater_dist.model.layers import KVCache, eval_mode
+from seater_dist.model.layers import eval_mode
 from seater_dist.model.retriever import ItemIdIndex
 from seater_dist.model.sasrec import topk_inner_product
 from seater_dist.model.seater import SeaterModel
@@ -323,27 +324,10 @@ class BeamShardPart:
         m = self.model
         memory, pad_mask = _tensor(memory, self.device), _tensor(pad_mask, self.device)
         B = memory.shape[0]
-        levels = []
+        levels: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         with eval_mode(m):
-            mem_kv = m.memory_kv(memory)
-            caches = [KVCache(m.depth) for _ in m.decoder]
-            tokens = torch.full((B, 1), m.bos, dtype=torch.long, device=self.device)
-            scores = torch.zeros((B, 1), device=self.device)
-            batch_rows = torch.arange(B, device=self.device)[:, None]
-            for step in range(m.depth):
-                states = m.decode(tokens[:, :, None], mem_kv, pad_mask, caches, start=step)[:, :, 0]
-                log_probs, children = m.constrained_log_probs(states, tokens)  # [B, nb, k]
-                if step == 0:  # the global softmax over all root children; keep ours
-                    log_probs, children = log_probs[:, :, self.own_cols], children[:, :, self.own_cols]
-                candidates = scores[:, :, None] + log_probs
-                levels.append((tokens, children, candidates))
-                nb, k = children.shape[1], children.shape[2]
-                scores, best = candidates.reshape(B, nb * k).topk(min(beam, nb * k), dim=1)
-                tokens = children.reshape(B, nb * k).gather(1, best).masked_fill(torch.isneginf(scores), m.pad)
-                if step + 1 < m.depth:
-                    rows = (batch_rows * nb + best // k).reshape(-1)
-                    for cache in caches:
-                        cache.reorder(rows)
+            search_levels(m, memory, pad_mask, beam, first_columns=self.own_cols,
+                          on_level=lambda *level: levels.append(level))
         out = [ShardBeams([], [], []) for _ in range(B)]
         for step, (parents, children, cumulative) in enumerate(levels):
             par_local = parents.cpu().numpy()
