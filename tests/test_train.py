@@ -83,15 +83,16 @@ def test_offline_evaluation_equals_in_training_validation(tiny_run):
         assert metrics[key] == pytest.approx(best[f"valid_{key}"], abs=1e-9)
 
 
-def test_killed_worker_resumes_from_last_checkpoint(tiny_run, tmp_path):
+def test_killed_worker_resumes_from_last_checkpoint(tiny_run, tmp_path, monkeypatch):
+    from seater_dist.train.loop import KILL_WORKER_ENV
     from seater_dist.train.trainer import train_seater
 
     out, _ = tiny_run
     marker = tmp_path / "killed"
+    monkeypatch.setenv(KILL_WORKER_ENV, f"1,1,2,{marker}")  # rank 1, epoch 1, step 2
     # No L2 on the table: its rows are caught up per row, which must keep the workers identical too.
     result = train_seater(out / "dataset", out / "tree", tmp_path / "seater",
-                          TrainSettings(**{**FAST_TRAIN, "epochs": 3, "table_weight_decay": 0.0}),
-                          inject_fault={"rank": 1, "epoch": 1, "step": 2, "marker": str(marker)})
+                          TrainSettings(**{**FAST_TRAIN, "epochs": 3, "table_weight_decay": 0.0}))
     assert marker.exists(), "the fault was never injected"
     assert [r["epoch"] for r in result.history] == [0, 1, 2]
     assert [r["resumed_from_epoch"] for r in result.history] == [-1, 0, 0]

@@ -30,6 +30,9 @@ from seater_dist.runtime.train_fit import quiet_train_worker
 from seater_dist.train.sparse_table import SparseTableDDP
 from seater_dist.train.tasks import LossModule, SasrecTask, SeaterTask, Task
 
+# Tests only: "rank,epoch,step,marker" kills that Train worker once (trainer passes it from the driver's environment).
+KILL_WORKER_ENV = "SEATER_TEST_KILL_WORKER"
+
 TRAIN_STATE = "train_state.pt"
 
 
@@ -122,7 +125,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             steps += 1
             samples += len(next(iter(batch.values())))
             bytes_sent += stats.total_bytes
-            _maybe_inject_fault(config, rank, epoch, steps)
+            _maybe_kill_for_a_test(rank, epoch, steps)
         trainer.catch_up()  # validation and the checkpoint read the whole table
         train_seconds = time.time() - t0
 
@@ -284,13 +287,14 @@ def _restore(model: torch.nn.Module, trainer: SparseTableDDP, state: EarlyStoppi
     return state.epoch - 1
 
 
-def _maybe_inject_fault(config: dict[str, Any], rank: int, epoch: int, step: int) -> None:
-    """Tests only: SIGKILL this worker once at (rank, epoch, step); a marker file makes it once."""
-    fault = config.get("inject_fault")
-    if not fault or (rank, epoch, step) != (fault["rank"], fault["epoch"], fault["step"]):
+def _maybe_kill_for_a_test(rank: int, epoch: int, step: int) -> None:
+    """Tests only: with KILL_WORKER_ENV="rank,epoch,step,marker" in the run's environment, SIGKILL this worker
+    once at (rank, epoch, step); the marker file makes it once."""
+    fault = os.environ.get(KILL_WORKER_ENV)
+    if not fault:
         return
-    marker = Path(fault["marker"])
-    if marker.exists():
+    at, marker = fault.split(",", 3)[:3], Path(fault.split(",", 3)[3])
+    if (rank, epoch, step) != tuple(int(x) for x in at) or marker.exists():
         return
     marker.write_text(f"killed rank {rank} at epoch {epoch} step {step}\n")
     os.kill(os.getpid(), signal.SIGKILL)

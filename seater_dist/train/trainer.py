@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -37,7 +38,7 @@ from seater_dist.runtime.quiet import verbose
 from seater_dist.runtime.rendezvous import bound_torch_config
 from seater_dist.runtime.train_fit import ctrl_c_as_keyboard_interrupt, input_errors_fail_fast
 from seater_dist.storage import exists, is_remote, join, local_copy, publish, read_bytes, resolve, write_bytes
-from seater_dist.train.loop import train_loop_per_worker
+from seater_dist.train.loop import KILL_WORKER_ENV, train_loop_per_worker
 
 
 @dataclass
@@ -65,8 +66,7 @@ class TrainResult:
 
 def train_seater(dataset_path: str | Path, tree_path: str | Path, out: str | Path,
                  train: TrainSettings | None = None, model: SeaterSettings | None = None,
-                 resume: bool = False, inject_fault: dict[str, Any] | None = None,
-                 embeddings: str | Path | None = None) -> TrainResult:
+                 resume: bool = False, embeddings: str | Path | None = None) -> TrainResult:
     """Train SEATER with Ray Train on a prepared dataset and a built tree (see module docstring).
 
     Validation reports the dataset protocol's metrics; ``resume`` continues the run under ``out``;
@@ -77,7 +77,7 @@ def train_seater(dataset_path: str | Path, tree_path: str | Path, out: str | Pat
     config = {"task": "seater", "tree_path": _where(tree_path),
               "model_settings": model.model_dump(mode="json"),
               "embeddings_path": None if embeddings is None else _where(embeddings)}
-    return _fit(config, dataset_path, out, train or TrainSettings(), resume, inject_fault)
+    return _fit(config, dataset_path, out, train or TrainSettings(), resume)
 
 
 def _checked_embeddings(embeddings: str | Path | None, tree: dict[str, Any], tree_path: str | Path) -> str:
@@ -109,13 +109,12 @@ def _where(path: str | Path) -> str:
 
 
 def train_sasrec(dataset_path: str | Path, out: str | Path, train: TrainSettings | None = None,
-                 model: SasrecSettings | None = None, resume: bool = False,
-                 inject_fault: dict[str, Any] | None = None) -> TrainResult:
+                 model: SasrecSettings | None = None, resume: bool = False) -> TrainResult:
     """Train SASRec with Ray Train; writes ``out/item_embeddings.npy`` (the tree's input) from the best epoch."""
     model = model or SasrecSettings()
     config = {"task": "sasrec", "num_items": load_dataset(dataset_path).num_items,
               "model_settings": model.model_dump(mode="json")}
-    return _fit(config, dataset_path, out, train or TrainSettings(), resume, inject_fault)
+    return _fit(config, dataset_path, out, train or TrainSettings(), resume)
 
 
 def _storage(out: str | Path, settings: TrainSettings) -> str:
@@ -140,7 +139,7 @@ def train_dataset(dataset_path: str | Path, batch_fn, seed: int):
 
 
 def _fit(config: dict[str, Any], dataset_path: str | Path, out: str | Path, settings: TrainSettings,
-         resume: bool, inject_fault: dict[str, Any] | None) -> TrainResult:
+         resume: bool) -> TrainResult:
     """Check every input against the others, hold ``out``'s output lock, train, write best/ and history.json.
 
     Before any worker starts: the dataset's files are verified; the tree (SEATER) and, on resume, the
@@ -154,15 +153,15 @@ def _fit(config: dict[str, Any], dataset_path: str | Path, out: str | Path, sett
         raise SettingsError(f"select_metric: {settings.select_metric} is not reported by this dataset's protocol "
                             f"(cut-offs {', '.join(map(str, ks))})")
     if is_remote(out):
-        return _fit_remote(config, dataset, str(out), settings, ks, resume, inject_fault)
+        return _fit_remote(config, dataset, str(out), settings, ks, resume)
     out = Path(out).resolve()
     _check_train_out(out)
     with output_lock(out, inside=True):
-        return _fit_locked(config, dataset, out, settings, ks, resume, inject_fault)
+        return _fit_locked(config, dataset, out, settings, ks, resume)
 
 
 def _fit_remote(config: dict[str, Any], dataset: Any, out: str, settings: TrainSettings, ks: tuple[int, ...],
-                resume: bool, inject_fault: dict[str, Any] | None) -> TrainResult:
+                resume: bool) -> TrainResult:
     """Train into a local staging directory with Ray Train's run kept at ``out/ray_results``, then publish
     best/, item_embeddings.npy and, last, history.json (an earlier history.json is removed first, so an
     interrupted run is never taken for a finished one)."""
@@ -174,7 +173,7 @@ def _fit_remote(config: dict[str, Any], dataset: Any, out: str, settings: TrainS
     settings = settings.model_copy(update={"storage_path": _storage(out, settings)})
     staging = Path(tempfile.mkdtemp(prefix="seater-train-"))
     try:
-        result = _fit_locked(config, dataset, staging, settings, ks, resume, inject_fault)
+        result = _fit_locked(config, dataset, staging, settings, ks, resume)
         publish(staging / "best", join(out, "best"))
         if (staging / "item_embeddings.npy").is_file():
             publish(staging / "item_embeddings.npy", join(out, "item_embeddings.npy"))
@@ -227,7 +226,7 @@ def _check_inputs(config: dict[str, Any], dataset: Any, run_dir: Path, resume: b
 
 
 def _fit_locked(config: dict[str, Any], dataset: Any, out: Path, settings: TrainSettings, ks: tuple[int, ...],
-                resume: bool, inject_fault: dict[str, Any] | None) -> TrainResult:
+                resume: bool) -> TrainResult:
     storage = _storage(out, settings)
     name = config["task"]
     run_dir = Path(storage) / name
@@ -240,7 +239,7 @@ def _fit_locked(config: dict[str, Any], dataset: Any, out: Path, settings: Train
         if not resume and "://" not in storage and run_dir.exists():
             _check_is_a_train_run(run_dir)
             shutil.rmtree(run_dir)  # a fresh run must not silently continue an old one
-        return _run_trainer(config, dataset, out, settings, ks, storage, name, inject_fault)
+        return _run_trainer(config, dataset, out, settings, ks, storage, name)
 
 
 def _check_is_a_train_run(run_dir: Path) -> None:
@@ -252,7 +251,7 @@ def _check_is_a_train_run(run_dir: Path) -> None:
 
 
 def _run_trainer(config: dict[str, Any], dataset: Any, out: Path, settings: TrainSettings, ks: tuple[int, ...],
-                 storage: str, name: str, inject_fault: dict[str, Any] | None) -> TrainResult:
+                 storage: str, name: str) -> TrainResult:
 
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -261,7 +260,7 @@ def _run_trainer(config: dict[str, Any], dataset: Any, out: Path, settings: Trai
 
     dataset_path = dataset.source if is_remote(dataset.source) else str(Path(dataset.path).resolve())
     config = {**config, "dataset_path": dataset_path, "train_settings": settings.model_dump(mode="json"),
-              "ks": list(ks), "inject_fault": inject_fault,
+              "ks": list(ks),
               "threads_per_worker": max(1, round(settings.cpus_per_worker))}
     task = make_task(config)
     resources = {"CPU": settings.cpus_per_worker, **({"GPU": 1} if settings.use_gpu else {})}
@@ -279,7 +278,9 @@ def _run_trainer(config: dict[str, Any], dataset: Any, out: Path, settings: Trai
                                                checkpoint_score_order="max"),
             logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
             # Worker prints (one progress line per epoch) go straight to stdout, once.
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            # (and a test's fault injection, from the driver's environment, seater_dist.train.loop.KILL_WORKER_ENV)
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                                             **{k: v for k, v in os.environ.items() if k == KILL_WORKER_ENV}}},
         ),
         datasets={"train": train_dataset(dataset_path, task.batch_fn(), settings.seed)},
     )
@@ -301,8 +302,6 @@ def _run_trainer(config: dict[str, Any], dataset: Any, out: Path, settings: Trai
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    import os
-
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
