@@ -11,9 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from seater_dist.config import PrepareSettings
+from seater_dist.data.chunks import reader_options
 from seater_dist.data.errors import DataError
 from seater_dist.data.prepare import prepare_local
-from seater_dist.data.readers import read_all, reader_options
+from seater_dist.data.readers import read_all
 
 
 def _read(path: Path, fmt: str, **cols):

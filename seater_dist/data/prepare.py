@@ -48,19 +48,10 @@ from seater_dist import storage
 from seater_dist.artifacts import atomic_dir, sha256_file
 from seater_dist.config import PrepareSettings
 from seater_dist.data import ops
+from seater_dist.data.chunks import Chunk, ReaderOptions, integer_ids, list_input_files, plan_chunks, reader_options
 from seater_dist.data.dataset import SCHEMA_VERSION
 from seater_dist.data.errors import DataError
-from seater_dist.data.readers import (
-    REJECTED_SCHEMA,
-    Chunk,
-    ReaderOptions,
-    integer_ids,
-    list_input_files,
-    plan_chunks,
-    read_chunk,
-    reader_options,
-    unify,
-)
+from seater_dist.data.readers import REJECTED_SCHEMA, read_chunk, unify
 
 log = logging.getLogger(__name__)
 _FILTER_REASONS = ("item_below_min_count", "user_below_min_count")
