@@ -23,12 +23,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from seater_dist.config import TrainSettings
 from seater_dist.files import load_tensors
 from seater_dist.model.checkpoint import CheckpointError
 from seater_dist.runtime.train_fit import quiet_train_worker
 from seater_dist.train.sparse_table import SparseTableDDP
-from seater_dist.train.tasks import LossModule, SasrecTask, SeaterTask, Task
+from seater_dist.train.tasks import LossModule, Task, WorkerSpec, make_task
 
 # Tests only: "rank,epoch,step,marker" kills that Train worker once (trainer passes it from the driver's environment).
 KILL_WORKER_ENV = "SEATER_TEST_KILL_WORKER"
@@ -62,27 +61,19 @@ class EarlyStopping:
         return self.bad_epochs >= self.patience
 
 
-def make_task(config: dict[str, Any]) -> Task:
-    if config["task"] == "seater":
-        return SeaterTask(config["tree_path"], config["dataset_path"], config["model_settings"],
-                          config.get("embeddings_path"))
-    if config["task"] == "sasrec":
-        return SasrecTask(config["num_items"], config["dataset_path"], config["model_settings"])
-    raise ValueError(f"unknown task {config['task']!r}")
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Entry point run by every Ray Train worker (config: see trainer.py::fit)."""
+    """Entry point run by every Ray Train worker: ``config["spec"]`` is a :class:`WorkerSpec` as JSON."""
     import ray.train
 
-    settings = TrainSettings.model_validate(config["train_settings"])
-    quiet_train_worker(bool(config.get("verbose")))
+    spec = WorkerSpec.model_validate(config["spec"])
+    settings = spec.train
+    quiet_train_worker(spec.verbose)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
+    torch.set_num_threads(spec.threads_per_worker)
     torch.manual_seed(settings.seed)  # the initial weights (rank 0's are broadcast to every worker anyway)
 
-    task = make_task(config)
+    task = make_task(spec)
     model = task.build_model()
     step_module = LossModule(task, model)
     device = ray.train.torch.get_device() if settings.use_gpu else torch.device("cpu")
@@ -95,7 +86,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                              table_weight_decay=settings.table_weight_decay)
     resumed_from = _restore(model, trainer, state)
 
-    valid_histories, valid_truth = _validation_slice(config, rank, world)
+    valid_histories, valid_truth = _validation_slice(spec, rank, world)
     shard = ray.train.get_dataset_shard("train")
     per_worker_batch = max(1, settings.batch_size // world)
 
@@ -130,7 +121,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train_seconds = time.time() - t0
 
         model.eval()
-        metrics = _validate(task, model, valid_histories, valid_truth, config["ks"], device)
+        metrics = _validate(task, model, valid_histories, valid_truth, list(spec.ks), device)
         record = {"epoch": epoch, **{f"train_{k}": float(v) / max(steps, 1) for k, v in totals.items()},
                   **{f"valid_{k}": v for k, v in metrics.items()},
                   "train_seconds": train_seconds, "valid_seconds": time.time() - t0 - train_seconds,
@@ -146,7 +137,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                   f"valid {settings.select_metric} {metrics[settings.select_metric]:.4f}"
                   f"{' (best)' if improved else ''}, {train_seconds:.0f} s, "
                   f"{record['samples_per_second']:,.0f} samples/s", flush=True)
-        _report(task, model, trainer, state, record, improved, rank, config)
+        _report(task, model, trainer, state, record, improved, rank)
 
 
 def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
@@ -210,15 +201,15 @@ def _sum_all(value: float) -> float:
     return float(t.item())
 
 
-def _validation_slice(config: dict[str, Any], rank: int, world: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def _validation_slice(spec: WorkerSpec, rank: int, world: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """This worker's share of the validation users: (histories, ground truths)."""
     from seater_dist.data.dataset import load_dataset
 
-    table = load_dataset(config["dataset_path"]).table("valid")
+    table = load_dataset(spec.dataset_path).table("valid")
     order = np.arange(table.num_rows)
-    limit = config["train_settings"].get("max_valid_users")
+    limit = spec.train.max_valid_users
     if limit and limit < table.num_rows:
-        rng = np.random.default_rng(config["train_settings"].get("seed", 0))
+        rng = np.random.default_rng(spec.train.seed)
         order = np.sort(rng.choice(order, limit, replace=False))
     mine = order[rank::world]
     histories = table.column("history").take(mine).to_pylist()
@@ -249,7 +240,7 @@ def _validate(task: Task, model: torch.nn.Module, histories: list[np.ndarray], t
 
 
 def _report(task: Task, model: torch.nn.Module, trainer: SparseTableDDP, state: EarlyStopping,
-            record: dict[str, Any], improved: bool, rank: int, config: dict[str, Any]) -> None:
+            record: dict[str, Any], improved: bool, rank: int) -> None:
     """Every worker reports (it is a barrier); rank 0 attaches the epoch's checkpoint."""
     import ray.train
 

@@ -9,13 +9,14 @@ validation, early stopping, checkpoints and fault tolerance.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from seater_dist.config import SasrecSettings, SeaterSettings, SettingsError
+from seater_dist.config import SasrecSettings, SeaterSettings, SettingsError, TrainSettings
 from seater_dist.data.dataset import load_dataset
 from seater_dist.data.samples import expand_next_item, shifted_sequences
 from seater_dist.files import load_npy
@@ -64,13 +65,13 @@ class SeaterTask(_Checkpointing):
         """W_s learns only through L_rank: without it DDP must look for unused parameters."""
         return not self.settings.use_ranking
 
-    def __init__(self, tree_path: str, dataset_path: str, settings: dict[str, Any],
+    def __init__(self, tree_path: str, dataset_path: str, settings: SeaterSettings,
                  embeddings_path: str | None = None) -> None:
         from seater_dist.tree import ItemTree
 
         self.tree_path = tree_path
         self.dataset_path = dataset_path
-        self.settings = SeaterSettings.model_validate(settings)
+        self.settings = settings
         self.tree = ItemTree.load(tree_path)
         self.embeddings_path = embeddings_path
 
@@ -105,10 +106,10 @@ class SasrecTask(_Checkpointing):
     table_name = "item_emb"
     has_unused_parameters = False
 
-    def __init__(self, num_items: int, dataset_path: str, settings: dict[str, Any]) -> None:
+    def __init__(self, num_items: int, dataset_path: str, settings: SasrecSettings) -> None:
         self.num_items = num_items
         self.dataset_path = dataset_path
-        self.settings = SasrecSettings.model_validate(settings)
+        self.settings = settings
 
     def build_model(self) -> nn.Module:
         from seater_dist.model.sasrec import SASRec
@@ -146,3 +147,31 @@ class LossModule(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.task.losses(self.model, batch)
+
+
+class WorkerSpec(BaseModel):
+    """Everything the driver hands each Train worker (Ray Train's ``train_loop_config`` carries it as JSON).
+
+    The driver fills it in stages: the task and its model settings (train_seater / train_sasrec), the checked
+    embeddings file (after the tree's checks), then the dataset, training settings and metric cut-offs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: Literal["seater", "sasrec"]
+    seater: SeaterSettings | None = Field(None, description="task seater: the model and losses.")
+    sasrec: SasrecSettings | None = Field(None, description="task sasrec: the model.")
+    tree_path: str | None = Field(None, description="task seater: the tree (absolute path or URI).")
+    embeddings_path: str | None = Field(None, description="task seater, token_init embeddings: the checked file.")
+    num_items: int | None = Field(None, description="task sasrec: the catalogue's size.")
+    dataset_path: str = Field("", description="The prepared dataset (absolute path or URI).")
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    ks: tuple[int, ...] = Field((), description="The protocol's metric cut-offs.")
+    threads_per_worker: int = Field(1, ge=1, description="torch threads in each worker.")
+    verbose: bool = Field(False, description="SEATER_VERBOSE on the driver: keep Ray Train's own reports.")
+
+
+def make_task(spec: WorkerSpec) -> Task:
+    """The task a worker trains, from its spec."""
+    if spec.task == "seater":
+        return SeaterTask(spec.tree_path, spec.dataset_path, spec.seater, spec.embeddings_path)
+    return SasrecTask(spec.num_items, spec.dataset_path, spec.sasrec)

@@ -39,6 +39,7 @@ from seater_dist.runtime.rendezvous import bound_torch_config
 from seater_dist.runtime.train_fit import ctrl_c_as_keyboard_interrupt, input_errors_fail_fast
 from seater_dist.storage import exists, is_remote, join, local_copy, publish, read_bytes, resolve, write_bytes
 from seater_dist.train.loop import KILL_WORKER_ENV, train_loop_per_worker
+from seater_dist.train.tasks import WorkerSpec, make_task
 
 
 @dataclass
@@ -73,11 +74,9 @@ def train_seater(dataset_path: str | Path, tree_path: str | Path, out: str | Pat
     ``embeddings`` (the .npy the tree was built from; default: the file the tree's manifest records) is read
     by ``token_init: embeddings``, the default.
     """
-    model = model or SeaterSettings()
-    config = {"task": "seater", "tree_path": _where(tree_path),
-              "model_settings": model.model_dump(mode="json"),
-              "embeddings_path": None if embeddings is None else _where(embeddings)}
-    return _fit(config, dataset_path, out, train or TrainSettings(), resume)
+    spec = WorkerSpec(task="seater", seater=model or SeaterSettings(), tree_path=_where(tree_path),
+                      embeddings_path=None if embeddings is None else _where(embeddings))
+    return _fit(spec, dataset_path, out, train or TrainSettings(), resume)
 
 
 def _checked_embeddings(embeddings: str | Path | None, tree: dict[str, Any], tree_path: str | Path) -> str:
@@ -111,10 +110,8 @@ def _where(path: str | Path) -> str:
 def train_sasrec(dataset_path: str | Path, out: str | Path, train: TrainSettings | None = None,
                  model: SasrecSettings | None = None, resume: bool = False) -> TrainResult:
     """Train SASRec with Ray Train; writes ``out/item_embeddings.npy`` (the tree's input) from the best epoch."""
-    model = model or SasrecSettings()
-    config = {"task": "sasrec", "num_items": load_dataset(dataset_path).num_items,
-              "model_settings": model.model_dump(mode="json")}
-    return _fit(config, dataset_path, out, train or TrainSettings(), resume)
+    spec = WorkerSpec(task="sasrec", sasrec=model or SasrecSettings(), num_items=load_dataset(dataset_path).num_items)
+    return _fit(spec, dataset_path, out, train or TrainSettings(), resume)
 
 
 def _storage(out: str | Path, settings: TrainSettings) -> str:
@@ -138,7 +135,7 @@ def train_dataset(dataset_path: str | Path, batch_fn, seed: int):
     return shuffled.map_batches(batch_fn, batch_format="pyarrow", batch_size=1024)
 
 
-def _fit(config: dict[str, Any], dataset_path: str | Path, out: str | Path, settings: TrainSettings,
+def _fit(spec: WorkerSpec, dataset_path: str | Path, out: str | Path, settings: TrainSettings,
          resume: bool) -> TrainResult:
     """Check every input against the others, hold ``out``'s output lock, train, write best/ and history.json.
 
@@ -153,14 +150,14 @@ def _fit(config: dict[str, Any], dataset_path: str | Path, out: str | Path, sett
         raise SettingsError(f"select_metric: {settings.select_metric} is not reported by this dataset's protocol "
                             f"(cut-offs {', '.join(map(str, ks))})")
     if is_remote(out):
-        return _fit_remote(config, dataset, str(out), settings, ks, resume)
+        return _fit_remote(spec, dataset, str(out), settings, ks, resume)
     out = Path(out).resolve()
     _check_train_out(out)
     with output_lock(out, inside=True):
-        return _fit_locked(config, dataset, out, settings, ks, resume)
+        return _fit_locked(spec, dataset, out, settings, ks, resume)
 
 
-def _fit_remote(config: dict[str, Any], dataset: Any, out: str, settings: TrainSettings, ks: tuple[int, ...],
+def _fit_remote(spec: WorkerSpec, dataset: Any, out: str, settings: TrainSettings, ks: tuple[int, ...],
                 resume: bool) -> TrainResult:
     """Train into a local staging directory with Ray Train's run kept at ``out/ray_results``, then publish
     best/, item_embeddings.npy and, last, history.json (an earlier history.json is removed first, so an
@@ -173,7 +170,7 @@ def _fit_remote(config: dict[str, Any], dataset: Any, out: str, settings: TrainS
     settings = settings.model_copy(update={"storage_path": _storage(out, settings)})
     staging = Path(tempfile.mkdtemp(prefix="seater-train-"))
     try:
-        result = _fit_locked(config, dataset, staging, settings, ks, resume)
+        result = _fit_locked(spec, dataset, staging, settings, ks, resume)
         publish(staging / "best", join(out, "best"))
         if (staging / "item_embeddings.npy").is_file():
             publish(staging / "item_embeddings.npy", join(out, "item_embeddings.npy"))
@@ -193,53 +190,55 @@ def _check_train_out(out: Path) -> None:
     check_replaceable(out / "best", "checkpoint")
 
 
-def _check_inputs(config: dict[str, Any], dataset: Any, run_dir: Path, resume: bool) -> None:
-    """The tree (SEATER) and the checkpoint a resumed run continues from must fit the dataset's catalogue;
-    ``token_init: embeddings`` gets the embeddings file the tree was built from (``config["embeddings_path"]``)."""
+def _check_inputs(spec: WorkerSpec, dataset: Any, run_dir: Path, resume: bool) -> WorkerSpec:
+    """The tree (SEATER) and the checkpoint a resumed run continues from must fit the dataset's catalogue.
+    -> ``spec``, whose ``embeddings_path`` is, for ``token_init: embeddings``, the checked file the tree was
+    built from."""
     from seater_dist.artifacts import read_manifest, verify_files
     from seater_dist.model.checkpoint import check_same_catalogue
     from seater_dist.tree.item_tree import SCHEMA_VERSION as TREE_SCHEMA_VERSION
     from seater_dist.tree.item_tree import TreeError
 
     tree = None
-    if config["task"] == "seater":
-        tree_path = local_copy(config["tree_path"], TreeError)
+    if spec.task == "seater":
+        tree_path = local_copy(spec.tree_path, TreeError)
         tree = read_manifest(tree_path, "tree", TREE_SCHEMA_VERSION, TreeError)
         verify_files(tree_path, tree, error=TreeError)
         check_same_catalogue(tree_path, tree, dataset.path, dataset.item_ids, error=TreeError)
-        if config["model_settings"]["token_init"] == "embeddings":  # resolved here, after the tree's own checks
-            config["embeddings_path"] = _checked_embeddings(config["embeddings_path"], tree, config["tree_path"])
+        if spec.seater.token_init == "embeddings":  # resolved here, after the tree's own checks
+            checked = _checked_embeddings(spec.embeddings_path, tree, spec.tree_path)
+            spec = spec.model_copy(update={"embeddings_path": checked})
     if not resume or not run_dir.is_dir():
-        return
+        return spec
     saved = sorted(run_dir.glob(f"*/{MANIFEST}"))
     if not saved:
-        return
+        return spec
     last = saved[-1].parent
     check_same_catalogue(last, read_checkpoint_manifest(last), dataset.path, dataset.item_ids)
     if tree is not None:
         theirs = read_manifest(last / "tree", "tree", TREE_SCHEMA_VERSION,
                                CheckpointError)["checksums"].get("codes.npy")
         if theirs != tree["checksums"].get("codes.npy"):
-            raise CheckpointError(f"{last}: the run to resume was trained with another tree than {config['tree_path']} "
+            raise CheckpointError(f"{last}: the run to resume was trained with another tree than {spec.tree_path} "
                                   f"(item paths {str(theirs)[:12]} vs {str(tree['checksums'].get('codes.npy'))[:12]}); "
                                   "resume with the tree it was trained with, or drop --resume to start again")
 
 
-def _fit_locked(config: dict[str, Any], dataset: Any, out: Path, settings: TrainSettings, ks: tuple[int, ...],
+def _fit_locked(spec: WorkerSpec, dataset: Any, out: Path, settings: TrainSettings, ks: tuple[int, ...],
                 resume: bool) -> TrainResult:
     storage = _storage(out, settings)
-    name = config["task"]
+    name = spec.task
     run_dir = Path(storage) / name
     if resume and not resumable(out, settings, name):
         raise FileNotFoundError(f"{storage}/{name}: nothing to resume (no earlier run); drop --resume to start one")
-    _check_inputs(config, dataset, run_dir, resume)
+    spec = _check_inputs(spec, dataset, run_dir, resume)
     with contextlib.ExitStack() as held:
         if "://" not in storage and out not in run_dir.parents:  # storage of its own: hold it too
             held.enter_context(output_lock(run_dir))
         if not resume and "://" not in storage and run_dir.exists():
             _check_is_a_train_run(run_dir)
             shutil.rmtree(run_dir)  # a fresh run must not silently continue an old one
-        return _run_trainer(config, dataset, out, settings, ks, storage, name)
+        return _run_trainer(spec, dataset, out, settings, ks, storage, name)
 
 
 def _check_is_a_train_run(run_dir: Path) -> None:
@@ -250,24 +249,22 @@ def _check_is_a_train_run(run_dir: Path) -> None:
                             "(choose another train.storage_path or --out)")
 
 
-def _run_trainer(config: dict[str, Any], dataset: Any, out: Path, settings: TrainSettings, ks: tuple[int, ...],
+def _run_trainer(spec: WorkerSpec, dataset: Any, out: Path, settings: TrainSettings, ks: tuple[int, ...],
                  storage: str, name: str) -> TrainResult:
 
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from seater_dist.train.loop import make_task
-
     dataset_path = dataset.source if is_remote(dataset.source) else str(Path(dataset.path).resolve())
-    config = {**config, "dataset_path": dataset_path, "train_settings": settings.model_dump(mode="json"),
-              "ks": list(ks),
-              "threads_per_worker": max(1, round(settings.cpus_per_worker))}
-    task = make_task(config)
+    spec = spec.model_copy(update={"dataset_path": dataset_path, "train": settings, "ks": tuple(ks),
+                                   "threads_per_worker": max(1, round(settings.cpus_per_worker)),
+                                   "verbose": verbose()})
+    task = make_task(spec)
     resources = {"CPU": settings.cpus_per_worker, **({"GPU": 1} if settings.use_gpu else {})}
     metric = f"valid_{settings.select_metric}"
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={**config, "verbose": verbose()},
+        train_loop_config={"spec": spec.model_dump(mode="json")},
         scaling_config=ScalingConfig(num_workers=settings.workers, use_gpu=settings.use_gpu,
                                      resources_per_worker=resources),
         torch_config=bound_torch_config(),
