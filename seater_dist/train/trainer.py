@@ -222,6 +222,7 @@ def _check_inputs(spec: WorkerSpec, dataset: Any, run_dir: Path, resume: bool) -
             raise CheckpointError(f"{last}: the run to resume was trained with another tree than {spec.tree_path} "
                                   f"(item paths {str(theirs)[:12]} vs {str(tree['checksums'].get('codes.npy'))[:12]}); "
                                   "resume with the tree it was trained with, or drop --resume to start again")
+    return spec
 
 
 def _fit_locked(spec: WorkerSpec, dataset: Any, out: Path, settings: TrainSettings, ks: tuple[int, ...],
