@@ -152,6 +152,15 @@ class _Shard:
     async def search_now(self, request: Any) -> Any:
         return (await self.search_all([request]))[0]
 
+    def _load(self, args: dict[str, Any], part: Any, make: Any) -> None:
+        """What both shard kinds do at start: threads, this replica's part (``part``, or ``make(a, ckpt)``
+        from the checkpoint), its model version, and the batch size of ``search``."""
+        a = replica_args(args)
+        start_replica(a.threads)
+        self.part = part if part is not None else _build_part(a, lambda ckpt: make(a, ckpt))
+        self.version = self.part.version
+        self.search.set_max_batch_size(a.batch_size)
+
 
 @serve.deployment(name="Encoder", max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.1},
                   autoscaling_config=autoscaling(2, 8), **COMMON_OPTIONS)
@@ -187,11 +196,7 @@ class BeamShard(_Shard):
     """SEATER shard ``shard`` of ``args.shards``: beam search inside its subtrees of the root."""
 
     def __init__(self, args: dict[str, Any], shard: int, part: Any = None) -> None:
-        a = replica_args(args)
-        start_replica(a.threads)
-        self.part = part if part is not None else _build_part(a, lambda ckpt: _beam_shard_part(a, ckpt, shard))
-        self.version = self.part.version
-        self.search.set_max_batch_size(a.batch_size)
+        self._load(args, part, lambda a, ckpt: _beam_shard_part(a, ckpt, shard))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def search(self, requests: list[tuple[str, np.ndarray, np.ndarray, int]]) -> list[list[ShardBeams] | Stale]:
@@ -225,11 +230,7 @@ class IndexShard(_Shard):
     """SASRec shard ``shard`` of ``args.shards``: a faiss index over a range of the items."""
 
     def __init__(self, args: dict[str, Any], shard: int, part: Any = None) -> None:
-        a = replica_args(args)
-        start_replica(a.threads)
-        self.part = part if part is not None else _build_part(a, lambda ckpt: _index_shard_part(a, ckpt, shard))
-        self.version = self.part.version
-        self.search.set_max_batch_size(a.batch_size)
+        self._load(args, part, lambda a, ckpt: _index_shard_part(a, ckpt, shard))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def search(self, requests: list[tuple[str, np.ndarray, int]]) -> list[Any]:
