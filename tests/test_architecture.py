@@ -1,5 +1,6 @@
 """The package's import graph points one way: cli/jobs -> pipeline -> train, eval, serve -> model ->
-tree, data -> config, formats, files, artifacts, storage. No two modules import each other, directly or in a cycle."""
+tree, data -> config, settings, formats, files, artifacts, storage. No two modules import each other, directly or
+in a cycle."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "seater_dist"
 
 # Lower number = lower layer; a module may import only from its own layer or below.
 LAYERS = {
-    "seater_dist.config": 0, "seater_dist.formats": 0, "seater_dist.artifacts": 0, "seater_dist.runtime": 0,
-    "seater_dist.storage": 0, "seater_dist.files": 0,
+    "seater_dist.config": 0, "seater_dist.settings": 0, "seater_dist.formats": 0, "seater_dist.artifacts": 0,
+    "seater_dist.runtime": 0, "seater_dist.storage": 0, "seater_dist.files": 0,
     "seater_dist.tree": 1, "seater_dist.data": 1,
     "seater_dist.model": 2,
     "seater_dist.train": 3, "seater_dist.eval": 3, "seater_dist.serve": 3,
