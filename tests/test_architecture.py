@@ -17,7 +17,7 @@ LAYERS = {
     "seater_dist.model": 2,
     "seater_dist.train": 3, "seater_dist.eval": 3, "seater_dist.serve": 3,
     "seater_dist.pipeline": 4,
-    "seater_dist.cli": 5, "seater_dist": 5,
+    "seater_dist.cli": 5, "seater_dist.cli_parser": 5, "seater_dist": 5,
 }
 
 
