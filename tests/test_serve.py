@@ -31,8 +31,9 @@ from seater_dist.model.seater import SeaterModel
 from seater_dist.model.toy_trees import random_balanced_tree
 from seater_dist.serve.app import build_app, deployment_names
 from seater_dist.serve.merge import merge_top
-from seater_dist.serve.parts import IndexShardPart, SasrecEncoderPart, ShardedSeater, shard_roots, sharded_beam_search
 from seater_dist.serve.request import RequestError, parse_recommend
+from seater_dist.serve.sasrec_parts import IndexShardPart, SasrecEncoderPart
+from seater_dist.serve.seater_parts import ShardedSeater, shard_roots, sharded_beam_search
 
 ROOT = Path(__file__).resolve().parents[1]
 N, K, BEAM, T = 300, 4, 50, 6  # D = 5
@@ -138,8 +139,8 @@ def test_merge_recovers_what_independent_shard_beams_lose(tmp_path):
 def test_single_layout_with_one_shard_keeps_one_copy_of_the_token_table(run_dir):
     """The encoder reads its item rows from the shard's table (the same storage), and answers as a separate
     encoder part does."""
-    from seater_dist.serve.parts import SeaterEncoderPart
     from seater_dist.serve.replicas import single_parts
+    from seater_dist.serve.seater_parts import SeaterEncoderPart
 
     encoder, (shard,) = single_parts(ServeArgs(checkpoint=str(run_dir / "seater" / "best"), layout="single",
                                                 serial_load=False))
