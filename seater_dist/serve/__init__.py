@@ -1,7 +1,8 @@
 """Serving retrieval over HTTP with Ray Serve (docs/architecture.md, "Serving").
 
 * ``request``: the HTTP contract (validation, error bodies), pure functions.
-* ``merge``: the messages between replicas and the merge of the shards' answers (numpy only).
+* ``merge``: the messages between replicas and the merge of the shards' answers (numpy only), with
+  ``sharded_search``, the one driver of the sharded beam search (run in-process and by the router).
 * ``seater_parts``, ``sasrec_parts``: what each replica holds and computes (torch, faiss; no Ray):
   ``SeaterEncoderPart``, ``BeamShardPart``, ``SasrecEncoderPart``, ``IndexShardPart``, and ``ShardedSeater``,
   the whole sharded search in one process; ``lookup``: raw ids -> item indices, the popular items.

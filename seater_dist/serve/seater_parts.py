@@ -11,8 +11,8 @@ numpy: no Ray here, so the sharded search runs (and is tested) in one process (:
   ``search`` is the constrained beam search of docs/method.md §5 restricted to its subtrees, returning
   every level's expanded nodes (``merge.ShardBeams``); ``expand`` scores the children of given nodes
   (teacher-forced), for the merge's rare second round trip.
-* :func:`sharded_beam_search` / :class:`ShardedSeater` - the shards' answers merged in this process
-  (``merge.BeamMerge``), as the HTTP router merges them.
+* :func:`sharded_beam_search` / :class:`ShardedSeater` - the shards' answers merged in this process, by the
+  same driver as the HTTP router's (``merge.sharded_search``).
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ from seater_dist.model.checkpoint import Checkpoint, CheckpointError, load_check
 from seater_dist.model.layers import eval_mode
 from seater_dist.model.retriever import ItemIdIndex
 from seater_dist.model.seater import SeaterModel
+from seater_dist.serve import merge
 from seater_dist.serve.lookup import find_popularity, lookup_histories, popular_items
-from seater_dist.serve.merge import BeamMerge, EncodeResult, Expansion, ShardBeams
+from seater_dist.serve.merge import EncodeResult, Expansion, ShardBeams
 from seater_dist.tree.item_tree import ItemTree
 
 _TREE_ARRAYS = ("codes", "children", "parent", "level")
@@ -281,17 +282,21 @@ class BeamShardPart:
 
 def sharded_beam_search(shards: Sequence[BeamShardPart], memory: np.ndarray, pad_mask: np.ndarray, beam: int,
                         top_n: int) -> tuple[np.ndarray, np.ndarray, list[str], int]:
-    """One user's sharded search in this process: every shard searches, :class:`BeamMerge` replays the global
-    beam, asking shards for missing expansions. -> (item ids, scores, raw ids, nodes expanded on request)."""
+    """One user's sharded search in this process (memory [t, d], pad_mask [t]): ``merge.sharded_search``
+    driven by calls to the shard parts. -> (item ids, scores, raw ids, nodes expanded on request)."""
     first = shards[0]
-    answers = [s.search(memory[None], pad_mask[None], beam)[0] for s in shards]
-    merge = BeamMerge(answers, depth=first.depth, beam=beam, bos=int(first.global_of[first.num_local_items]))
-    while (need := merge.missing()) is not None:
-        level, by_shard = need
-        for s, tokens in by_shard.items():
-            merge.add_expansion(level, s, shards[s].expand(memory, pad_mask, level, tokens))
-    items, scores, raw = merge.top(top_n)
-    return items, scores, raw, merge.expansions
+    steps = merge.sharded_search(memory[None], pad_mask[None], beam, [top_n], depth=first.depth,
+                                 bos=int(first.global_of[first.num_local_items]))
+    (user,) = merge.drive(steps, lambda request: _ask_parts(shards, request))
+    return user.items, user.scores, user.raw, user.expansions
+
+
+def _ask_parts(shards: Sequence[BeamShardPart], request: merge.ShardRequest) -> Any:
+    """The answer to one request of ``merge.sharded_search``, computed by the shard parts in this process."""
+    if isinstance(request, merge.SearchShards):
+        return [s.search(request.memory, request.pad_mask, request.beam) for s in shards]
+    return {s: shards[s].expand(request.memory, request.pad_mask, request.level, tokens)
+            for s, tokens in request.tokens.items()}
 
 
 class ShardedSeater:
