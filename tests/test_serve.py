@@ -23,12 +23,12 @@ import pytest
 import torch
 import yaml
 
+from bench.synthetic import random_balanced_tree
 from seater_dist.config import SasrecSettings, SeaterSettings, ServeArgs
 from seater_dist.model.checkpoint import load_checkpoint, save_checkpoint
 from seater_dist.model.retriever import SeaterRetriever
 from seater_dist.model.sasrec import SASRec, topk_inner_product
 from seater_dist.model.seater import SeaterModel
-from seater_dist.model.toy_trees import random_balanced_tree
 from seater_dist.serve.app import build_app, deployment_names
 from seater_dist.serve.merge import merge_top
 from seater_dist.serve.request import RequestError, parse_recommend
