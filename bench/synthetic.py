@@ -152,9 +152,9 @@ def loo_dataset(path: Path, items: int, users: int, seed: int, log: Callable[[st
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from bench.local_prepare import prepare_local
     from seater_dist.config import PrepareSettings
     from seater_dist.data.dataset import load_dataset
-    from seater_dist.data.prepare import prepare_local
 
     if not (path / "manifest.json").is_file():
         t0 = time.perf_counter()

@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from bench.local_prepare import prepare_local
 from seater_dist.config import PrepareSettings
 from seater_dist.data.chunks import reader_options
 from seater_dist.data.errors import DataError
-from seater_dist.data.prepare import prepare_local
 from seater_dist.data.readers import read_all
 
 
