@@ -20,7 +20,7 @@ from seater_dist.artifacts import sha256_file
 from seater_dist.config import PrepareSettings
 from seater_dist.data import ops
 from seater_dist.data.dataset import SCHEMA_VERSION
-from seater_dist.data.readers import REJECTED_SCHEMA
+from seater_dist.data.row_checks import REJECTED_SCHEMA
 
 
 @dataclass
