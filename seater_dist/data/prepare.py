@@ -129,7 +129,8 @@ def _rows_with_items(counts: pa.Table, kept: pa.Array) -> int:
 
 
 class Engine:
-    """The steps of a preparation (``run``), each engine doing the four that touch the rows its own way."""
+    """The steps of a preparation (``run``); an engine implements the four that touch the rows, its own way:
+    ``read_and_order``, ``item_counts``, ``sequences`` and ``write_splits``."""
 
     def __init__(self, settings: PrepareSettings, opts: ReaderOptions, files: list[str], chunks: list[Chunk],
                  tmp: Path, rejected: str) -> None:
