@@ -36,9 +36,9 @@ import numpy as np
 import psutil
 import torch
 
+from bench.synthetic import random_balanced_tree
 from seater_dist.config import SeaterSettings
 from seater_dist.model.seater import SeaterModel
-from seater_dist.model.toy_trees import random_balanced_tree
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GIB = 1024**3

@@ -7,7 +7,7 @@ Three measured steps, each in its own process tree (so that one step's memory ne
 
 1. ``synth``: generating the preset (parallel Ray tasks writing parquet);
 2. ``ray``: :func:`seater_dist.data.prepare.prepare` (Ray Data, local 2-CPU Ray);
-3. ``peer``: :func:`seater_dist.data.prepare.prepare_local`, the same work in one process with pyarrow.
+3. ``peer``: :func:`bench.local_prepare.prepare_local`, the same work in one process with pyarrow.
 
 For each: wall time and peak memory of the whole process tree (driver, raylet, GCS, Ray workers),
 sampled every 0.5 s as the sum of PSS (proportional set size: shared pages such as the object store are
@@ -141,7 +141,7 @@ def run_step(a: argparse.Namespace) -> dict:
             init_ray(num_cpus=2)
             summary = prepare(settings)
         else:
-            from seater_dist.data.prepare import prepare_local
+            from bench.local_prepare import prepare_local
 
             summary = prepare_local(settings)
     return {"inner_s": round(time.time() - t0, 1), "summary": dataclasses.asdict(summary)}

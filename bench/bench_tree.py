@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.synthetic import skewed_clustered_embeddings
 from seater_dist.config import TreeSettings
-from seater_dist.tree.synthetic import skewed_clustered_embeddings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(os.environ.get("SEATER_BENCH_DATA", "/tmp/seater-bench"))

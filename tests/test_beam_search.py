@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from bench.synthetic import random_balanced_tree
 from seater_dist.config import SeaterSettings
 from seater_dist.model.seater import SeaterModel
-from seater_dist.model.toy_trees import random_balanced_tree
 from seater_dist.tree.item_tree import ItemTree
 
 

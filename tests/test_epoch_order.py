@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from bench.local_prepare import prepare_local
+from bench.synthetic import random_balanced_tree
 from seater_dist.config import PrepareSettings
-from seater_dist.data.prepare import prepare_local
 from seater_dist.data.samples import expand_next_item
 from seater_dist.model import losses
-from seater_dist.model.toy_trees import random_balanced_tree
 from seater_dist.train.loop import _seed_epoch
 from seater_dist.train.trainer import train_dataset
 

@@ -28,14 +28,14 @@ def tiny(ray_session, tmp_path_factory):
     and an untrained SASRec, and SEATER's evaluation with one actor and with two."""
     import torch
 
+    from bench.local_prepare import prepare_local
+    from bench.synthetic import random_balanced_tree
     from seater_dist.config import PrepareSettings, SasrecSettings, SeaterSettings
     from seater_dist.data.dataset import load_dataset
-    from seater_dist.data.prepare import prepare_local
     from seater_dist.eval.offline import evaluate
     from seater_dist.model.checkpoint import save_checkpoint
     from seater_dist.model.sasrec import SASRec
     from seater_dist.model.seater import SeaterModel
-    from seater_dist.model.toy_trees import random_balanced_tree
 
     root = tmp_path_factory.mktemp("evaluation")
     rng = np.random.default_rng(0)

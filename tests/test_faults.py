@@ -778,8 +778,8 @@ def test_a_config_cannot_set_the_input_of_prepare(capsys, art, tmp_path):
 @pytest.mark.parametrize("timestamp", ["99999999999", "-5", "1e300", "1e19", "-1e300"],
                          ids=["year 5138", "negative", "1e300", "1e19 (beyond int64)", "-1e300"])
 def test_timestamps_outside_1970_to_2100_are_rejected_rows(tmp_path, timestamp):
+    from bench.local_prepare import prepare_local
     from seater_dist.config import PrepareSettings
-    from seater_dist.data.prepare import prepare_local
 
     csv = tmp_path / "log.csv"
     csv.write_text(f"user_id,item_id,timestamp\nu1,i1,100\nu1,i2,{timestamp}\nu1,i3,300\nu2,i1,100\nu2,i3,200\n"
@@ -811,8 +811,8 @@ def test_timestamps_beyond_int64_in_a_parquet_column_are_rejected_rows(capsys, t
 def test_a_utf8_byte_order_mark_is_read_past(tmp_path, fmt):
     """Excel's "CSV UTF-8" starts with a byte-order mark: the first column is still `user_id` (not
     `\\ufeffuser_id`), the first user still `u1`; the dataset is the one the file without it makes."""
+    from bench.local_prepare import prepare_local
     from seater_dist.config import PrepareSettings
-    from seater_dist.data.prepare import prepare_local
 
     rows = [("u1", "i1", 100), ("u1", "i2", 200), ("u1", "i3", 300), ("u2", "i1", 100), ("u2", "i3", 200)]
     if fmt == "interactions":
@@ -918,9 +918,9 @@ def test_a_file_that_is_not_text_says_what_it_is(capsys, tmp_path, kind):
 def test_a_line_of_more_than_16m_items_names_its_row(tmp_path, monkeypatch):
     """The same check at a smaller limit (a 17M-item line is 100+ MB): the error names the file and the row."""
     import seater_dist.data.readers as readers
+    from bench.local_prepare import prepare_local
     from seater_dist.config import PrepareSettings
     from seater_dist.data.errors import DataError
-    from seater_dist.data.prepare import prepare_local
     from seater_dist.runtime.errors import describe
 
     monkeypatch.setattr(readers, "SEQ_POS_BITS", 3)  # at most 7 items a line

@@ -23,10 +23,10 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import Backend, BackendConfig
 from torch.overrides import TorchFunctionMode
 
+from bench.synthetic import random_balanced_tree
 from seater_dist.config import SasrecSettings, SeaterSettings
 from seater_dist.model.sasrec import SASRec, topk_inner_product, topk_on_device
 from seater_dist.model.seater import SeaterModel
-from seater_dist.model.toy_trees import random_balanced_tree
 from seater_dist.runtime.rendezvous import process_group_backend, process_group_env
 from seater_dist.train import loop
 from seater_dist.train.sparse_table import SparseTableDDP

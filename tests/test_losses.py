@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.synthetic import random_balanced_tree
 from seater_dist.config import SeaterSettings
 from seater_dist.model import losses
 from seater_dist.model.seater import SeaterModel
-from seater_dist.model.toy_trees import random_balanced_tree
 from seater_dist.tree.item_tree import ItemTree
 
 

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from bench.synthetic import random_balanced_tree
 from seater_dist.artifacts import ArtifactError
 from seater_dist.config import SasrecSettings, SeaterSettings
 from seater_dist.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from seater_dist.model.retriever import ItemIdIndex, SeaterRetriever
 from seater_dist.model.sasrec import SASRec
 from seater_dist.model.seater import SeaterModel
-from seater_dist.model.toy_trees import random_balanced_tree
 
 N = 60
 

@@ -10,10 +10,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from bench.local_prepare import prepare_local
 from seater_dist.config import PrepareSettings, SynthSettings
 from seater_dist.data.dataset import load_dataset
 from seater_dist.data.errors import DataError
-from seater_dist.data.prepare import prepare, prepare_local
+from seater_dist.data.prepare import prepare
 
 
 def _beauty_sequences(path: Path) -> dict[str, list[str]]:

@@ -10,16 +10,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from bench.local_prepare import prepare_local
 from seater_dist.config import PrepareSettings
-from seater_dist.data.chunks import reader_options
+from seater_dist.data.chunks import integer_ids, list_input_files, plan_chunks, reader_options
 from seater_dist.data.errors import DataError
-from seater_dist.data.prepare import prepare_local
-from seater_dist.data.readers import read_all
+from seater_dist.data.readers import read_chunk, unify
+from seater_dist.data.row_checks import empty_rejected
 
 
-def _read(path: Path, fmt: str, **cols):
-    good, rejected, _ = read_all(str(path), reader_options(fmt, cols.get("user"), cols.get("item"), cols.get("time")))
-    return good, rejected
+def _read(path: Path, fmt: str, **cols) -> tuple[pa.Table, pa.Table]:
+    """Every chunk of ``path`` read in this process, as prepare's read step plans and reads them -> (good rows,
+    rejected rows)."""
+    opts = reader_options(fmt, cols.get("user"), cols.get("item"), cols.get("time"))
+    fs, files = list_input_files(str(path), opts.format)
+    opts = integer_ids(fs, files, opts)
+    goods, rejected = [], []
+    for chunk in plan_chunks(fs, files, opts):
+        good, rej = read_chunk(chunk, opts)
+        goods.append(good)
+        rejected.append(rej)
+    return unify(goods), pa.concat_tables(rejected) if rejected else empty_rejected()
 
 
 def _prep(tmp_path: Path, path: Path, fmt: str, **kw) -> dict:

@@ -23,16 +23,17 @@ import pytest
 import torch
 import yaml
 
+from bench.synthetic import random_balanced_tree
 from seater_dist.config import SasrecSettings, SeaterSettings, ServeArgs
 from seater_dist.model.checkpoint import load_checkpoint, save_checkpoint
 from seater_dist.model.retriever import SeaterRetriever
 from seater_dist.model.sasrec import SASRec, topk_inner_product
 from seater_dist.model.seater import SeaterModel
-from seater_dist.model.toy_trees import random_balanced_tree
 from seater_dist.serve.app import build_app, deployment_names
 from seater_dist.serve.merge import merge_top
-from seater_dist.serve.parts import IndexShardPart, SasrecEncoderPart, ShardedSeater, shard_roots, sharded_beam_search
 from seater_dist.serve.request import RequestError, parse_recommend
+from seater_dist.serve.sasrec_parts import IndexShardPart, SasrecEncoderPart
+from seater_dist.serve.seater_parts import ShardedSeater, shard_roots, sharded_beam_search
 
 ROOT = Path(__file__).resolve().parents[1]
 N, K, BEAM, T = 300, 4, 50, 6  # D = 5
@@ -135,11 +136,69 @@ def test_merge_recovers_what_independent_shard_beams_lose(tmp_path):
     assert expanded > 0, "this seed was chosen to exercise the second round trip"
 
 
+def _bare(deployment, **state):
+    """An instance of a deployment's class holding ``state``, no constructor run (no Serve replica starts).
+    Without the async ``__del__`` of Serve's ingress wrapper, which only a replica awaits."""
+    cls = deployment.func_or_class
+    obj = object.__new__(type(cls.__name__, (cls,), {"__del__": lambda self: None}))
+    obj.__dict__.update(state)
+    return obj
+
+
+def _router_in_process(sharded: ShardedSeater):
+    """The Router of the single layout around ``sharded``'s encoder and shard parts, called as a replica calls
+    them (``_Local`` wrappers of the Encoder and BeamShard deployments), built without Serve."""
+    from seater_dist.serve.replicas import BeamShard, Encoder
+    from seater_dist.serve.router import Router, _Local
+
+    shards = [_Local(_bare(BeamShard, part=part, version=part.version)) for part in sharded.shards]
+    return _bare(Router, encoder=_Local(_bare(Encoder, part=sharded.encoder)), shards=shards, kind="seater",
+                 _info=None)
+
+
+def test_router_and_in_process_search_go_through_one_merge_driver(tmp_path, monkeypatch):
+    """The router's fan-out over the shard deployments and the in-process ShardedSeater both run
+    merge.sharded_search: the same items, scores and second round trips, a patched driver is seen by both, and
+    a shard of another model version makes the router retry."""
+    import asyncio
+
+    from seater_dist.serve import merge
+    from seater_dist.serve.router import _Retry
+
+    path = _seater(tmp_path / "flat", seed=1, beam=8, std=0.3, n=1000, k=4)  # many second round trips
+    sharded = ShardedSeater(load_checkpoint(path), 2)
+    router = _router_in_process(sharded)
+    calls = {"users": 0}
+    driver = merge.sharded_search
+
+    def counted(memory, *args, **kwargs):
+        calls["users"] += len(memory)
+        return driver(memory, *args, **kwargs)
+
+    monkeypatch.setattr(merge, "sharded_search", counted)
+    rng = np.random.default_rng(4)
+    histories = [[f"sku-{j:04d}" for j in rng.integers(0, 1000, rng.integers(1, 6))] for _ in range(40)]
+    expanded = 0
+    for history in histories:
+        before = sharded.expansions
+        (ours,) = sharded.recommend([history], top_n=8)
+        ((body, headers),) = asyncio.run(router._answer_once([(history, 8)]))
+        assert body["items"] == ours["items"]
+        np.testing.assert_allclose(body["scores"], ours["scores"], rtol=2e-6, atol=1e-5)  # the router's threads
+        assert int(headers["X-Seater-Expanded"]) == sharded.expansions - before
+        expanded += sharded.expansions - before
+    assert calls["users"] == 2 * len(histories)  # every user, once by each path
+    assert expanded > 0, "these users were chosen to exercise the second round trip"
+    router.shards[1]._target.version = "another-version"
+    with pytest.raises(_Retry):
+        asyncio.run(router._answer_once([(histories[0], 8)]))
+
+
 def test_single_layout_with_one_shard_keeps_one_copy_of_the_token_table(run_dir):
     """The encoder reads its item rows from the shard's table (the same storage), and answers as a separate
     encoder part does."""
-    from seater_dist.serve.parts import SeaterEncoderPart
     from seater_dist.serve.replicas import single_parts
+    from seater_dist.serve.seater_parts import SeaterEncoderPart
 
     encoder, (shard,) = single_parts(ServeArgs(checkpoint=str(run_dir / "seater" / "best"), layout="single",
                                                 serial_load=False))

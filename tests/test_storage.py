@@ -8,10 +8,10 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
+from bench.synthetic import random_balanced_tree
 from seater_dist import storage
 from seater_dist.artifacts import ArtifactError
 from seater_dist.cli import main
-from seater_dist.model.toy_trees import random_balanced_tree
 from seater_dist.tree.item_tree import ItemTree, TreeError
 
 SEATER = {"d_model": 16, "n_heads": 2, "ffn_dim": 32, "history_len": 5, "beam_size": 12}

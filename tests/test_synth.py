@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from bench.local_prepare import prepare_local
 from seater_dist.config import PrepareSettings, SynthSettings
 from seater_dist.data.dataset import load_dataset
 from seater_dist.data.errors import DataError
-from seater_dist.data.prepare import prepare_local
 from seater_dist.data.synth import PRESETS, generate_partition, make_world, sequence_lengths, spec_for, synthesize
 
 

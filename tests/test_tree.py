@@ -9,10 +9,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from bench.synthetic import skewed_clustered_embeddings
 from seater_dist.config import TreeSettings
 from seater_dist.tree import ItemTree, TreeError, depth_for
 from seater_dist.tree.builder import build_tree
-from seater_dist.tree.synthetic import skewed_clustered_embeddings
 
 FAST = dict(quality_sample_nodes=0, kmeans_iters=3, balanced_iters=3, n_init=1)
 

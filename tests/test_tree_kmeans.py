@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bench.synthetic import skewed_clustered_embeddings
 from seater_dist.config import TreeSettings
 from seater_dist.tree import ItemTree, lloyd
 from seater_dist.tree import assignment as asg
 from seater_dist.tree.balance import balanced_paths, group_of_rank
 from seater_dist.tree.reference import split_reference, sse_of
-from seater_dist.tree.synthetic import skewed_clustered_embeddings
 
 
 def _sizes_ok(assign: np.ndarray, n: int, k: int) -> bool:

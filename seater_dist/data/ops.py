@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from seater_dist.data.chunks import ROW_BITS
-from seater_dist.data.readers import REJECTED_SCHEMA
+from seater_dist.data.row_checks import REJECTED_SCHEMA
 
 SPLITS = ("train", "valid", "test")
 TRAIN_SCHEMA = pa.schema([("user_index", pa.int64()), ("items", pa.list_(pa.int32()))])

@@ -23,20 +23,19 @@ line that yields none, such as a blank or malformed line). Rows dropped by the c
 by reason but not copied to ``rejected/`` (they are valid rows, reproducible from the input and the
 settings); every other dropped row is in ``rejected/`` with its file, row number and reason.
 
-:func:`prepare_local` does the same work in one process with pyarrow alone: the benchmark's peer and
-the tests' cross-check.
+The steps are :class:`Engine`'s; ``prepare`` runs them on Ray Data. bench/local_prepare.py runs the same
+steps in one process with pyarrow alone (``prepare_with`` and an engine of its own): the benchmark's peer
+and the tests' cross-check. The finish (index tables, manifest) is data/prepare_result.py.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,34 +44,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from seater_dist import storage
-from seater_dist.artifacts import atomic_dir, sha256_file
+from seater_dist.artifacts import atomic_dir
 from seater_dist.config import PrepareSettings
 from seater_dist.data import ops
 from seater_dist.data.chunks import Chunk, ReaderOptions, integer_ids, list_input_files, plan_chunks, reader_options
-from seater_dist.data.dataset import SCHEMA_VERSION
 from seater_dist.data.errors import DataError
-from seater_dist.data.readers import REJECTED_SCHEMA, read_chunk, unify
+from seater_dist.data.prepare_result import EngineResult, PrepareResult, finish, read_rejected
+from seater_dist.data.readers import read_chunk, unify
 
 log = logging.getLogger(__name__)
 _FILTER_REASONS = ("item_below_min_count", "user_below_min_count")
 _INPUT_BYTES_PER_PARTITION = 16 << 20
-
-
-@dataclass
-class PrepareResult:
-    """What `seater prepare` wrote: counts (``rows_read = rows_kept + sum(dropped.values())``)."""
-
-    users: int
-    items: int
-    interactions: int
-    train_users: int
-    valid_users: int
-    test_users: int
-    rows_read: int
-    rows_kept: int
-    dropped: dict[str, int]
-    out: str
-    seconds: float
 
 
 def prepare(settings: PrepareSettings) -> PrepareResult:
@@ -80,12 +62,7 @@ def prepare(settings: PrepareSettings) -> PrepareResult:
 
     Raises DataError (a ValueError) with a one-line message naming the file, row or field on bad input.
     """
-    return _run(settings, engine="ray")
-
-
-def prepare_local(settings: PrepareSettings) -> PrepareResult:
-    """The same preparation in this process with pyarrow only (no Ray): the benchmark's peer."""
-    return _run(settings, engine="local")
+    return prepare_with(settings, _RayRun)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -93,7 +70,9 @@ def prepare_local(settings: PrepareSettings) -> PrepareResult:
 # ------------------------------------------------------------------------------------------------
 
 
-def _run(settings: PrepareSettings, engine: str) -> PrepareResult:
+def prepare_with(settings: PrepareSettings, engine: type[Engine]) -> PrepareResult:
+    """The preparation with ``engine`` doing the work (an :class:`Engine`): ``prepare`` uses the Ray Data one;
+    the benchmark's single-process peer (bench/local_prepare.py) is another."""
     t0 = time.time()
     _check_settings(settings)
     storage.check_apart(settings.input, settings.out, DataError)
@@ -106,14 +85,13 @@ def _run(settings: PrepareSettings, engine: str) -> PrepareResult:
     # beside the output when it is remote (the driver collects them).
     with storage.staged_output(settings.out) as local, atomic_dir(local, "dataset") as tmp:
         (tmp / "rejected").mkdir()
-        runner = _RayRun if engine == "ray" else _LocalRun
         rejected = (storage.join(settings.out.rstrip("/") + f".rejected-{uuid.uuid4().hex[:8]}")
                     if storage.is_remote(settings.out) else str(tmp / "rejected"))
         try:
-            result = runner(settings, opts, files, chunks, tmp, rejected).run()
+            result = engine(settings, opts, files, chunks, tmp, rejected).run()
         finally:
             _collect_rejected(rejected, tmp / "rejected")
-        return _finish(settings, files, tmp, result, time.time() - t0)
+        return finish(settings, files, tmp, result, time.time() - t0)
 
 
 def _collect_rejected(where: str, local: Path) -> None:
@@ -140,23 +118,6 @@ def _check_settings(s: PrepareSettings) -> None:
                         f"(got {s.min_user_count})")
 
 
-class _Result:
-    """What an engine hands to the common finishing steps."""
-
-    def __init__(self) -> None:
-        self.valid_rows = 0  # rows that passed the readers' checks
-        self.after_dedupe = 0
-        self.rows_with_kept_items = 0  # before the user filter
-        self.kept_items: pa.Array | None = None
-        self.users: pa.Array | None = None  # raw ids of the kept users (natural order)
-        self.user_split: np.ndarray | None = None
-        self.item_counts: np.ndarray | None = None  # final counts by dense item index
-        self.rows_kept = 0
-        self.kcore_rounds = 1
-        self.blocks = 0
-        self.stage_seconds: dict[str, float] = {}
-
-
 def _kept_from_counts(counts: pa.Table, min_count: int) -> pa.Array:
     ids = counts.column("item").filter(pc.greater_equal(counts.column("count"), min_count))
     return ops.natural_sort(ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids)
@@ -167,14 +128,17 @@ def _rows_with_items(counts: pa.Table, kept: pa.Array) -> int:
     return int(ops._np(counts.column("count"))[idx >= 0].sum())
 
 
-class _Engine:
+class Engine:
+    """The steps of a preparation (``run``); an engine implements the four that touch the rows, its own way:
+    ``read_and_order``, ``item_counts``, ``sequences`` and ``write_splits``."""
+
     def __init__(self, settings: PrepareSettings, opts: ReaderOptions, files: list[str], chunks: list[Chunk],
                  tmp: Path, rejected: str) -> None:
         self.s, self.opts, self.files, self.chunks, self.tmp = settings, opts, files, chunks, tmp
         self.rejected = rejected  # where read tasks write rejected rows (tmp/rejected, or a URI)
-        self.r = _Result()
+        self.r = EngineResult()
 
-    def run(self) -> _Result:
+    def run(self) -> EngineResult:
         t = time.time()
         self.read_and_order()
         self.r.stage_seconds["read_and_order"] = round(time.time() - t, 2)
@@ -215,7 +179,7 @@ class _Engine:
         return self.r
 
     def _nothing_valid(self) -> str:
-        rej = _read_rejected(self.tmp)
+        rej = read_rejected(self.tmp)
         first = rej.slice(0, 1).to_pylist()
         where = f"; first: {first[0]['file']} row {first[0]['row']}: {first[0]['detail']}" if first else ""
         return f"{self.s.input}: no valid rows ({rej.num_rows:,} rejected{where})"
@@ -227,45 +191,10 @@ class _Engine:
     def write_splits(self) -> None: ...
 
 
-class _LocalRun(_Engine):
-    """Everything in this process on one table (pyarrow + numpy)."""
-
-    def read_and_order(self) -> None:
-        goods, rejs = [], []
-        for c in self.chunks:
-            g, rj = read_chunk(c, self.opts)
-            goods.append(g)
-            rejs.append(rj)
-        table = unify(goods)
-        self.r.valid_rows = table.num_rows
-        self.table, rej = ops.sort_and_dedupe(table, self.s.duplicates, self.files)
-        rejs.append(rej)
-        rejected = pa.concat_tables(rejs)
-        if rejected.num_rows:
-            pq.write_table(rejected, self.tmp / "rejected" / "part-00000.parquet")
-        self.r.after_dedupe = self.table.num_rows
-        self.r.blocks = 1
-
-    def item_counts(self) -> pa.Table:
-        return ops.count_items(self.table)
-
-    def sequences(self, kept: pa.Array) -> tuple[pa.Array, np.ndarray]:
-        self.seqs = ops.build_sequences(self.table, kept, self.s.min_user_count)
-        return self.seqs.column("user").combine_chunks(), ops.item_histogram(self.seqs, len(kept))
-
-    def write_splits(self) -> None:
-        user_index = ops.lookup(self.seqs.column("user"), self.r.users)
-        for split in ops.SPLITS:
-            (self.tmp / split).mkdir()
-            part = ops.emit_split(self.seqs, user_index, self.r.user_split, split, self.s.protocol,
-                                  self.s.history_fraction)
-            pq.write_table(part, self.tmp / split / "part-00000.parquet")
-
-
-class _RayRun(_Engine):
+class _RayRun(Engine):
     """Ray Data: parallel chunk reads, a hash shuffle by user, per-block arrow kernels."""
 
-    def run(self) -> _Result:
+    def run(self) -> EngineResult:
         from ray.data import DataContext
         from ray.data.context import ShuffleStrategy
 
@@ -292,7 +221,7 @@ class _RayRun(_Engine):
         self.sorted = ds.materialize()
         self.r.after_dedupe = self.sorted.count()
         _collect_rejected(self.rejected, self.tmp / "rejected")
-        reasons = Counter(_read_rejected(self.tmp, columns=["reason"]).column("reason").to_pylist())
+        reasons = Counter(read_rejected(self.tmp, columns=["reason"]).column("reason").to_pylist())
         self.r.valid_rows = self.r.after_dedupe + reasons["duplicate"] + reasons["mind_history_repeat"]
         self.r.blocks = self.sorted.num_blocks()
 
@@ -408,55 +337,3 @@ def _write_rejected(rej: pa.Table, directory: str, name: str) -> None:
     os.replace(tmp, path)
 
 
-def _read_rejected(tmp: Path, columns: list[str] | None = None) -> pa.Table:
-    files = sorted((tmp / "rejected").glob("*.parquet"))
-    if not files:
-        schema = REJECTED_SCHEMA if columns is None else pa.schema([REJECTED_SCHEMA.field(c) for c in columns])
-        return schema.empty_table()
-    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
-
-
-# ------------------------------------------------------------------------------------------------
-# Common finish: users.parquet, items.parquet, manifest.json
-# ------------------------------------------------------------------------------------------------
-
-
-def _finish(s: PrepareSettings, files: list[str], tmp: Path, r: _Result, seconds: float) -> PrepareResult:
-    reasons = Counter(_read_rejected(tmp, columns=["reason"]).column("reason").to_pylist())
-    dropped = dict(sorted(reasons.items()))
-    dropped["item_below_min_count"] = r.after_dedupe - r.rows_with_kept_items
-    dropped["user_below_min_count"] = r.rows_with_kept_items - r.rows_kept
-    rows_read = r.rows_kept + sum(dropped.values())
-    split_names = ops.SPLIT_NAMES[r.user_split]
-    pq.write_table(pa.table({"item_index": pa.array(np.arange(len(r.kept_items)), pa.int64()),
-                             "item_id": pc.cast(r.kept_items, pa.string()),
-                             "count": pa.array(r.item_counts, pa.int64())}), tmp / "items.parquet")
-    pq.write_table(pa.table({"user_index": pa.array(np.arange(len(r.users)), pa.int64()),
-                             "user_id": pc.cast(r.users, pa.string()),
-                             "split": pa.array(split_names, pa.string())}), tmp / "users.parquet")
-    n_split = {name: int((r.user_split == code).sum()) for code, name in enumerate(ops.SPLITS)}
-    if s.protocol == "loo":
-        n_split = {name: len(r.users) for name in ops.SPLITS}
-    counts = {"users": len(r.users), "items": len(r.kept_items), "interactions": r.rows_kept,
-              "train_users": n_split["train"], "valid_users": n_split["valid"], "test_users": n_split["test"],
-              "rows_read": rows_read, "rows_kept": r.rows_kept, "rows_dropped_by_reason": dropped}
-    manifest = {
-        "schema_version": SCHEMA_VERSION, "artifact": "dataset",
-        "input": {"path": s.input, "format": s.format, "files": files},
-        "settings": s.model_dump(mode="json"), "protocol": s.protocol,
-        "split_note": "comirec: users.split is train/valid/test (seeded user shuffle); loo: every user "
-                      "is 'all' (train = s[:-2], valid = s[-2], test = s[-1])",
-        "counts": counts, "kcore_rounds": r.kcore_rounds, "blocks": r.blocks,
-        "checksums": _checksums(tmp), "stage_seconds": r.stage_seconds, "seconds": round(seconds, 2),
-    }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return PrepareResult(counts["users"], counts["items"], counts["interactions"], counts["train_users"],
-                         counts["valid_users"], counts["test_users"], rows_read, r.rows_kept,
-                         {k: v for k, v in dropped.items() if v}, s.out, round(seconds, 1))
-
-
-def _checksums(root: Path) -> dict[str, str]:
-    sums = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != "manifest.json"):
-        sums[str(path.relative_to(root))] = sha256_file(path)
-    return sums

@@ -27,7 +27,8 @@ mind       MIND ``behaviors.tsv``: impression id, user, time, history, impressio
 Inputs that are not data at all fail with a one-line :class:`DataError` naming the file (missing file,
 empty file, missing column, a compressed, archived, UTF-16 or binary file, named by its magic bytes with
 :func:`seater_dist.files.identify`, text that is not UTF-8, naming the row); a UTF-8 byte-order mark (Excel's
-"CSV UTF-8") is read past in every text format. Data rows that cannot be used land in the rejected table.
+"CSV UTF-8") is read past in every text format. Data rows that cannot be used land in the rejected table
+(data/row_checks.py holds that table and the checks of ids and timestamps).
 Timestamps must be times from 1970 to 2100 in seconds, milliseconds or microseconds (other values, e.g.
 negative ones, year 5138 in seconds or 1e300, are rejected rows: ``timestamp_out_of_range``); within a user
 only their order matters.
@@ -53,21 +54,13 @@ from seater_dist.data.chunks import (
     ReaderOptions,
     decode_utf8,
     delimiter_of,
-    integer_ids,
-    list_input_files,
     not_utf8_error,
-    plan_chunks,
 )
 from seater_dist.data.errors import DataError
+from seater_dist.data.row_checks import TIME_RANGES, parse_timestamp, rejected_rows, validate_ids
 from seater_dist.formats import FORMATS
 
 SEQ_POS_BITS = 24  # sequences: ts = line << SEQ_POS_BITS | position in line
-REJECTED_SCHEMA = pa.schema([("raw", pa.string()), ("file", pa.string()), ("row", pa.int64()),
-                             ("reason", pa.string()), ("detail", pa.string())])
-_NUMBER = r"^\s*-?\d+(\.\d*)?([eE][+-]?\d+)?\s*$"
-# Accepted timestamps: 1970-01-01 .. 2100-01-01 in seconds, milliseconds or microseconds.
-_TIME_END_S = 4_102_444_800
-TIME_RANGES = ((0, _TIME_END_S), (10**12, _TIME_END_S * 10**3), (10**15, _TIME_END_S * 10**6))
 
 
 def read_chunk(chunk: Chunk, opts: ReaderOptions) -> tuple[pa.Table, pa.Table]:
@@ -90,20 +83,6 @@ def _lines(data: bytes) -> list[bytes]:
     return [ln[:-1] if ln.endswith(b"\r") else ln for ln in lines]
 
 
-def _rejected(raw: list[str] | pa.Array, file: str, rows: np.ndarray, reason: str | list[str],
-              detail: str | list[str]) -> pa.Table:
-    n = len(rows)
-    reason_col = [reason] * n if isinstance(reason, str) else reason
-    detail_col = [detail] * n if isinstance(detail, str) else detail
-    return pa.table([pa.array(raw, pa.string()), pa.array([file] * n, pa.string()),
-                     pa.array(rows, pa.int64()), pa.array(reason_col, pa.string()),
-                     pa.array(detail_col, pa.string())], schema=REJECTED_SCHEMA)
-
-
-def empty_rejected() -> pa.Table:
-    return REJECTED_SCHEMA.empty_table()
-
-
 def _ord(chunk: Chunk, rows: np.ndarray) -> np.ndarray:
     return (np.int64(chunk.file_index) << np.int64(ROW_BITS)) | rows.astype(np.int64)
 
@@ -120,9 +99,9 @@ def _parse_sequences(data: bytes, chunk: Chunk, opts: ReaderOptions) -> tuple[pa
     ntok = pc.list_value_length(tokens).to_numpy(zero_copy_only=False)
     blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0).to_numpy(zero_copy_only=False)
     bad = (ntok < 2) | blank
-    rej = [_rejected(pc.filter(text, pa.array(bad)), chunk.file, rows[bad],
-                     ["blank_line" if b else "empty_sequence" for b in blank[bad]],
-                     ["blank line" if b else "a user with no items" for b in blank[bad]])]
+    rej = [rejected_rows(pc.filter(text, pa.array(bad)), chunk.file, rows[bad],
+                         ["blank_line" if b else "empty_sequence" for b in blank[bad]],
+                         ["blank line" if b else "a user with no items" for b in blank[bad]])]
     good_lines = np.flatnonzero(~bad)
     tokens = pc.take(tokens, pa.array(good_lines))
     users = pc.list_element(tokens, 0)
@@ -139,61 +118,8 @@ def _parse_sequences(data: bytes, chunk: Chunk, opts: ReaderOptions) -> tuple[pa
     table = pa.table({"user": pc.take(users, pa.array(parent)), "item": flat_items,
                       "ts": (line_rows << SEQ_POS_BITS) | pos, "ord": _ord(chunk, line_rows)})
     raw_line = pc.take(pc.take(text, pa.array(good_lines)), pa.array(parent))
-    good, rej_ids = _validate_ids(table, raw_line, chunk, line_rows, ("user", "item"))
+    good, rej_ids = validate_ids(table, raw_line, chunk, line_rows, ("user", "item"))
     return good, pa.concat_tables(rej + [rej_ids])
-
-
-def _validate_ids(table: pa.Table, raw: pa.Array, chunk: Chunk, rows: np.ndarray,
-                  fields: tuple[str, str]) -> tuple[pa.Table, pa.Table]:
-    """Reject rows whose user or item id is missing (null/blank) or a negative integer."""
-    reasons = np.full(table.num_rows, None, dtype=object)
-    for col, field in (("user", fields[0]), ("item", fields[1])):
-        arr = table.column(col)
-        if pa.types.is_integer(arr.type):
-            missing = pc.is_null(arr)
-            negative = pc.fill_null(pc.less(arr, 0), False)
-        else:
-            missing = pc.or_(pc.is_null(arr), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(arr)), 0))
-            negative = pc.fill_null(pc.match_substring_regex(arr, r"^\s*-\d+\s*$"), False)
-        missing = pc.fill_null(missing, True).to_numpy(zero_copy_only=False)
-        negative = negative.to_numpy(zero_copy_only=False)
-        reasons[missing & (reasons == None)] = f"missing_{field}"  # noqa: E711
-        reasons[negative & (reasons == None)] = f"negative_{field}"  # noqa: E711
-    bad = reasons != None  # noqa: E711
-    if not bad.any():
-        return table, empty_rejected()
-    details = [f"{r.split('_', 1)[1]} is {'missing' if r.startswith('missing') else 'a negative id'}"
-               for r in reasons[bad]]
-    rej = _rejected(pc.filter(raw, pa.array(bad)), chunk.file, rows[bad], list(reasons[bad]), details)
-    return table.filter(pa.array(~bad)), rej
-
-
-def _parse_timestamp(col: pa.Array, field: str) -> tuple[np.ndarray, np.ndarray]:
-    """Numbers (int or float seconds, as text or numbers) or timestamps -> (int64 seconds, ok mask)."""
-    t = col.type
-    if pa.types.is_timestamp(t) or pa.types.is_date(t):
-        ts = pc.cast(pc.cast(col, pa.timestamp("s")), pa.int64())
-    elif pa.types.is_integer(t):  # a uint64 beyond int64 wraps to a negative time: rejected as out of range
-        ts = pc.cast(col, pa.int64(), safe=False)
-    elif pa.types.is_floating(t):
-        ok = pc.and_(pc.is_finite(col), pc.is_valid(col))
-        ts = pc.if_else(ok, _float_to_int64(pc.if_else(ok, pc.cast(col, pa.float64()), 0.0)), None)
-    elif pa.types.is_string(t) or pa.types.is_large_string(t):
-        ok = pc.fill_null(pc.match_substring_regex(col, _NUMBER), False)
-        num = pc.cast(pc.utf8_trim_whitespace(pc.if_else(ok, col, "0")), pa.float64())
-        ts = pc.if_else(ok, _float_to_int64(num), None)
-    else:
-        raise DataError(f"{field}: timestamp column of type {t} is not supported")
-    ok = pc.is_valid(ts).to_numpy(zero_copy_only=False)
-    return pc.fill_null(ts, 0).to_numpy(zero_copy_only=False).astype(np.int64), ok
-
-
-def _float_to_int64(num: pa.Array) -> pa.Array:
-    """Finite float64 times -> int64 (floor). A number beyond every accepted range (1e19, 1e300: int64 cannot
-    hold it) becomes -1, out of range like any negative time, so that its row is rejected rather than the cast
-    failing the whole read."""
-    fits = pc.and_(pc.greater_equal(num, -1.0), pc.less_equal(num, float(TIME_RANGES[-1][1])))
-    return pc.cast(pc.floor(pc.if_else(fits, num, -1.0)), pa.int64())
 
 
 def _from_table(table: pa.Table, chunk: Chunk, opts: ReaderOptions, rows: np.ndarray,
@@ -202,7 +128,7 @@ def _from_table(table: pa.Table, chunk: Chunk, opts: ReaderOptions, rows: np.nda
     """Canonical table from a parsed table with the user/item/time columns of ``opts``."""
     if raw is None:
         raw = _raw_text(table, [opts.user_column, opts.item_column, opts.time_column])
-    ts_values, ts_ok = ts if ts is not None else _parse_timestamp(table.column(opts.time_column), opts.time_column)
+    ts_values, ts_ok = ts if ts is not None else parse_timestamp(table.column(opts.time_column), opts.time_column)
     canon = pa.table({"user": _id_column(table.column(opts.user_column), opts.string_ids),
                       "item": _id_column(table.column(opts.item_column), opts.string_ids),
                       "ts": ts_values, "ord": _ord(chunk, rows)})
@@ -213,18 +139,18 @@ def _from_table(table: pa.Table, chunk: Chunk, opts: ReaderOptions, rows: np.nda
     rej = []
     if not ts_ok.all():
         bad = ~ts_ok
-        rej.append(_rejected(pc.filter(raw, pa.array(bad)), chunk.file, rows[bad], "unparsable_timestamp",
-                             f"{opts.time_column} is not a timestamp"))
+        rej.append(rejected_rows(pc.filter(raw, pa.array(bad)), chunk.file, rows[bad], "unparsable_timestamp",
+                                 f"{opts.time_column} is not a timestamp"))
     if out_of_range.any():
         given = pc.filter(pc.cast(table.column(opts.time_column), pa.string()), pa.array(out_of_range))
-        rej.append(_rejected(pc.filter(raw, pa.array(out_of_range)), chunk.file, rows[out_of_range],
-                             "timestamp_out_of_range",
-                             [f"{opts.time_column} {str(t).strip()} is not a time from 1970 to 2100 (in seconds, "
+        rej.append(rejected_rows(pc.filter(raw, pa.array(out_of_range)), chunk.file, rows[out_of_range],
+                                 "timestamp_out_of_range",
+                                 [f"{opts.time_column} {str(t).strip()} is not a time from 1970 to 2100 (in seconds, "
                               "milliseconds or microseconds)" for t in given.to_pylist()]))
     keep = ts_ok & in_range
     if not keep.all():
         canon, raw, rows = canon.filter(pa.array(keep)), pc.filter(raw, pa.array(keep)), rows[keep]
-    good, rej_ids = _validate_ids(canon, raw, chunk, rows, (opts.user_column, opts.item_column))
+    good, rej_ids = validate_ids(canon, raw, chunk, rows, (opts.user_column, opts.item_column))
     return good, pa.concat_tables(rej + [rej_ids])
 
 
@@ -282,9 +208,9 @@ def _parse_delimited(data: bytes, chunk: Chunk, opts: ReaderOptions) -> tuple[pa
     good_mask = np.ones(n_lines, dtype=bool)
     good_mask[bad_idx] = False
     rows = np.arange(n_lines, dtype=np.int64) + chunk.first_row
-    rej = _rejected([b[1] for b in bad_rows], chunk.file, rows[bad_idx],
-                    ["blank_line" if not b[1].strip() else "malformed_line" for b in bad_rows],
-                    [b[2] for b in bad_rows])
+    rej = rejected_rows([b[1] for b in bad_rows], chunk.file, rows[bad_idx],
+                        ["blank_line" if not b[1].strip() else "malformed_line" for b in bad_rows],
+                        [b[2] for b in bad_rows])
     good, rej_rows = _from_table(table, chunk, opts, rows[good_mask])
     return good, pa.concat_tables([rej, rej_rows])
 
@@ -314,7 +240,7 @@ def _json_lines(data: bytes, chunk: Chunk, fields: list[str]) -> tuple[pa.Table,
         ok_rows.append(row)
         raws.append(text)
     table = pa.table({f: pa.array(v, pa.string()) for f, v in values.items()})
-    rej = _rejected(rej_raw, chunk.file, np.array(rej_rows, dtype=np.int64), rej_reason, rej_detail)
+    rej = rejected_rows(rej_raw, chunk.file, np.array(rej_rows, dtype=np.int64), rej_reason, rej_detail)
     return table, np.array(ok_rows, dtype=np.int64), pa.array(raws, pa.string()), rej
 
 
@@ -329,8 +255,8 @@ def _parse_yelp(data: bytes, chunk: Chunk, opts: ReaderOptions) -> tuple[pa.Tabl
     table, rows, raw, rej = _json_lines(data, chunk, [opts.user_column, opts.item_column, opts.time_column])
     col = table.column(opts.time_column)
     parsed = pc.strptime(col, format="%Y-%m-%d %H:%M:%S", unit="s", error_is_null=True)
-    ts_num, ok_num = _parse_timestamp(col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col,
-                                      opts.time_column)
+    ts_num, ok_num = parse_timestamp(col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col,
+                                     opts.time_column)
     ok_date = pc.is_valid(parsed).to_numpy(zero_copy_only=False)
     ts = np.where(ok_date, pc.fill_null(pc.cast(parsed, pa.int64()), 0).to_numpy(zero_copy_only=False), ts_num)
     good, rej2 = _from_table(table, chunk, opts, rows, raw, ts=(ts.astype(np.int64), ok_date | ok_num))
@@ -374,7 +300,7 @@ def _parse_mind(data: bytes, chunk: Chunk, opts: ReaderOptions) -> tuple[pa.Tabl
         raws += [text] * n
         hist_flag += [True] * len(hist) + [False] * len(clicks)
         positions += list(range(len(hist))) + [0] * len(clicks)
-    rej = _rejected(rej_raw, chunk.file, np.array(rej_rows, dtype=np.int64), rej_reason, rej_detail)
+    rej = rejected_rows(rej_raw, chunk.file, np.array(rej_rows, dtype=np.int64), rej_reason, rej_detail)
     rows_np = np.array(rows, dtype=np.int64)
     is_hist = np.array(hist_flag, dtype=bool)
     parsed = pc.strptime(pa.array(when, pa.string()), format=_MIND_TIME, unit="s", error_is_null=True)
@@ -387,10 +313,10 @@ def _parse_mind(data: bytes, chunk: Chunk, opts: ReaderOptions) -> tuple[pa.Tabl
     rejs = [rej]
     if not ts_ok.all():
         bad = ~ts_ok
-        rejs.append(_rejected(pc.filter(raw, pa.array(bad)), chunk.file, rows_np[bad], "unparsable_timestamp",
-                              f"{opts.time_column} is not a time like 11/15/2019 8:55:22 AM"))
+        rejs.append(rejected_rows(pc.filter(raw, pa.array(bad)), chunk.file, rows_np[bad], "unparsable_timestamp",
+                                  f"{opts.time_column} is not a time like 11/15/2019 8:55:22 AM"))
         canon, raw, rows_np = canon.filter(pa.array(ts_ok)), pc.filter(raw, pa.array(ts_ok)), rows_np[ts_ok]
-    good, rej_ids = _validate_ids(canon, raw, chunk, rows_np, (opts.user_column, "news_id"))
+    good, rej_ids = validate_ids(canon, raw, chunk, rows_np, (opts.user_column, "news_id"))
     return good, pa.concat_tables(rejs + [rej_ids])
 
 
@@ -404,19 +330,6 @@ TEXT_PARSERS: dict[str, Callable[[bytes, Chunk, ReaderOptions], tuple[pa.Table, 
 }
 if set(TEXT_PARSERS) != set(FORMATS):  # the registry and the parsers must name the same formats
     raise RuntimeError(f"formats without a parser: {sorted(set(FORMATS) ^ set(TEXT_PARSERS))}")
-
-
-def read_all(path: str, opts: ReaderOptions) -> tuple[pa.Table, pa.Table, list[Chunk]]:
-    """Single-process read of every chunk (tests, the benchmark's peer): (good, rejected, chunks)."""
-    fs, files = list_input_files(path, opts.format)
-    opts = integer_ids(fs, files, opts)
-    chunks = plan_chunks(fs, files, opts)
-    goods, rejs = [], []
-    for c in chunks:
-        g, r = read_chunk(c, opts)
-        goods.append(g)
-        rejs.append(r)
-    return unify(goods), pa.concat_tables(rejs) if rejs else empty_rejected(), chunks
 
 
 def unify(tables: list[pa.Table]) -> pa.Table:

@@ -10,7 +10,6 @@
 * ``checkpoint.save_checkpoint`` / ``load_checkpoint``: the one checkpoint format of both models;
   ``load_checkpoint(path).topk(histories, top_k)`` ranks with either.
 * ``retriever.SeaterRetriever.from_checkpoint(path).recommend(histories, top_n)``: raw ids in and out.
-* ``toy_trees.random_balanced_tree``: balanced trees without embeddings, for tests and benchmarks.
 
 Histories are int64 [B, t], oldest first, LEFT-padded with the tree's PAD token (SASRec: with num_items).
 """

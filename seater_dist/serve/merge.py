@@ -11,13 +11,18 @@ at level l is the best b among the children of the global beam at level l-1. Whe
 was not expanded by its shard, the merge asks that shard to expand exactly those nodes (``missing``), a rare
 second round trip; the result is then the single-process beam search, not an approximation of it.
 
+:func:`sharded_search` is that whole conversation with the shards, written once: a generator that yields
+requests (:class:`SearchShards`, then :class:`ExpandNodes` when the merge needs them) and receives their
+answers. The in-process search (``seater_parts.ShardedSeater``) runs it with :func:`drive`, calling the
+shard parts; the HTTP router runs it with :func:`drive_async`, awaiting the shard deployments.
+
 SASRec (dual encoder): index shard s owns a range of items; :func:`merge_top` takes the best n of the
 shards' top n by score, which is exact for exact (flat) indexes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +97,7 @@ class BeamMerge:
         items, scores, raw = merge.top(n)
 
     Ties between equal scores are broken by the shards' order, then the order of their rows.
+    :func:`sharded_search` is that loop for a batch of users, as requests to the shards.
     """
 
     def __init__(self, answers: Sequence[ShardBeams], depth: int, beam: int, bos: int) -> None:
@@ -173,6 +179,87 @@ class BeamMerge:
             raise RuntimeError("top() before the merge finished: call missing() until it returns None")
         items, scores = self.tokens[:n], self.scores[:n]
         return items, scores, [self.raw[int(i)] for i in items]
+
+
+@dataclass
+class SearchShards:
+    """Ask every shard to search: encoder memories float32 [B, t, d] with pad masks bool [B, t], beam ``beam``.
+    The answer: per shard, in shard order, B :class:`ShardBeams`."""
+
+    memory: np.ndarray
+    pad_mask: np.ndarray
+    beam: int
+
+
+@dataclass
+class ExpandNodes:
+    """Ask some shards for the children of nodes of one user's global beam at ``level``-1 (the rare second
+    round trip): that user's memory [t, d] and pad mask [t], and {shard: global tokens}. The answer:
+    {shard: :class:`Expansion`}."""
+
+    memory: np.ndarray
+    pad_mask: np.ndarray
+    level: int
+    tokens: dict[int, np.ndarray]
+
+
+@dataclass
+class MergedBeam:
+    """One user's answer: the best items int64 [<= n] and scores float32 [<= n], best first, their raw ids,
+    and how many nodes the shards expanded on request."""
+
+    items: np.ndarray
+    scores: np.ndarray
+    raw: list[str]
+    expansions: int
+
+
+ShardRequest = SearchShards | ExpandNodes
+SearchSteps = Generator[ShardRequest, Any, list[MergedBeam]]
+
+
+def sharded_search(memory: np.ndarray, pad_mask: np.ndarray, beam: int, top_n: Sequence[int], depth: int,
+                   bos: int) -> SearchSteps:
+    """The sharded beam search of B users (memory [B, t, d], pad_mask [B, t]) as requests to the shards.
+
+    Yields one :class:`SearchShards`, then an :class:`ExpandNodes` whenever a user's :class:`BeamMerge` lacks
+    an expansion; each ``yield`` receives the request's answer. Returns the B users' :class:`MergedBeam`
+    (user u's best ``top_n[u]``). ``depth``: the tree's D; ``bos``: the root's global token (N).
+    """
+    answers = yield SearchShards(memory, pad_mask, beam)
+    merged = []
+    for u, n in enumerate(top_n):
+        merge = BeamMerge([shard[u] for shard in answers], depth=depth, beam=beam, bos=bos)
+        while (need := merge.missing()) is not None:
+            level, by_shard = need
+            expansions = yield ExpandNodes(memory[u], pad_mask[u], level, by_shard)
+            for shard in by_shard:  # in the merge's order of shards: it breaks ties
+                merge.add_expansion(level, shard, expansions[shard])
+        items, scores, raw = merge.top(n)
+        merged.append(MergedBeam(items, scores, raw, merge.expansions))
+    return merged
+
+
+def drive(steps: SearchSteps, answer: Callable[[ShardRequest], Any]) -> list[MergedBeam]:
+    """Run :func:`sharded_search` with ``answer(request)`` computing each request's answer in this process."""
+    request = next(steps)
+    while True:
+        try:
+            request = steps.send(answer(request))
+        except StopIteration as done:
+            return done.value
+
+
+async def drive_async(steps: SearchSteps, answer: Callable[[ShardRequest], Awaitable[Any]]) -> list[MergedBeam]:
+    """Run :func:`sharded_search` awaiting ``answer(request)`` (calls to the shard deployments). An exception
+    raised by ``answer`` (a stale or lost replica) ends the search and propagates."""
+    request = next(steps)
+    while True:
+        answered = await answer(request)
+        try:
+            request = steps.send(answered)
+        except StopIteration as done:
+            return done.value
 
 
 def merge_top(answers: Sequence[tuple[np.ndarray, np.ndarray, list[str]]], n: int

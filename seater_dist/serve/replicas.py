@@ -1,5 +1,6 @@
 """The Serve deployments that hold a model part: ``Encoder``, ``BeamShard`` (SEATER) and ``IndexShard``
-(SASRec), thin wrappers of parts.py, and how a replica loads its part (serve/app.py composes them).
+(SASRec), thin wrappers of seater_parts.py and sasrec_parts.py, and how a replica loads its part (serve/app.py
+composes them).
 
 Every replica sets its torch threads and, on a private Ray, keeps Serve's gRPC port on loopback; replicas of one
 machine load the checkpoint one at a time (``serial_load``) under a lock only this user can hold.
@@ -104,8 +105,18 @@ def _one_at_a_time(enabled: bool) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def choose_device(gpu: bool | None) -> Any:
+    """The torch device of a replica's part: cuda when asked (or, with None, when this process sees a GPU),
+    else cpu."""
+    import torch
+
+    use = torch.cuda.is_available() if gpu is None else (gpu and torch.cuda.is_available())
+    return torch.device("cuda" if use else "cpu")
+
+
 def _encoder_part(a: ServeArgs, ckpt: Any, share_table: bool = False) -> Any:
-    from seater_dist.serve.parts import SasrecEncoderPart, SeaterEncoderPart, choose_device
+    from seater_dist.serve.sasrec_parts import SasrecEncoderPart
+    from seater_dist.serve.seater_parts import SeaterEncoderPart
 
     device = choose_device(a.gpu)
     if ckpt.kind == "seater":
@@ -114,13 +125,13 @@ def _encoder_part(a: ServeArgs, ckpt: Any, share_table: bool = False) -> Any:
 
 
 def _beam_shard_part(a: ServeArgs, ckpt: Any, shard: int) -> Any:
-    from seater_dist.serve.parts import BeamShardPart, choose_device
+    from seater_dist.serve.seater_parts import BeamShardPart
 
     return BeamShardPart(ckpt, shard, a.shards, choose_device(a.gpu))
 
 
 def _index_shard_part(a: ServeArgs, ckpt: Any, shard: int) -> Any:
-    from seater_dist.serve.parts import IndexShardPart
+    from seater_dist.serve.sasrec_parts import IndexShardPart
 
     ckpt.model = None  # the index needs the item table only: free the model's copy before building
     gc.collect()

@@ -1,5 +1,6 @@
 """The HTTP ingress: the ``Router`` deployment (FastAPI) in front of the encoder and the shards, with the
-request contract (request.py), the exact merge of the shards (merge.py) and the retries of a rollout or a
+request contract (request.py), the exact merge of the shards (merge.py: ``sharded_search``, the driver the
+in-process search uses too, awaited here over the shard deployments) and the retries of a rollout or a
 replica that died (serve/app.py composes it)."""
 
 import asyncio
@@ -15,7 +16,8 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from seater_dist.serve.merge import BeamMerge, EncodeResult, Stale, merge_top
+from seater_dist.serve import merge
+from seater_dist.serve.merge import EncodeResult, Stale, merge_top
 from seater_dist.serve.replicas import (
     COMMON_OPTIONS,
     BeamShard,
@@ -204,24 +206,12 @@ class Router:
         if self.kind == "seater":
             beam = int(info["beam_size"])
             pad_mask = np.stack([encoded[i].pad_mask for i in rows])
-            answers = await asyncio.gather(*(s.search.remote((version, states, pad_mask, beam)) for s in self.shards))
-            if any(isinstance(a, Stale) for a in answers):
-                raise _Retry()
-            for j, i in enumerate(rows):
-                merge = BeamMerge([a[j] for a in answers], depth=int(info["depth"]), beam=beam,
-                                  bos=int(info["num_items"]))
-                while (need := merge.missing()) is not None:
-                    level, by_shard = need
-                    shards = list(by_shard)
-                    expansions = await asyncio.gather(*(self.shards[s].expand.remote(
-                        version, states[j], pad_mask[j], level, by_shard[s]) for s in shards))
-                    if any(isinstance(e, Stale) for e in expansions):
-                        raise _Retry()
-                    for s, e in zip(shards, expansions):
-                        merge.add_expansion(level, s, e)
-                _, scores, raw = merge.top(jobs[i][1])
-                out[i] = ({"items": raw, "scores": scores.astype(float).tolist(), "model_version": version,
-                           "ignored": encoded[i].ignored}, {"X-Seater-Expanded": str(merge.expansions)})
+            steps = merge.sharded_search(states, pad_mask, beam, [jobs[i][1] for i in rows],
+                                         depth=int(info["depth"]), bos=int(info["num_items"]))
+            merged = await merge.drive_async(steps, lambda request: self._ask_shards(version, request))
+            for i, user in zip(rows, merged):
+                out[i] = ({"items": user.raw, "scores": user.scores.astype(float).tolist(), "model_version": version,
+                           "ignored": encoded[i].ignored}, {"X-Seater-Expanded": str(user.expansions)})
         else:
             n = max(jobs[i][1] for i in rows)
             answers = await asyncio.gather(*(s.search.remote((version, states, n)) for s in self.shards))
@@ -232,3 +222,17 @@ class Router:
                 out[i] = ({"items": raw, "scores": scores.astype(float).tolist(), "model_version": version,
                            "ignored": encoded[i].ignored}, {})
         return out
+
+    async def _ask_shards(self, version: str, request: merge.ShardRequest) -> Any:
+        """The answer to one request of ``merge.sharded_search`` from the beam shard deployments (all of them
+        for a search, the shards named for an expansion, concurrently); _Retry when one holds another version."""
+        if isinstance(request, merge.SearchShards):
+            answers = await asyncio.gather(*(s.search.remote((version, request.memory, request.pad_mask,
+                                                              request.beam)) for s in self.shards))
+        else:
+            answers = await asyncio.gather(*(self.shards[s].expand.remote(
+                version, request.memory, request.pad_mask, request.level, tokens)
+                for s, tokens in request.tokens.items()))
+        if any(isinstance(a, Stale) for a in answers):
+            raise _Retry()
+        return answers if isinstance(request, merge.SearchShards) else dict(zip(request.tokens, answers))

@@ -1,64 +1,43 @@
-"""The part of a checkpoint each serving replica holds, and what it computes. Plain PyTorch, numpy and faiss:
-no Ray here, so the sharded search runs (and is tested) in one process (:class:`ShardedSeater`).
+"""The SEATER parts of a checkpoint each serving replica holds, and what they compute. Plain PyTorch and
+numpy: no Ray here, so the sharded search runs (and is tested) in one process (:class:`ShardedSeater`).
 
-SEATER
 * :class:`SeaterEncoderPart` - raw ids -> item indices (unknown ids ignored), the encoder (Eq. 2) once per
-  request, the popular items for histories with no known item. Keeps the token table's item/BOS/PAD rows,
-  the encoder layers and the raw-id index; the decoder, the internal-node rows and the tree are dropped.
+  request, the popular items for histories with no known item (lookup.py). Keeps the token table's
+  item/BOS/PAD rows, the encoder layers and the raw-id index; the decoder, the internal-node rows and the tree
+  are dropped.
 * :class:`BeamShardPart` - shard s of S owns a contiguous group of the root's children (``shard_roots``)
   and holds only the token rows of its subtrees (items and internal nodes), BOS, PAD and the root's k
   children (for the step-1 softmax, whose normaliser runs over all of them), plus the decoder. Its
   ``search`` is the constrained beam search of docs/method.md §5 restricted to its subtrees, returning
   every level's expanded nodes (``merge.ShardBeams``); ``expand`` scores the children of given nodes
   (teacher-forced), for the merge's rare second round trip.
-
-SASRec
-* :class:`SasrecEncoderPart` - raw ids -> the user state (SASRec.user_state).
-* :class:`IndexShardPart` - shard s of S owns a contiguous range of items: a faiss index over their rows
-  (``flat``: exact IndexFlatIP; ``hnsw``: IndexHNSWFlat, inner product, ``M`` links per node,
-  ``ef_construction`` at build time and ``ef_search`` candidates per query; built with every core, then
-  queried with the replica's threads; optionally cached on disk, since HNSW over millions of items takes
-  minutes to build).
-
-Popular items (a history with no known item): the training counts of the dataset the checkpoint was
-trained on when we can find it (``popularity=`` a dataset directory or its items.parquet; otherwise
-``<checkpoint>/../../dataset/items.parquet``, the layout ``seater run`` writes, used only when its item ids
-are exactly the checkpoint's), else the model's own answer to an empty history. ``popularity_source`` says
-which.
+* :func:`sharded_beam_search` / :class:`ShardedSeater` - the shards' answers merged in this process, by the
+  same driver as the HTTP router's (``merge.sharded_search``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
-import time
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from seater_dist import storage
 from seater_dist.data.samples import left_pad
 from seater_dist.model.beam_search import search_levels
-from seater_dist.model.checkpoint import Checkpoint, CheckpointError, catalogue_id, load_checkpoint
+from seater_dist.model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from seater_dist.model.layers import eval_mode
 from seater_dist.model.retriever import ItemIdIndex
-from seater_dist.model.sasrec import topk_inner_product
 from seater_dist.model.seater import SeaterModel
-from seater_dist.serve.merge import BeamMerge, EncodeResult, Expansion, ShardBeams
+from seater_dist.serve import merge
+from seater_dist.serve.lookup import find_popularity, lookup_histories, popular_items
+from seater_dist.serve.merge import EncodeResult, Expansion, ShardBeams
 from seater_dist.tree.item_tree import ItemTree
 
-log = logging.getLogger(__name__)
-
 _TREE_ARRAYS = ("codes", "children", "parent", "level")
-
-
-# ------------------------------------------------------------------------------------------ checkpoints
 
 
 def tree_checksum(manifest: dict[str, Any]) -> str | None:
@@ -68,66 +47,6 @@ def tree_checksum(manifest: dict[str, Any]) -> str | None:
         return None
     joined = "\n".join(sums.get(f"tree/{name}.npy", "") for name in _TREE_ARRAYS)
     return hashlib.sha256(joined.encode()).hexdigest()[:16]
-
-
-def choose_device(gpu: bool | None) -> torch.device:
-    """cuda when asked (or, with None, when this process sees a GPU), else cpu."""
-    use = torch.cuda.is_available() if gpu is None else (gpu and torch.cuda.is_available())
-    return torch.device("cuda" if use else "cpu")
-
-
-# ------------------------------------------------------------------------------------------ popularity
-
-
-def find_popularity(checkpoint: Path, manifest: dict[str, Any], explicit: str | os.PathLike | None) -> Path | None:
-    """The items.parquet (item_id, count) to rank popular items by, or None (use the model's answer).
-
-    ``explicit``: a dataset directory or its items.parquet (an error if it has no counts). Otherwise the
-    dataset ``seater run`` leaves beside the checkpoint (RUN/seater/best -> RUN/dataset), used only when
-    its item ids are exactly the checkpoint's catalogue.
-    """
-    if explicit:
-        path = storage.local_copy(explicit)
-        path = path / "items.parquet" if path.is_dir() else path
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: popularity file not found (a dataset directory or its items.parquet)")
-        if "count" not in pq.read_schema(path).names:
-            raise ValueError(f"{path}: has no 'count' column (expected a dataset's items.parquet)")
-        return path
-    candidate = (checkpoint.resolve().parents[1] / "dataset" / "items.parquet"
-                 if len(checkpoint.resolve().parents) > 1 else None)
-    if candidate is None or not candidate.is_file():
-        return None
-    try:
-        table = pq.read_table(candidate, columns=["item_index", "item_id", "count"])
-    except (pa.ArrowInvalid, OSError, KeyError):
-        return None
-    ids = table.column("item_id").to_numpy(zero_copy_only=False)[np.argsort(table.column("item_index").to_numpy())]
-    return candidate if catalogue_id(ids) == manifest.get("catalogue") else None
-
-
-def popular_items(path: Path | None, index: ItemIdIndex, n: int,
-                  model_answer: Callable[[int], tuple[list[str], list[float]]]) -> tuple[list[str], list[float], str]:
-    """(raw ids, scores, source): the n most counted items of ``path`` that the checkpoint knows (scores are
-    the counts), else ``model_answer(n)`` (the model's answer to an empty history; scores are its own)."""
-    if path is None:
-        raw, scores = model_answer(n)
-        return raw, scores, "model (answer to an empty history)"
-    table = pq.read_table(path, columns=["item_id", "count"])
-    counts = table.column("count").to_numpy().astype(np.float64)
-    ids = table.column("item_id").to_numpy(zero_copy_only=False)
-    order = np.argsort(-counts, kind="stable")
-    raw: list[str] = []
-    scores: list[float] = []
-    for start in range(0, order.size, 4 * n):
-        chunk = order[start : start + 4 * n]
-        known = index.lookup([str(x) for x in ids[chunk]]) >= 0
-        for i in chunk[known]:
-            raw.append(str(ids[i]))
-            scores.append(float(counts[i]))
-        if len(raw) >= n:
-            break
-    return raw[:n], scores[:n], f"dataset counts ({path})"
 
 
 # ------------------------------------------------------------------------------------------ SEATER encoder
@@ -196,17 +115,6 @@ class SeaterEncoderPart:
                 out[i] = EncodeResult(self.version, memory[j], pad_mask[j], ignored[i])
         return out
 
-
-def lookup_histories(index: ItemIdIndex, histories: Sequence[Sequence[str]]
-                     ) -> tuple[list[np.ndarray], list[list[str]]]:
-    """Raw ids -> (known item indices of each history, oldest first; unknown raw ids of each history)."""
-    known, ignored = [], []
-    for history in histories:
-        raw = [str(h) for h in history]
-        idx = index.lookup(raw)
-        known.append(idx[idx >= 0])
-        ignored.append([r for r, i in zip(raw, idx) if i < 0])
-    return known, ignored
 
 
 # ------------------------------------------------------------------------------------------ SEATER shards
@@ -368,134 +276,27 @@ class BeamShardPart:
         return Expansion(tokens, self._to_global(children[0]), log_probs[0].float().cpu().numpy(), leaf)
 
 
-# ------------------------------------------------------------------------------------------ SASRec
-
-
-class SasrecEncoderPart:
-    """Raw-id histories -> SASRec user states (docs/method.md §6). ``max_top_n`` bounds top_n (default 50)."""
-
-    kind = "sasrec"
-
-    def __init__(self, ckpt: Checkpoint, max_top_n: int | None = None, popularity: str | None = None,
-                 device: str | torch.device = "cpu", num_shards: int = 1, index: str = "flat") -> None:
-        if ckpt.kind != "sasrec":
-            raise CheckpointError(f"{ckpt.path}: a {ckpt.kind} checkpoint, expected sasrec")
-        self.device = torch.device(device)
-        self.model = ckpt.model.to(self.device).eval()
-        self.max_len, self.pad = ckpt.settings.max_len, ckpt.num_items
-        self.max_top_n = int(max_top_n or 50)
-        self.index = ItemIdIndex(ckpt.item_ids)
-        self.version = ckpt.model_version
-
-        def answer(n: int) -> tuple[list[str], list[float]]:
-            state = self._states([np.zeros(0, dtype=np.int64)])
-            ids, scores = topk_inner_product(state, ckpt.item_table, n)
-            keep = ids[0] >= 0
-            return self.index.raw(ids[0][keep]).tolist(), scores[0][keep].astype(float).tolist()
-
-        source = find_popularity(ckpt.path, ckpt.manifest, popularity)
-        self.popular, self.popular_scores, self.popularity_source = popular_items(
-            source, self.index, self.max_top_n, answer)
-        self.info = {
-            "model": "sasrec", "model_version": self.version, "tree_checksum": None, "num_items": ckpt.num_items,
-            "max_top_n": self.max_top_n, "history_len": self.max_len, "shards": num_shards, "index": index,
-            "popularity": self.popularity_source, "checkpoint": str(ckpt.path),
-        }
-
-    def _states(self, known: list[np.ndarray]) -> np.ndarray:
-        batch = torch.from_numpy(left_pad(known, self.max_len, self.pad)).to(self.device)
-        with eval_mode(self.model):
-            return self.model.user_state(batch).float().cpu().numpy()
-
-    def encode(self, histories: Sequence[Sequence[str]]) -> list[EncodeResult]:
-        known, ignored = lookup_histories(self.index, histories)
-        out = [EncodeResult(self.version, None, None, ign, (self.popular, self.popular_scores)) for ign in ignored]
-        rows = [i for i, k in enumerate(known) if k.size]
-        if rows:
-            states = self._states([known[i] for i in rows])
-            for j, i in enumerate(rows):
-                out[i] = EncodeResult(self.version, states[j], None, ignored[i])
-        return out
-
-
-class IndexShardPart:
-    """Shard ``shard`` of ``num_shards`` of the SASRec item table: a faiss index over a contiguous item range.
-
-    index ``flat``: exact inner product (IndexFlatIP). ``hnsw``: IndexHNSWFlat with inner product, ``hnsw_m``
-    links per node, ``ef_construction`` when building and ``ef_search`` candidates per query (recall rises
-    and speed falls with it; top_n larger than ef_search searches top_n candidates).
-    """
-
-    def __init__(self, ckpt: Checkpoint, shard: int, num_shards: int, index: str = "flat", hnsw_m: int = 16,
-                 ef_construction: int = 40, ef_search: int = 128, threads: int = 1,
-                 cache_dir: str | os.PathLike | None = None, build_threads: int | None = None) -> None:
-        import faiss
-
-        if ckpt.kind != "sasrec":
-            raise CheckpointError(f"{ckpt.path}: a {ckpt.kind} checkpoint, expected sasrec")
-        if not 1 <= num_shards <= ckpt.num_items or not 0 <= shard < num_shards:
-            raise ValueError(f"shard {shard} of {num_shards} over {ckpt.num_items} items")
-        if index not in ("flat", "hnsw"):
-            raise ValueError(f"index must be 'flat' or 'hnsw', got {index!r}")
-        self.version = ckpt.model_version
-        self.items = np.array_split(np.arange(ckpt.num_items, dtype=np.int64), num_shards)[shard]
-        lo, hi = (int(self.items[0]), int(self.items[-1]) + 1) if self.items.size else (0, 0)
-        table = np.ascontiguousarray(ckpt.item_table[lo:hi], dtype=np.float32)  # a view when already float32
-        d = table.shape[1]
-        cached = None
-        if index == "hnsw" and cache_dir:
-            cached = Path(cache_dir) / f"{self.version}-{shard}of{num_shards}-hnsw-m{hnsw_m}-efc{ef_construction}.faiss"
-        if cached is not None and cached.is_file():
-            self.index = faiss.read_index(str(cached))
-            if self.index.ntotal != hi - lo or self.index.d != d:
-                raise ValueError(f"{cached}: holds {self.index.ntotal} x {self.index.d}, expected {hi - lo} x {d}")
-        else:
-            if index == "flat":
-                self.index = faiss.IndexFlatIP(d)
-            else:
-                self.index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-                self.index.hnsw.efConstruction = ef_construction
-            faiss.omp_set_num_threads(build_threads or os.cpu_count() or 1)  # building: every core
-            t0 = time.perf_counter()
-            self.index.add(table)
-            log.info("faiss %s index over %d items built in %.1f s", index, hi - lo, time.perf_counter() - t0)
-            if cached is not None:
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cached.with_name(f".{cached.name}.{os.getpid()}")
-                faiss.write_index(self.index, str(tmp))
-                os.replace(tmp, cached)
-        faiss.omp_set_num_threads(threads)  # serving: the replica's share
-        if index == "hnsw":
-            self.index.hnsw.efSearch = ef_search
-        self.raw = pa.array(np.asarray(ckpt.item_ids, dtype=object)[lo:hi], type=pa.string())
-
-    def search(self, states: np.ndarray, n: int) -> list[tuple[np.ndarray, np.ndarray, list[str]]]:
-        """User states [B, d] -> per user (global item ids, scores, raw ids), best first, at most n."""
-        scores, local = self.index.search(np.ascontiguousarray(states, dtype=np.float32).reshape(-1, self.index.d), n)
-        out = []
-        for row_ids, row_scores in zip(local, scores):
-            keep = row_ids >= 0
-            ids = row_ids[keep]
-            out.append((self.items[ids], row_scores[keep].astype(np.float32), self.raw.take(pa.array(ids)).to_pylist()))
-        return out
-
 
 # ------------------------------------------------------------------------------------------ in one process
 
 
 def sharded_beam_search(shards: Sequence[BeamShardPart], memory: np.ndarray, pad_mask: np.ndarray, beam: int,
                         top_n: int) -> tuple[np.ndarray, np.ndarray, list[str], int]:
-    """One user's sharded search in this process: every shard searches, :class:`BeamMerge` replays the global
-    beam, asking shards for missing expansions. -> (item ids, scores, raw ids, nodes expanded on request)."""
+    """One user's sharded search in this process (memory [t, d], pad_mask [t]): ``merge.sharded_search``
+    driven by calls to the shard parts. -> (item ids, scores, raw ids, nodes expanded on request)."""
     first = shards[0]
-    answers = [s.search(memory[None], pad_mask[None], beam)[0] for s in shards]
-    merge = BeamMerge(answers, depth=first.depth, beam=beam, bos=int(first.global_of[first.num_local_items]))
-    while (need := merge.missing()) is not None:
-        level, by_shard = need
-        for s, tokens in by_shard.items():
-            merge.add_expansion(level, s, shards[s].expand(memory, pad_mask, level, tokens))
-    items, scores, raw = merge.top(top_n)
-    return items, scores, raw, merge.expansions
+    steps = merge.sharded_search(memory[None], pad_mask[None], beam, [top_n], depth=first.depth,
+                                 bos=int(first.global_of[first.num_local_items]))
+    (user,) = merge.drive(steps, lambda request: _ask_parts(shards, request))
+    return user.items, user.scores, user.raw, user.expansions
+
+
+def _ask_parts(shards: Sequence[BeamShardPart], request: merge.ShardRequest) -> Any:
+    """The answer to one request of ``merge.sharded_search``, computed by the shard parts in this process."""
+    if isinstance(request, merge.SearchShards):
+        return [s.search(request.memory, request.pad_mask, request.beam) for s in shards]
+    return {s: shards[s].expand(request.memory, request.pad_mask, request.level, tokens)
+            for s, tokens in request.tokens.items()}
 
 
 class ShardedSeater:
