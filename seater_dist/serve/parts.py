@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from seater_dist import storage
+from seater_dist import artifacts
 from seater_dist.data.samples import left_pad
 from seater_dist.model.beam_search import search_levels
 from seater_dist.model.checkpoint import Checkpoint, CheckpointError, catalogue_id, load_checkpoint
@@ -87,7 +87,7 @@ def find_popularity(checkpoint: Path, manifest: dict[str, Any], explicit: str | 
     its item ids are exactly the checkpoint's catalogue.
     """
     if explicit:
-        path = storage.local_copy(explicit)
+        path = artifacts.local_copy(explicit)
         path = path / "items.parquet" if path.is_dir() else path
         if not path.is_file():
             raise FileNotFoundError(f"{path}: popularity file not found (a dataset directory or its items.parquet)")
