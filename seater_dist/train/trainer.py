@@ -89,8 +89,9 @@ def train_seater(dataset_path: str | Path, tree_path: str | Path, out: str | Pat
     ``embeddings`` (the .npy the tree was built from; default: the file the tree's manifest records) is read
     by ``token_init: embeddings``, the default.
     """
-    spec = WorkerSpec(task="seater", seater=model or SeaterSettings(), tree_path=_where(tree_path),
-                      embeddings_path=None if embeddings is None else _where(embeddings))
+    # inputs as the workers get them: a URI as is (each worker copies it on its node), a path made absolute
+    spec = WorkerSpec(task="seater", seater=model or SeaterSettings(), tree_path=location(tree_path),
+                      embeddings_path=None if embeddings is None else location(embeddings))
     return _fit(spec, dataset_path, out, train or TrainSettings(), resume)
 
 
@@ -114,11 +115,6 @@ def _checked_embeddings(embeddings: str | Path | None, tree: dict[str, Any], tre
     if want != got:
         raise SettingsError(f"{path}: not the embeddings the tree {tree_path} was built from "
                             f"(sha256 {got[:12]}, the tree's manifest says {str(want)[:12]})")
-    return _where(path)
-
-
-def _where(path: str | Path) -> str:
-    """An input as the workers get it: a URI as is (each worker copies it on its node), a path made absolute."""
     return location(path)
 
 
