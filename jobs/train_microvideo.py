@@ -30,7 +30,6 @@ Flags:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -40,6 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir, when not pip-installed
 
+from seater_dist.artifacts import is_remote, local_path  # noqa: E402
 from seater_dist.config import RunSettings, SettingsError, SynthSettings  # noqa: E402
 from seater_dist.runtime.quiet import verbose  # noqa: E402
 
@@ -113,7 +113,7 @@ def check_out(out: str, submitted: bool | None = None) -> str:
     working dir, seen by no other node and gone with the job."""
     if submitted is None:
         submitted = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))  # set by Ray's job supervisor
-    if submitted and "://" not in out and not os.path.isabs(out):
+    if submitted and not is_remote(out) and not local_path(out).is_absolute():
         raise SettingsError(f"--out: {out} is relative, and a submitted job runs in a temporary copy of its working "
                             "dir; give an absolute path every node sees or a URI, e.g. s3://bucket/seater/run")
     return out
@@ -124,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     out = check_out(args.out)
     settings = run_settings(args.preset, args.storage)  # a bad setting fails here, before Ray starts
 
-    from seater_dist import storage
-    from seater_dist.artifacts import output_lock
+    from seater_dist import artifacts
     from seater_dist.pipeline import run_pipeline
     from seater_dist.runtime.ray_env import init_ray
 
@@ -135,28 +134,28 @@ def main(argv: list[str] | None = None) -> int:
 
         hide_duplicate_error_reports()
     # A local --out is held from the synth on (run_pipeline re-enters the lock); a URI has no lock.
-    with contextlib.nullcontext() if storage.is_remote(out) else output_lock(out, inside=True):
-        synth_dir = _synth(args.preset, storage.join(out, "synth"), args.resume)
+    with artifacts.writer_lock(out, inside=True):
+        synth_dir = _synth(args.preset, artifacts.join(out, "synth"), args.resume)
         run_pipeline(synth_dir, "interactions", "comirec", out, settings, resume=args.resume)
     return 0
 
 
 def _synth(preset: str, synth_dir: str, resume: bool) -> str:
     """The preset's synthetic logs at ``synth_dir`` (a path or URI): kept on ``resume`` if they are there."""
-    from seater_dist import storage
+    from seater_dist import artifacts
     from seater_dist.data.synth import synthesize
 
     synth = PRESETS[preset]["synth"]
-    manifest = storage.join(synth_dir, "manifest.json")
-    if resume and storage.exists(manifest):
-        kept = json.loads(storage.read_bytes(manifest)).get("preset")
+    manifest = artifacts.join(synth_dir, "manifest.json")
+    if resume and artifacts.exists(manifest):
+        kept = json.loads(artifacts.read_bytes(manifest)).get("preset")
         if kept != synth:
             raise SettingsError(f"--resume: {synth_dir} holds the synth preset {kept}, not {synth} "
                                 f"(--preset {preset}); give another --out or drop --resume")
         print(f"synth: kept {synth_dir} (--resume)", flush=True)
         return synth_dir
     print(f"synth: preset {synth} -> {synth_dir}", flush=True)
-    with storage.staged_output(synth_dir) as local:  # a URI: written locally, then published whole
+    with artifacts.staged_output(synth_dir) as local:  # a URI: written locally, then published whole
         synthesize(SynthSettings(preset=synth, out=str(local)))
     return synth_dir
 

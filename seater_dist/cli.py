@@ -9,7 +9,6 @@ typed result for the summary. The flags and help text of every command are in ``
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import logging
 import sys
@@ -18,10 +17,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from seater_dist.artifacts import check_apart, join
 from seater_dist.cli_parser import NEEDS_RAY, Handler, build_parser
 from seater_dist.config import RunSettings
 from seater_dist.runtime.quiet import verbose
-from seater_dist.storage import check_apart, join
 
 
 class CliError(ValueError):
@@ -64,17 +63,15 @@ def _cmd_embed(a: argparse.Namespace) -> Any:
 
 
 def _cmd_build_tree(a: argparse.Namespace) -> Any:
-    from seater_dist.artifacts import check_replaceable, output_lock
+    from seater_dist.artifacts import check_replaceable, writer_lock
     from seater_dist.model.checkpoint import embeddings_provenance
-    from seater_dist.storage import is_remote
     from seater_dist.tree.builder import build_tree, load_embeddings
 
     settings = _run_settings(a.config).tree.model_copy(update={"k": a.k, "kind": a.kind})
     settings = type(settings).model_validate(settings.model_dump())  # validate the flags' values too
-    if not is_remote(a.out):
-        check_replaceable(a.out, "tree")
+    check_replaceable(a.out, "tree")
     emb = load_embeddings(a.embeddings)
-    with contextlib.nullcontext() if is_remote(a.out) else output_lock(a.out):
+    with writer_lock(a.out):
         t0 = time.time()
         tree = build_tree(emb, settings)
         tree.save(a.out, extra_manifest=embeddings_provenance(a.embeddings))

@@ -11,13 +11,12 @@ under ``out``:
     report.seater["recall@50"], report.sasrec["recall@50"]
 
 ``out`` may be a URI (``s3://bucket/run``): every stage then reads and writes its artifact there
-(:mod:`seater_dist.storage`), nothing is left on the local disk but temporary files, and ``resume``
+(:mod:`seater_dist.artifacts`), nothing is left on the local disk but temporary files, and ``resume``
 picks up what the bucket holds.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import tempfile
 import time
@@ -25,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from seater_dist import storage
+from seater_dist import artifacts
 from seater_dist.artifacts import output_lock
 from seater_dist.config import PrepareSettings, RunSettings, SynthSettings, TrainSettings, metric_cutoffs
 from seater_dist.data.dataset import load_dataset
@@ -97,17 +96,14 @@ def run_pipeline(input_path: str, fmt: str, protocol: str, out: str | Path, sett
     training run from its last epoch, and run the rest. ``out`` is held by this run alone (its output lock:
     a second run, or a stage run by hand into it, is refused at start; a URI has no lock: one run per prefix).
     """
-    remote = storage.is_remote(out)
-    with contextlib.nullcontext() if remote else output_lock(out, inside=True):
-        return _run_pipeline(input_path, fmt, protocol, str(out) if remote else Path(out), settings, progress,
-                             resume)
+    with artifacts.writer_lock(out, inside=True):
+        return _run_pipeline(input_path, fmt, protocol, artifacts.path_or_uri(out), settings, progress, resume)
 
 
 def _run_pipeline(input_path: str, fmt: str, protocol: str, out: str | Path, settings: RunSettings,
                   progress: Callable[[str], None], resume: bool) -> RunReport:
     def at(*parts: str) -> str | Path:  # a stage's artifact under out (a URI stays one)
-        joined = storage.join(out, *parts)
-        return joined if storage.is_remote(out) else Path(joined)
+        return artifacts.path_or_uri(artifacts.join(out, *parts))
 
     ks = metric_cutoffs(protocol)
     seconds: dict[str, float] = {}
@@ -170,9 +166,9 @@ def _run_pipeline(input_path: str, fmt: str, protocol: str, out: str | Path, set
     with tempfile.TemporaryDirectory(prefix="seater-plot-") as tmp:
         plot_training({"SEATER": seater.history, "SASRec": sasrec.history}, Path(tmp) / "training.png",
                       settings.train.select_metric)
-        storage.write_bytes(at("training.png"), (Path(tmp) / "training.png").read_bytes())
-    storage.write_bytes(at("report.md"), (table + "\n").encode())
-    storage.write_bytes(at("report.json"), report.to_json().encode())  # last: the run is finished
+        artifacts.write_bytes(at("training.png"), (Path(tmp) / "training.png").read_bytes())
+    artifacts.write_bytes(at("report.md"), (table + "\n").encode())
+    artifacts.write_bytes(at("report.json"), report.to_json().encode())  # last: the run is finished
     progress("\n" + table)
     progress(f"\nplot: {at('training.png')}   report: {at('report.json')}")
     return report
@@ -217,7 +213,7 @@ def _train_or_resume(progress: Callable[[str], None], resume: bool, out: str | P
 
 def run_demo(out: str | Path, settings: RunSettings, progress: Callable[[str], None] = print) -> RunReport:
     """Synthesise the `small` preset into ``out/synth``, then :func:`run_pipeline` on it (comirec)."""
-    if storage.is_remote(out):
+    if artifacts.is_remote(out):
         raise ValueError(f"{out}: the demo writes to a local directory; `seater run --out URI` writes to object "
                          "storage")
     out = Path(out)

@@ -1,18 +1,20 @@
 """The package's import graph points one way: cli/jobs -> pipeline -> train, eval, serve -> model ->
-tree, data -> config, settings, formats, files, artifacts, storage. No two modules import each other, directly or
-in a cycle."""
+tree, data -> config, settings, formats, files, artifacts. No two modules import each other, directly or
+in a cycle. Only the artifact layer (seater_dist/artifacts/) tells a URI from a local path."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "seater_dist"
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
 # Lower number = lower layer; a module may import only from its own layer or below.
 LAYERS = {
     "seater_dist.config": 0, "seater_dist.settings": 0, "seater_dist.formats": 0, "seater_dist.artifacts": 0,
-    "seater_dist.runtime": 0, "seater_dist.storage": 0, "seater_dist.files": 0,
+    "seater_dist.runtime": 0, "seater_dist.files": 0,
     "seater_dist.tree": 1, "seater_dist.data": 1,
     "seater_dist.model": 2,
     "seater_dist.train": 3, "seater_dist.eval": 3, "seater_dist.serve": 3,
@@ -122,3 +124,23 @@ def test_only_the_runtime_package_touches_private_ray():
     inside = [use for name, path in _modules().items() if name.startswith("seater_dist.runtime")
               for use in _private_ray_uses(path)]
     assert inside, "the check found nothing in the runtime package: it no longer sees private imports"
+
+
+_URI_TEST = re.compile(r"""["'][^"'\n]*://["']\s*(not\s+)?in\b|(startswith|endswith)\(\s*["'][^"'\n]*://""")
+
+
+def _uri_tests(path: Path) -> list[str]:
+    """Lines of one file that tell a URI from a path by its "://" (``"://" in x``, ``x.startswith("s3://")``)."""
+    return [f"{path.name}:{n}: {line.strip()}" for n, line in enumerate(path.read_text().splitlines(), 1)
+            if _URI_TEST.search(line)]
+
+
+def test_only_the_artifact_layer_tells_a_uri_from_a_path():
+    """Local or remote is decided in seater_dist/artifacts/ alone; everything else asks it (resolve, location,
+    path_or_uri, writer_lock, atomic_dir, ...) instead of looking for "://" itself."""
+    layer = PACKAGE / "artifacts"
+    files = [*PACKAGE.rglob("*.py"), *JOBS.rglob("*.py")]
+    outside = [use for path in files if layer not in path.parents for use in _uri_tests(path)]
+    assert outside == []
+    inside = [use for path in layer.rglob("*.py") for use in _uri_tests(path)]
+    assert inside, "the check found nothing in the artifact layer: it no longer sees a URI test"

@@ -384,11 +384,11 @@ def test_the_uri_cache_is_private_to_the_user(tmp_path, monkeypatch):
     import stat
     import tempfile
 
-    from seater_dist import storage
+    from seater_dist import artifacts
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.delenv("SEATER_CACHE", raising=False)
-    parent = storage.cache_root().parent
+    parent = artifacts.cache_root().parent
     assert parent != tmp_path
     assert parent.stat().st_uid == os.getuid() and stat.S_IMODE(parent.stat().st_mode) == 0o700
 
@@ -1020,9 +1020,9 @@ def test_a_read_only_out_is_refused_up_front(capsys, art, tmp_path, command):
 
 
 def test_a_full_disk_is_refused_up_front(capsys, art, tmp_path, monkeypatch):
-    import seater_dist.artifacts as artifacts
+    from seater_dist.artifacts import lock
 
-    monkeypatch.setattr(artifacts, "_free_bytes", lambda directory: 4096)
+    monkeypatch.setattr(lock, "_free_bytes", lambda directory: 4096)
     out = tmp_path / "tree"
     one_line_error(capsys, "build-tree", "--embeddings", art.embeddings, "--k", "4", "--out", out,
                    names=[tmp_path, "the disk is full"])

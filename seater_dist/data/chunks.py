@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from seater_dist import storage
+from seater_dist import artifacts
 from seater_dist.data.errors import DataError
 from seater_dist.files import UTF8_BOM, identify
 from seater_dist.formats import FORMATS
@@ -65,7 +65,7 @@ def list_input_files(path: str, fmt: str) -> tuple[pafs.FileSystem, list[str]]:
     Files whose names start with ``_`` or ``.`` are skipped (Hadoop/Spark convention for metadata).
     Raises DataError if the path does not exist or holds no data file.
     """
-    fs, root = storage.resolve(path) if "://" in path else (pafs.LocalFileSystem(), path)
+    fs, root = artifacts.resolve(path)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
         raise DataError(f"{path}: input not found")
@@ -114,13 +114,8 @@ def plan_chunks(fs: pafs.FileSystem, files: list[str], opts: ReaderOptions,
             chunks += _plan_parquet(fs, file, index, opts)
         else:
             chunks += _plan_text(fs, file, index, opts, chunk_bytes)
-    scheme = _URI_SCHEMES.get(fs.type_name)
-    if scheme:  # each chunk names its file as a URI, so that a read task on any node opens it from there
-        chunks = [replace(c, file=f"{scheme}://{c.file}") for c in chunks]
-    return chunks
-
-
-_URI_SCHEMES = {"s3": "s3", "gcs": "gs", "hdfs": "hdfs", "abfs": "abfs"}  # pyarrow type_name -> URI scheme
+    # each chunk names its file as a URI, so that a read task on any node opens it from there
+    return [replace(c, file=artifacts.uri(fs, c.file)) for c in chunks]
 
 
 def _is_parquet(file: str) -> bool:

@@ -15,7 +15,7 @@ evaluate) re-hash only files whose stamp no longer matches. The status-change ti
 the stamp hold: a user can set a file's mtime back (``touch -d``, ``os.utime``) but not its ctime, which
 the kernel moves on every write, utime, chmod or rename. A read-only dataset keeps its stamp in the process instead.
 Reads use exactly the files the manifest lists. A dataset at a URI (``s3://...``) is read from a
-verified local copy (:func:`seater_dist.storage.local_copy`), except :meth:`Dataset.ray_dataset`, whose
+verified local copy (:func:`seater_dist.artifacts.local_copy`), except :meth:`Dataset.ray_dataset`, whose
 read tasks, on whichever node they run, read the shards from the URI itself.
 """
 
@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from seater_dist import storage
+from seater_dist import artifacts
 from seater_dist.artifacts import member, read_manifest, sha256_file
 from seater_dist.data.errors import DataError
 from seater_dist.data.ops import EVAL_SCHEMA, SPLITS, TRAIN_SCHEMA
@@ -109,11 +109,10 @@ class Dataset:
         schema = TRAIN_SCHEMA if split == "train" else EVAL_SCHEMA
         if not files:
             return ray.data.from_arrow(schema.empty_table())
-        if storage.is_remote(self.source):  # read where every node can: the verified objects themselves
-            fs, root = storage.resolve(self.source)
-            names = [Path(f).relative_to(self.path).as_posix() for f in files]
-            return ray.data.read_parquet([f"{root}/{n}" for n in names], schema=schema, filesystem=fs)
-        return ray.data.read_parquet(files, schema=schema)
+        # read where every node can: a URI's verified objects themselves, a local dataset's files
+        fs, root = artifacts.resolve(artifacts.location(self.source))
+        names = [Path(f).relative_to(self.path).as_posix() for f in files]
+        return ray.data.read_parquet([f"{root}/{n}" for n in names], schema=schema, filesystem=fs)
 
 
 def load_dataset(path: str | Path, verify: bool = True) -> Dataset:
@@ -123,7 +122,7 @@ def load_dataset(path: str | Path, verify: bool = True) -> Dataset:
     ``path``: a local path or a URI (copied once to a local cache, checked as it is copied).
     """
     source = str(path)
-    path = storage.local_copy(path, DataError)
+    path = artifacts.local_copy(path, DataError)
     if not path.is_dir():
         raise DataError(f"{path}: not a dataset directory (it does not exist or is a file); "
                         "make one with `seater prepare`")

@@ -34,7 +34,6 @@ import logging
 import math
 import os
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -43,7 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from seater_dist import storage
+from seater_dist import artifacts
 from seater_dist.artifacts import atomic_dir
 from seater_dist.config import PrepareSettings
 from seater_dist.data import ops
@@ -75,7 +74,7 @@ def prepare_with(settings: PrepareSettings, engine: type[Engine]) -> PrepareResu
     the benchmark's single-process peer (bench/local_prepare.py) is another."""
     t0 = time.time()
     _check_settings(settings)
-    storage.check_apart(settings.input, settings.out, DataError)
+    artifacts.check_apart(settings.input, settings.out, DataError)
     opts = reader_options(settings.format, settings.user_column, settings.item_column, settings.time_column)
     fs, files = list_input_files(settings.input, settings.format)
     opts = integer_ids(fs, files, opts)
@@ -83,32 +82,11 @@ def prepare_with(settings: PrepareSettings, engine: type[Engine]) -> PrepareResu
     # A URI output is made in a local staging directory and published (manifest last) at the end. The
     # driver writes every file of it; read tasks, on any node, put their rejected rows in `rejected`,
     # beside the output when it is remote (the driver collects them).
-    with storage.staged_output(settings.out) as local, atomic_dir(local, "dataset") as tmp:
+    with atomic_dir(settings.out, "dataset") as tmp:
         (tmp / "rejected").mkdir()
-        rejected = (storage.join(settings.out.rstrip("/") + f".rejected-{uuid.uuid4().hex[:8]}")
-                    if storage.is_remote(settings.out) else str(tmp / "rejected"))
-        try:
+        with artifacts.task_output_dir(tmp / "rejected", beside=settings.out) as rejected:
             result = engine(settings, opts, files, chunks, tmp, rejected).run()
-        finally:
-            _collect_rejected(rejected, tmp / "rejected")
         return finish(settings, files, tmp, result, time.time() - t0)
-
-
-def _collect_rejected(where: str, local: Path) -> None:
-    """Bring the rejected-row files the read tasks wrote at a URI into the local ``rejected/`` and delete them
-    there (nothing to do when the tasks wrote into ``rejected/`` itself)."""
-    if not storage.is_remote(where):
-        return
-    import pyarrow.fs as pafs
-
-    fs, root = storage.resolve(where)
-    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    for info in infos:
-        if info.type == pafs.FileType.File and info.path.endswith(".parquet"):
-            name = storage.name_of(info.path)
-            (local / name).write_bytes(storage.read_bytes(f"{where}/{name}"))
-    if infos:
-        fs.delete_dir(root)
 
 
 def _check_settings(s: PrepareSettings) -> None:
@@ -220,7 +198,7 @@ class _RayRun(Engine):
         ds = ds.map_batches(_sort_block, batch_size=None, batch_format="pyarrow", fn_kwargs={"ctx": ctx})
         self.sorted = ds.materialize()
         self.r.after_dedupe = self.sorted.count()
-        _collect_rejected(self.rejected, self.tmp / "rejected")
+        artifacts.collect_task_outputs(self.rejected, self.tmp / "rejected")
         reasons = Counter(read_rejected(self.tmp, columns=["reason"]).column("reason").to_pylist())
         self.r.valid_rows = self.r.after_dedupe + reasons["duplicate"] + reasons["mind_history_repeat"]
         self.r.blocks = self.sorted.num_blocks()
@@ -326,14 +304,8 @@ def _split_block(seqs: pa.Table, refs: list, split: str, protocol: str, fraction
 
 
 def _write_rejected(rej: pa.Table, directory: str, name: str) -> None:
-    if storage.is_remote(directory):  # one object, written whole
-        sink = pa.BufferOutputStream()
-        pq.write_table(rej, sink)
-        storage.write_bytes(f"{directory}/{name}.parquet", sink.getvalue().to_pybytes())
-        return
-    path = Path(directory) / f"{name}.parquet"
-    tmp = path.with_suffix(f".{uuid.uuid4().hex[:6]}.tmp")
-    pq.write_table(rej, tmp)
-    os.replace(tmp, path)
+    sink = pa.BufferOutputStream()
+    pq.write_table(rej, sink)
+    artifacts.write_bytes(artifacts.join(directory, f"{name}.parquet"), sink.getvalue().to_pybytes())
 
 

@@ -44,10 +44,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from seater_dist import storage
+from seater_dist import artifacts
 from seater_dist.data.chunks import (
     ROW_BITS,
     Chunk,
@@ -65,7 +64,7 @@ SEQ_POS_BITS = 24  # sequences: ts = line << SEQ_POS_BITS | position in line
 
 def read_chunk(chunk: Chunk, opts: ReaderOptions) -> tuple[pa.Table, pa.Table]:
     """Parse one chunk: (good interactions in the canonical schema, rejected rows)."""
-    fs, path = storage.resolve(chunk.file) if "://" in chunk.file else (pafs.LocalFileSystem(), chunk.file)
+    fs, path = artifacts.resolve(chunk.file)
     if chunk.kind == "parquet":
         with fs.open_input_file(path) as f:
             table = pq.ParquetFile(f).read_row_group(chunk.start)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from seater_dist import storage
+from seater_dist import artifacts
 from seater_dist.artifacts import MANIFEST, ArtifactError
 from seater_dist.eval import stats
 from seater_dist.eval.offline import ARTIFACT, Evaluation, read_evaluation
@@ -79,7 +79,7 @@ def find_evaluation(path: str) -> str:
     """``path`` if it is an evaluation directory, else the first evaluation under it: ``eval_test/``,
     ``eval_valid/`` (a training output), ``seater/eval_test/``, ``seater/eval_valid/`` (a `seater run`)."""
     for relative in _SEARCH:
-        candidate = storage.join(path, relative) if relative else str(path)
+        candidate = artifacts.join(path, relative) if relative else str(path)
         if _is_evaluation(candidate):
             return candidate
     looked = ", ".join(relative or "." for relative in _SEARCH)
@@ -88,7 +88,7 @@ def find_evaluation(path: str) -> str:
 
 def _is_evaluation(path: str) -> bool:
     try:
-        return json.loads(storage.read_bytes(storage.join(path, MANIFEST))).get("artifact") == ARTIFACT
+        return json.loads(artifacts.read_bytes(artifacts.join(path, MANIFEST))).get("artifact") == ARTIFACT
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -164,4 +164,4 @@ def format_table(c: Comparison) -> str:
 
 def write_comparison(c: Comparison, path: str) -> None:
     """The comparison as JSON at ``path`` (a file path or URI, written whole)."""
-    storage.write_bytes(path, (json.dumps(c.to_dict(), indent=2) + "\n").encode())
+    artifacts.write_bytes(path, (json.dumps(c.to_dict(), indent=2) + "\n").encode())

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from seater_dist import storage
+from seater_dist import artifacts
 from seater_dist.artifacts import ArtifactError, atomic_dir, read_manifest, verify_files, write_manifest
 from seater_dist.config import EvalSettings, metric_cutoffs
 from seater_dist.data.dataset import Dataset, load_dataset
@@ -81,7 +81,7 @@ class EvalResult:
 
 def evaluation_dir(parent: str | Path, split: str) -> str:
     """Where an evaluation of ``split`` goes by default: ``parent/eval_<split>`` (beside the checkpoint)."""
-    return storage.join(parent, f"eval_{split}")
+    return artifacts.join(parent, f"eval_{split}")
 
 
 def actor_device() -> "torch.device":
@@ -139,15 +139,9 @@ def evaluate(checkpoint: str | Path, dataset_path: str | Path, split: str = "tes
     check_same_catalogue(str(checkpoint), manifest, dataset.path, dataset.item_ids)
     if int(dataset.manifest["counts"].get(f"{split}_users", 1)) == 0:
         raise ValueError(f"{dataset.path}: the {split} split holds no users to evaluate")
-    target = str(out) if out else evaluation_dir(_parent(checkpoint), split)
-    with storage.staged_output(target) as local, atomic_dir(local, ARTIFACT) as tmp:
+    target = str(out) if out else evaluation_dir(artifacts.parent(checkpoint), split)
+    with atomic_dir(target, ARTIFACT) as tmp:
         return _evaluate(str(checkpoint), manifest, dataset, split, settings, target, tmp, t0)
-
-
-def _parent(path: str | Path) -> str:
-    """The directory holding a checkpoint (a path or a URI)."""
-    text = str(path).rstrip("/")
-    return text.rsplit("/", 1)[0] if storage.is_remote(text) else str(Path(text).parent)
 
 
 def _evaluate(checkpoint: str, manifest: dict[str, Any], dataset: Dataset, split: str, settings: EvalSettings,
@@ -192,8 +186,7 @@ def _rank(checkpoint: str, dataset: Dataset, split: str, settings: EvalSettings,
     ds = ds.repartition(target_num_rows_per_block=settings.batch_size)
     scored = ds.map_batches(
         _BatchScorer,
-        fn_constructor_kwargs={"checkpoint": checkpoint if storage.is_remote(checkpoint)
-                               else str(Path(checkpoint).resolve()), "ks": ks,
+        fn_constructor_kwargs={"checkpoint": artifacts.location(checkpoint), "ks": ks,
                                "threads": max(1, round(settings.cpus_per_actor))},
         batch_size=settings.batch_size, batch_format="numpy",
         compute=ActorPoolStrategy(min_size=1, max_size=settings.concurrency, initial_size=settings.concurrency),
@@ -285,7 +278,7 @@ class Evaluation:
 
 def read_evaluation(path: str | Path) -> Evaluation:
     """Read and verify an evaluation directory (a path or a URI); ArtifactError naming the file otherwise."""
-    local = storage.local_copy(path)
+    local = artifacts.local_copy(path)
     manifest = read_manifest(local, ARTIFACT, SCHEMA_VERSION)
     verify_files(local, manifest, [METRICS_FILE, PER_USER_FILE])
     try:

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from seater_dist import storage
+from seater_dist import artifacts
 from seater_dist.artifacts import (
     ArtifactError,
     atomic_dir,
@@ -125,7 +125,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, settings: SeaterS
             raise CheckpointError("a SEATER checkpoint needs its tree")
         if model.num_items != tree.num_items or model.tok_emb.num_embeddings != tree.num_tokens:
             raise CheckpointError("model and tree disagree on the number of items/tokens")
-    with storage.staged_output(path) as local, atomic_dir(local, "checkpoint") as tmp:
+    with atomic_dir(path, "checkpoint") as tmp:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / "model.pt")
         (tmp / "settings.json").write_text(settings.to_json())
         pq.write_table(pa.table({"item_index": np.arange(model.num_items, dtype=np.int64),
@@ -138,7 +138,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, settings: SeaterS
                              "num_items": int(model.num_items), "catalogue": catalogue_id(item_ids),
                              **({"k": tree.k, "depth": tree.depth, "num_tokens": tree.num_tokens} if tree else {}),
                              "extra": extra or {}})
-    return path if storage.is_remote(path) else Path(path)
+    return artifacts.path_or_uri(path)
 
 
 def _kind_of(model: nn.Module) -> str:
@@ -155,20 +155,18 @@ def embeddings_provenance(embeddings: str | os.PathLike) -> dict[str, Any]:
     the SASRec checkpoint that holds exactly this ``item_embeddings.npy`` (the checkpoint beside it,
     ``best/``, as `seater embed` writes them, or the one it sits in), so that training can check the tree
     against its dataset: ``{"catalogue": id, "embeddings_checkpoint": dir}``."""
-    text = str(embeddings)
-    remote = storage.is_remote(text)
-    where = text if remote else str(Path(text).resolve())
+    where = artifacts.location(embeddings)
     found = {"embeddings": where}
-    parent = where.rstrip("/").rsplit("/", 1)[0] if remote else str(Path(where).parent)
+    parent = artifacts.parent(where)
     digest = None
-    for candidate in (storage.join(parent, "best"), parent):
+    for candidate in (artifacts.join(parent, "best"), parent):
         try:
             manifest = read_checkpoint_manifest(candidate)
         except CheckpointError:
             continue
         if manifest["model"] != "sasrec" or "catalogue" not in manifest:
             continue
-        digest = digest or sha256_file(storage.local_copy(embeddings))
+        digest = digest or sha256_file(artifacts.local_copy(embeddings))
         if manifest["checksums"].get("item_embeddings.npy") == digest:
             return {**found, "catalogue": manifest["catalogue"], "embeddings_checkpoint": candidate}
     return found
@@ -187,12 +185,12 @@ def check_same_catalogue(what: str | os.PathLike, manifest: dict[str, Any], data
 
 
 def read_checkpoint_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """manifest.json of a checkpoint directory, checked for kind, schema version and model kind."""
-    path = storage.local_copy(path, CheckpointError)
+    """manifest.json of a checkpoint directory (a path or a URI: the manifest alone is read), checked for kind,
+    schema version and model kind."""
     manifest = read_manifest(path, "checkpoint", SCHEMA_VERSION, CheckpointError)
     if manifest.get("model") not in MODEL_KINDS:
-        raise CheckpointError(f"{Path(path) / 'manifest.json'}: model {manifest.get('model')!r}, expected one of "
-                              f"{', '.join(MODEL_KINDS)}")
+        raise CheckpointError(f"{artifacts.join(path, 'manifest.json')}: model {manifest.get('model')!r}, expected one "
+                              f"of {', '.join(MODEL_KINDS)}")
     return manifest
 
 
@@ -200,7 +198,7 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A checkpoint's manifest, after checking every file it lists (inside, regular, unchanged) and, for
     SEATER, the manifest of its tree: what :func:`load_checkpoint` checks before it reads anything, cheap
     enough for a driver to run before it starts actors or workers that load the checkpoint."""
-    path = storage.local_copy(path, CheckpointError)
+    path = artifacts.local_copy(path, CheckpointError)
     manifest = read_checkpoint_manifest(path)
     verify_files(path, manifest, error=CheckpointError)
     if manifest["model"] == "seater":
@@ -219,7 +217,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     millions of items, and redundant when the checksums match). ``path``: local, or a URI (copied once to a
     local cache, every file checked as it is copied).
     """
-    path = storage.local_copy(path, CheckpointError)
+    path = artifacts.local_copy(path, CheckpointError)
     manifest = verify_checkpoint(path)
     kind = manifest["model"]
     num_items = int(manifest["num_items"])

@@ -27,12 +27,11 @@ a shard of another version answers ``Stale``, upon which the router retries (bou
 ``retry_timeout_s``); the router also retries when a replica dies under a request.
 """
 
-from pathlib import Path
 from typing import Any
 
 from ray.serve import Application
 
-from seater_dist import storage
+from seater_dist import artifacts
 from seater_dist.config import parse_serve_args
 from seater_dist.serve.replicas import BeamShard, Encoder, IndexShard, autoscaling, serve_env
 from seater_dist.serve.router import Router
@@ -50,11 +49,7 @@ def _manifest(checkpoint: str) -> dict[str, Any]:
     """The checkpoint's manifest (local path or pyarrow.fs URI), checked for kind and schema version."""
     from seater_dist.model.checkpoint import read_checkpoint_manifest
 
-    if not storage.is_remote(checkpoint):
-        return read_checkpoint_manifest(checkpoint)
-    import json
-
-    return json.loads(storage.read_bytes(storage.join(checkpoint, "manifest.json")))  # not the whole checkpoint
+    return read_checkpoint_manifest(checkpoint)  # the manifest alone, not the whole checkpoint
 
 
 def _cluster_has_gpu() -> bool:
@@ -69,8 +64,7 @@ def _cluster_has_gpu() -> bool:
 def build_app(args: dict[str, Any]) -> Application:
     """Serve application builder: ``args`` are :class:`ServeArgs` fields (``checkpoint`` required)."""
     a = parse_serve_args(args)
-    if "://" not in a.checkpoint:  # replicas may run in another directory: give them an absolute path
-        a = a.model_copy(update={"checkpoint": str(Path(a.checkpoint).expanduser().resolve())})
+    a = a.model_copy(update={"checkpoint": artifacts.location(a.checkpoint)})  # replicas run in another directory
     manifest = _manifest(a.checkpoint)
     kind = manifest["model"]
     gpu = _cluster_has_gpu() if a.gpu is None else a.gpu

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from seater_dist import storage
+from seater_dist import artifacts
 from seater_dist.model.checkpoint import catalogue_id
 from seater_dist.model.retriever import ItemIdIndex
 
@@ -44,7 +44,7 @@ def find_popularity(checkpoint: Path, manifest: dict[str, Any], explicit: str | 
     its item ids are exactly the checkpoint's catalogue.
     """
     if explicit:
-        path = storage.local_copy(explicit)
+        path = artifacts.local_copy(explicit)
         path = path / "items.parquet" if path.is_dir() else path
         if not path.is_file():
             raise FileNotFoundError(f"{path}: popularity file not found (a dataset directory or its items.parquet)")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from seater_dist import storage
+from seater_dist import artifacts
 from seater_dist.config import ServeArgs
 from seater_dist.serve.merge import EncodeResult, Expansion, ShardBeams, Stale
 
@@ -81,7 +81,7 @@ def _build_part(a: ServeArgs, make: Any) -> Any:
     from seater_dist.model.checkpoint import load_checkpoint
 
     with _one_at_a_time(a.serial_load):
-        ckpt = load_checkpoint(a.checkpoint)  # a URI is copied once per node (seater_dist.storage)
+        ckpt = load_checkpoint(a.checkpoint)  # a URI is copied once per node (seater_dist.artifacts)
         part = make(ckpt)
         del ckpt
         gc.collect()
@@ -97,7 +97,7 @@ def _one_at_a_time(enabled: bool) -> Iterator[None]:
         return
     import fcntl
 
-    with open(storage.private_dir() / "serve-load.lock", "a") as lock:  # the user's own: no one else can hold it
+    with open(artifacts.private_dir() / "serve-load.lock", "a") as lock:  # the user's own: no one else can hold it
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield

@@ -86,8 +86,7 @@ def run_service(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, addr
 
     from seater_dist.model.checkpoint import read_checkpoint_manifest
 
-    if "://" not in args.checkpoint:
-        manifest = read_checkpoint_manifest(args.checkpoint)  # a bad path fails before Ray starts
+    manifest = read_checkpoint_manifest(args.checkpoint)  # a bad path or URI fails before Ray starts
     address = address or os.environ.get("RAY_ADDRESS")
     if direct_ingress and address:
         raise ValueError("--direct-ingress configures the local Ray this command starts; on a cluster, start it "
@@ -112,7 +111,7 @@ def run_service(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, addr
     logging_config = serve_logging()
     serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
     app = build_app(args.model_dump())
-    kind = manifest["model"] if "://" not in args.checkpoint else "checkpoint"
+    kind = manifest["model"]
     out(f"deploying {kind} with {args.shards} shard(s): {', '.join(deployment_names(kind, args.shards, args.layout))} "
         "(every replica loads the checkpoint) ...")
     serve.run(app, name=APP_NAME, route_prefix="/", logging_config=logging_config)

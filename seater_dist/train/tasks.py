@@ -16,12 +16,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from seater_dist.artifacts import local_copy
 from seater_dist.config import SasrecSettings, SeaterSettings, SettingsError, TrainSettings
 from seater_dist.data.dataset import load_dataset
 from seater_dist.data.samples import expand_next_item, shifted_sequences
 from seater_dist.files import load_npy
 from seater_dist.model.checkpoint import save_checkpoint
-from seater_dist.storage import local_copy
 
 
 class Task(Protocol):

@@ -9,7 +9,7 @@ Output directory layout (``out``):
     history.json    one record per epoch (train losses, validation metrics, seconds, bytes per step)
     ray_results/    Ray Train's run (all reported checkpoints; resumable with resume=True)
 
-``out``, the dataset, the tree and the embeddings may be URIs (``s3://...``, see :mod:`seater_dist.storage`):
+``out``, the dataset, the tree and the embeddings may be URIs (``s3://...``, see :mod:`seater_dist.artifacts`):
 the workers then copy their inputs from there on whichever node they run, Ray Train keeps its run in
 ``out/ray_results`` (or ``storage_path``) itself, and best/ (manifest last), item_embeddings.npy and,
 last, history.json are published to ``out`` when training ends. history.json marks a finished run.
@@ -29,7 +29,23 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from seater_dist.artifacts import MANIFEST, ArtifactError, atomic_dir, check_replaceable, output_lock
+from seater_dist.artifacts import (
+    MANIFEST,
+    ArtifactError,
+    atomic_dir,
+    check_replaceable,
+    exists,
+    is_remote,
+    join,
+    local_copy,
+    location,
+    output_lock,
+    path_or_uri,
+    publish,
+    read_bytes,
+    resolve,
+    write_bytes,
+)
 from seater_dist.config import SasrecSettings, SeaterSettings, SettingsError, TrainSettings, metric_cutoffs, metric_k
 from seater_dist.data.dataset import load_dataset
 from seater_dist.files import load_npy
@@ -37,7 +53,6 @@ from seater_dist.model.checkpoint import CheckpointError, read_checkpoint_manife
 from seater_dist.runtime.quiet import verbose
 from seater_dist.runtime.rendezvous import bound_torch_config
 from seater_dist.runtime.train_fit import ctrl_c_as_keyboard_interrupt, input_errors_fail_fast
-from seater_dist.storage import exists, is_remote, join, local_copy, publish, read_bytes, resolve, write_bytes
 from seater_dist.train.loop import KILL_WORKER_ENV, train_loop_per_worker
 from seater_dist.train.tasks import WorkerSpec, make_task
 
@@ -62,7 +77,7 @@ class TrainResult:
         except (CheckpointError, OSError, ValueError):
             return None
         metrics = manifest.get("extra", {}).get("metrics", {})
-        return cls(best if is_remote(out) else Path(best), history, int(metrics.get("best_epoch", -1)), metrics, 0.0)
+        return cls(path_or_uri(best), history, int(metrics.get("best_epoch", -1)), metrics, 0.0)
 
 
 def train_seater(dataset_path: str | Path, tree_path: str | Path, out: str | Path,
@@ -74,8 +89,9 @@ def train_seater(dataset_path: str | Path, tree_path: str | Path, out: str | Pat
     ``embeddings`` (the .npy the tree was built from; default: the file the tree's manifest records) is read
     by ``token_init: embeddings``, the default.
     """
-    spec = WorkerSpec(task="seater", seater=model or SeaterSettings(), tree_path=_where(tree_path),
-                      embeddings_path=None if embeddings is None else _where(embeddings))
+    # inputs as the workers get them: a URI as is (each worker copies it on its node), a path made absolute
+    spec = WorkerSpec(task="seater", seater=model or SeaterSettings(), tree_path=location(tree_path),
+                      embeddings_path=None if embeddings is None else location(embeddings))
     return _fit(spec, dataset_path, out, train or TrainSettings(), resume)
 
 
@@ -99,12 +115,7 @@ def _checked_embeddings(embeddings: str | Path | None, tree: dict[str, Any], tre
     if want != got:
         raise SettingsError(f"{path}: not the embeddings the tree {tree_path} was built from "
                             f"(sha256 {got[:12]}, the tree's manifest says {str(want)[:12]})")
-    return _where(path)
-
-
-def _where(path: str | Path) -> str:
-    """An input as the workers get it: a URI as is (each worker copies it on its node), a path made absolute."""
-    return str(path) if is_remote(path) else str(Path(path).resolve())
+    return location(path)
 
 
 def train_sasrec(dataset_path: str | Path, out: str | Path, train: TrainSettings | None = None,
@@ -115,7 +126,7 @@ def train_sasrec(dataset_path: str | Path, out: str | Path, train: TrainSettings
 
 
 def _storage(out: str | Path, settings: TrainSettings) -> str:
-    return settings.storage_path or join(out if is_remote(out) else Path(out).resolve(), "ray_results")
+    return settings.storage_path or join(location(out), "ray_results")
 
 
 def resumable(out: str | Path, settings: TrainSettings, task: str) -> bool:
@@ -149,12 +160,12 @@ def _fit(spec: WorkerSpec, dataset_path: str | Path, out: str | Path, settings: 
     if metric_k(settings.select_metric) not in ks:
         raise SettingsError(f"select_metric: {settings.select_metric} is not reported by this dataset's protocol "
                             f"(cut-offs {', '.join(map(str, ks))})")
-    if is_remote(out):
-        return _fit_remote(spec, dataset, str(out), settings, ks, resume)
-    out = Path(out).resolve()
+    out = location(out)
     _check_train_out(out)
+    if is_remote(out):  # trained into a local staging directory, then published
+        return _fit_remote(spec, dataset, out, settings, ks, resume)
     with output_lock(out, inside=True):
-        return _fit_locked(spec, dataset, out, settings, ks, resume)
+        return _fit_locked(spec, dataset, Path(out), settings, ks, resume)
 
 
 def _fit_remote(spec: WorkerSpec, dataset: Any, out: str, settings: TrainSettings, ks: tuple[int, ...],
@@ -163,8 +174,6 @@ def _fit_remote(spec: WorkerSpec, dataset: Any, out: str, settings: TrainSetting
     best/, item_embeddings.npy and, last, history.json (an earlier history.json is removed first, so an
     interrupted run is never taken for a finished one)."""
     fs, root = resolve(out)
-    if fs.get_file_info(f"{root}/{MANIFEST}").type == pafs.FileType.File:
-        raise ArtifactError(f"{out}: is an artifact ({MANIFEST} inside), not a training output; choose another --out")
     if fs.get_file_info(f"{root}/history.json").type == pafs.FileType.File:
         fs.delete_file(f"{root}/history.json")
     settings = settings.model_copy(update={"storage_path": _storage(out, settings)})
@@ -181,17 +190,18 @@ def _fit_remote(spec: WorkerSpec, dataset: Any, out: str, settings: TrainSetting
     return result
 
 
-def _check_train_out(out: Path) -> None:
-    """``out`` collects best/, history.json and ray_results/: refuse an artifact directory (a dataset, a tree,
-    a checkpoint) there, and a best/ that is not a checkpoint, before training rather than after."""
-    if (out / MANIFEST).is_file():
+def _check_train_out(out: str) -> None:
+    """``out`` (a path or URI) collects best/, history.json and ray_results/: refuse an artifact directory (a
+    dataset, a tree, a checkpoint) there, and a best/ that is not a checkpoint, before training rather than after."""
+    if exists(join(out, MANIFEST)):
         raise ArtifactError(f"{out}: is an artifact directory ({MANIFEST} inside), not a training output; "
                             "choose another --out")
-    check_replaceable(out / "best", "checkpoint")
+    check_replaceable(join(out, "best"), "checkpoint")
 
 
-def _check_inputs(spec: WorkerSpec, dataset: Any, run_dir: Path, resume: bool) -> WorkerSpec:
-    """The tree (SEATER) and the checkpoint a resumed run continues from must fit the dataset's catalogue.
+def _check_inputs(spec: WorkerSpec, dataset: Any, run_dir: Path | None, resume: bool) -> WorkerSpec:
+    """The tree (SEATER) and the checkpoint a resumed run continues from (in ``run_dir``, Ray Train's run when
+    it is on this machine's disk) must fit the dataset's catalogue.
     -> ``spec``, whose ``embeddings_path`` is, for ``token_init: embeddings``, the checked file the tree was
     built from."""
     from seater_dist.artifacts import read_manifest, verify_files
@@ -208,7 +218,7 @@ def _check_inputs(spec: WorkerSpec, dataset: Any, run_dir: Path, resume: bool) -
         if spec.seater.token_init == "embeddings":  # resolved here, after the tree's own checks
             checked = _checked_embeddings(spec.embeddings_path, tree, spec.tree_path)
             spec = spec.model_copy(update={"embeddings_path": checked})
-    if not resume or not run_dir.is_dir():
+    if not resume or run_dir is None or not run_dir.is_dir():
         return spec
     saved = sorted(run_dir.glob(f"*/{MANIFEST}"))
     if not saved:
@@ -229,16 +239,17 @@ def _fit_locked(spec: WorkerSpec, dataset: Any, out: Path, settings: TrainSettin
                 resume: bool) -> TrainResult:
     storage = _storage(out, settings)
     name = spec.task
-    run_dir = Path(storage) / name
+    run = join(storage, name)
     if resume and not resumable(out, settings, name):
-        raise FileNotFoundError(f"{storage}/{name}: nothing to resume (no earlier run); drop --resume to start one")
-    spec = _check_inputs(spec, dataset, run_dir, resume)
+        raise FileNotFoundError(f"{run}: nothing to resume (no earlier run); drop --resume to start one")
+    local_run = None if is_remote(run) else Path(run)  # Ray Train's run on this machine: checked, held, replaced
+    spec = _check_inputs(spec, dataset, local_run, resume)
     with contextlib.ExitStack() as held:
-        if "://" not in storage and out not in run_dir.parents:  # storage of its own: hold it too
-            held.enter_context(output_lock(run_dir))
-        if not resume and "://" not in storage and run_dir.exists():
-            _check_is_a_train_run(run_dir)
-            shutil.rmtree(run_dir)  # a fresh run must not silently continue an old one
+        if local_run is not None and out not in local_run.parents:  # storage of its own: hold it too
+            held.enter_context(output_lock(local_run))
+        if not resume and local_run is not None and local_run.exists():
+            _check_is_a_train_run(local_run)
+            shutil.rmtree(local_run)  # a fresh run must not silently continue an old one
         return _run_trainer(spec, dataset, out, settings, ks, storage, name)
 
 
@@ -256,7 +267,7 @@ def _run_trainer(spec: WorkerSpec, dataset: Any, out: Path, settings: TrainSetti
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    dataset_path = dataset.source if is_remote(dataset.source) else str(Path(dataset.path).resolve())
+    dataset_path = location(dataset.source)
     spec = spec.model_copy(update={"dataset_path": dataset_path, "train": settings, "ks": tuple(ks),
                                    "threads_per_worker": max(1, round(settings.cpus_per_worker)),
                                    "verbose": verbose()})

@@ -35,7 +35,7 @@ import time
 
 import numpy as np
 
-from seater_dist import storage
+from seater_dist import artifacts
 from seater_dist.config import TreeSettings
 from seater_dist.files import load_npy
 from seater_dist.tree.ablation import random_paths, unbalanced_paths
@@ -118,7 +118,7 @@ def _balanced_paths(runner: Runner, n: int, k: int, s: TreeSettings) -> tuple[np
 def load_embeddings(path: str | os.PathLike) -> np.ndarray:
     """The item embeddings of a ``.npy`` file (local or URI), memory-mapped (never unpickled); TreeError
     naming the file."""
-    path = storage.local_copy(path, TreeError)
+    path = artifacts.local_copy(path, TreeError)
     if path.is_dir():
         raise TreeError(f"{path}: a directory; --embeddings takes the .npy file of item embeddings "
                         f"(e.g. {path / 'item_embeddings.npy'}, written by `seater embed`)")

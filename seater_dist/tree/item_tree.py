@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from seater_dist import storage
+from seater_dist import artifacts
 from seater_dist.artifacts import atomic_dir, member, read_manifest, verify_files, write_manifest
 from seater_dist.files import load_npy
 
@@ -262,11 +262,6 @@ class ItemTree:
 
         An existing ``path`` is replaced only if it is a tree directory.
         """
-        with storage.staged_output(path) as local:
-            self._save_local(local, extra_manifest)
-        return path
-
-    def _save_local(self, path: Path, extra_manifest: dict[str, Any] | None) -> None:
         with atomic_dir(path, "tree") as tmp:
             for name in _ARRAYS:
                 np.save(tmp / f"{name}.npy", getattr(self, name))
@@ -281,11 +276,12 @@ class ItemTree:
                 "num_tokens": self.num_tokens,
             })
         self.manifest = manifest
+        return path
 
     @classmethod
     def load(cls, path: str | os.PathLike, validate: bool = True) -> "ItemTree":
         """Read a tree written by :meth:`save` (local or URI); checks checksums and (by default) invariants."""
-        path = storage.local_copy(path, TreeError)
+        path = artifacts.local_copy(path, TreeError)
         manifest = read_manifest(path, "tree", SCHEMA_VERSION, TreeError)
         files = [f"{name}.npy" for name in _ARRAYS]
         verify_files(path, manifest, files, error=TreeError)
