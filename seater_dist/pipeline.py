@@ -26,13 +26,13 @@ from typing import Any, Callable
 
 from seater_dist import artifacts
 from seater_dist.artifacts import output_lock
-from seater_dist.config import PrepareSettings, RunSettings, SynthSettings, TrainSettings, metric_cutoffs
+from seater_dist.config import EvalSettings, PrepareSettings, RunSettings, SynthSettings, TrainSettings, metric_cutoffs
 from seater_dist.data.dataset import load_dataset
 from seater_dist.data.errors import DataError
 from seater_dist.data.prepare import prepare
 from seater_dist.data.synth import synthesize
 from seater_dist.eval.compare import compare
-from seater_dist.eval.offline import evaluate
+from seater_dist.eval.offline import EvalResult, evaluate, finished_evaluation
 from seater_dist.model.checkpoint import embeddings_provenance
 from seater_dist.train.trainer import TrainResult, resumable, train_sasrec, train_seater
 from seater_dist.tree.builder import build_tree, embeddings_sha256, load_embeddings
@@ -149,7 +149,7 @@ def _run_pipeline(input_path: str, fmt: str, protocol: str, out: str | Path, set
     _report_epochs(progress, "SEATER", seater, settings.train.select_metric)
 
     t = stage(5, "evaluate", "evaluate both on the test users (Ray Data)")
-    results = {name: evaluate(run.best_checkpoint, at("dataset"), "test", settings.eval, out=at(name, "eval_test"))
+    results = {name: _evaluate_or_keep(progress, resume, run, at("dataset"), at(name, "eval_test"), settings.eval)
                for name, run in (("seater", seater), ("sasrec", sasrec))}
     seconds["evaluate"] = time.time() - t
     report = RunReport(
@@ -209,6 +209,17 @@ def _train_or_resume(progress: Callable[[str], None], resume: bool, out: str | P
             return done
         return train(resumable(out, settings, task))
     return train(False)
+
+
+def _evaluate_or_keep(progress: Callable[[str], None], resume: bool, run: TrainResult, dataset: str | Path,
+                      out: str | Path, settings: EvalSettings) -> EvalResult:
+    """A finished evaluation of the same weights under ``out`` is kept on resume; otherwise one is made."""
+    if resume:
+        done = finished_evaluation(run.best_checkpoint, dataset, "test", out)
+        if done is not None:
+            progress(f"      kept the finished evaluation in {out} (--resume)")
+            return done
+    return evaluate(run.best_checkpoint, dataset, "test", settings, out=out)
 
 
 def run_demo(out: str | Path, settings: RunSettings, progress: Callable[[str], None] = print) -> RunReport:

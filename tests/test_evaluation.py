@@ -68,6 +68,23 @@ def test_metrics_are_identical_with_one_and_two_actors(tiny):
     assert same[0] == same[1]
 
 
+def test_a_finished_evaluation_is_kept_only_for_the_same_weights_dataset_and_split(tiny, tmp_path):
+    """What `seater run --resume` keeps: the evaluation as evaluate() returned it, and nothing that ranked other
+    weights, another split, or a damaged artifact."""
+    import shutil
+
+    from seater_dist.eval.offline import finished_evaluation
+
+    kept = finished_evaluation(tiny.seater, tiny.dataset, "test", tiny.one.out)
+    assert kept == tiny.one
+    assert finished_evaluation(tiny.sasrec, tiny.dataset, "test", tiny.one.out) is None  # other weights
+    assert finished_evaluation(tiny.seater, tiny.dataset, "valid", tiny.one.out) is None  # another split
+    assert finished_evaluation(tiny.seater, tiny.dataset, "test", tmp_path / "nothing") is None
+    damaged = shutil.copytree(tiny.one.out, tmp_path / "damaged")
+    (damaged / "per_user.parquet").write_bytes(b"not the ranked users")
+    assert finished_evaluation(tiny.seater, tiny.dataset, "test", damaged) is None
+
+
 def test_the_default_output_is_eval_split_beside_the_checkpoint(tiny):
     assert Path(tiny.two.out) == tiny.seater.parent / "eval_test"
     assert (tiny.seater.parent / "eval_test" / "metrics.json").is_file()

@@ -82,7 +82,8 @@ def test_ray_job_submit_runs_the_pipeline_and_a_resubmission_keeps_the_finished_
                                  "resume_submit_s")
     for line in (f"synth: kept {out / 'synth'}", "kept the finished dataset",
                  f"kept the finished run in {out / 'sasrec'}", "kept the finished tree",
-                 f"kept the finished run in {out / 'seater'}"):
+                 f"kept the finished run in {out / 'seater'}", f"kept the finished evaluation in {out / 'seater'}",
+                 f"kept the finished evaluation in {out / 'sasrec'}"):
         assert line in second.stdout, second.stdout[-6000:]
     assert best.read_bytes() == best_bytes  # not trained again
     again = _check_report(out)

@@ -178,5 +178,5 @@ def test_seater_run_keeps_every_artifact_in_s3_and_reads_them_back(ray_session, 
     assert main(["run", "--input", f"{s3}/logs/seqs.txt", "--format", "sequences", "--out", run,
                  "--config", str(config), "--resume"]) == 0
     out = capsys.readouterr().out
-    assert out.count("(--resume)") == 4, out  # dataset, SASRec, tree, SEATER: all kept from the bucket
+    assert out.count("(--resume)") == 6, out  # dataset, SASRec, tree, SEATER, both evaluations: kept from the bucket
     assert list(cwd.iterdir()) == []  # nothing but temporary files was written locally

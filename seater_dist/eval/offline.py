@@ -286,3 +286,27 @@ def read_evaluation(path: str | Path) -> Evaluation:
     except ValueError as err:
         raise ArtifactError(f"{Path(local) / METRICS_FILE}: not valid JSON ({err})") from None
     return Evaluation(str(path), manifest, metrics, pq.read_table(local / PER_USER_FILE))
+
+
+def finished_evaluation(checkpoint: str | Path, dataset_path: str | Path, split: str,
+                        out: str | Path) -> EvalResult | None:
+    """The evaluation at ``out`` as :func:`evaluate` returned it, when it is whole (every file verified) and
+    ranked these very weights (``model.pt``'s checksum) on this dataset's ``split``; else None. What
+    ``seater run --resume`` keeps instead of ranking every user again."""
+    if not artifacts.exists(artifacts.join(out, "manifest.json")):
+        return None
+    try:
+        done = read_evaluation(out)
+        weights = verify_checkpoint(checkpoint)["checksums"]["model.pt"][:12]
+        dataset = load_dataset(dataset_path)
+    except (ArtifactError, ValueError):  # a damaged or foreign artifact is evaluated again
+        return None
+    same = (done.manifest.get("model_version") == weights and done.manifest.get("split") == split
+            and done.manifest.get("dataset") == (dataset.source or str(dataset.path))
+            and done.manifest.get("users") == int(dataset.manifest["counts"].get(f"{split}_users", -1)))
+    if not same:
+        return None
+    names = done.manifest["metrics"]
+    fields = {k: v for k, v in done.metrics.items() if k not in names and not k.endswith("_ci95") and k != "bootstrap"}
+    return EvalResult(metrics={name: done.metrics[name] for name in names},
+                      ci95={name: done.metrics[f"{name}_ci95"] for name in names}, **fields)
