@@ -1,4 +1,5 @@
-"""Artifacts on object storage: a real S3 API on 127.0.0.1 (the `s3` fixture), read and written by every stage."""
+"""Artifacts on object storage: a real S3 API on 127.0.0.1 (the `s3` fixture). The whole pipeline against a bucket
+is tests/test_ray_job_submit.py (the README's job with --out and --storage in it)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,7 @@ import pytest
 from bench.synthetic import random_balanced_tree
 from seater_dist import artifacts
 from seater_dist.artifacts import ArtifactError, publishing
-from seater_dist.cli import main
 from seater_dist.tree.item_tree import ItemTree, TreeError
-
-SEATER = {"d_model": 16, "n_heads": 2, "ffn_dim": 32, "history_len": 5, "beam_size": 12}
-SASREC = {"d_model": 16, "n_heads": 2, "num_blocks": 1, "max_len": 6, "num_negatives": 8}
 
 
 def objects(uri: str) -> set[str]:
@@ -139,44 +136,3 @@ def test_one_replace_rule_and_one_publish_on_a_local_disk_and_in_a_bucket(s3, tm
         with pytest.raises(ArtifactError, match="refusing to replace"):
             _write_tree(artifacts.join(where, "out"))
         assert _contents(where) == files, case  # nothing deleted, nothing added
-
-@pytest.mark.slow
-def test_seater_run_keeps_every_artifact_in_s3_and_reads_them_back(ray_session, s3, tmp_path, monkeypatch, capsys):
-    rng = np.random.default_rng(0)
-    lines = [" ".join([f"u{u}"] + [f"i{x}" for x in rng.integers(0, 30, rng.integers(6, 12))]) for u in range(60)]
-    artifacts.write_bytes(f"{s3}/logs/seqs.txt", ("\n".join(lines) + "\n").encode())
-    config = tmp_path / "run.yaml"
-    config.write_text(f"seater: {json.dumps(SEATER)}\nsasrec: {json.dumps(SASREC)}\ntree: {{k: 4}}\n"
-                      "prepare: {min_user_count: 2, min_item_count: 2}\n"
-                      "train: {workers: 1, cpus_per_worker: 1, batch_size: 16, epochs: 1}\n"
-                      "sasrec_train: {workers: 1, cpus_per_worker: 1, batch_size: 16, epochs: 1}\n")
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    run = f"{s3}/runs/r1"
-
-    assert main(["run", "--input", f"{s3}/logs/seqs.txt", "--format", "sequences", "--out", run,
-                 "--config", str(config)]) == 0
-    written = objects(run)
-    for artifact in ("dataset/manifest.json", "dataset/items.parquet", "sasrec/best/manifest.json",
-                     "sasrec/item_embeddings.npy", "sasrec/history.json", "tree/manifest.json",
-                     "seater/best/manifest.json", "seater/best/tree/codes.npy", "seater/history.json",
-                     "seater/eval_test/metrics.json", "sasrec/eval_test/per_user.parquet", "report.json", "report.md",
-                     "training.png"):
-        assert artifact in written, artifact
-    assert any(name.startswith("seater/ray_results/") for name in written)  # Ray Train's own run, in the bucket
-    report = json.loads(artifacts.read_bytes(f"{run}/report.json"))
-
-    capsys.readouterr()
-    assert main(["evaluate", "--checkpoint", f"{run}/seater/best", "--data", f"{run}/dataset",
-                 "--out", f"{run}/eval-again"]) == 0
-    again = json.loads(artifacts.read_bytes(f"{run}/eval-again/metrics.json"))
-    assert again["recall@50"] == report["seater"]["recall@50"] and again["ndcg@20"] == report["seater"]["ndcg@20"]
-    assert main(["recommend", "--checkpoint", f"{run}/seater/best", "--history", "i1", "i2", "--top-n", "3"]) == 0
-    assert "  1. i" in capsys.readouterr().out
-
-    assert main(["run", "--input", f"{s3}/logs/seqs.txt", "--format", "sequences", "--out", run,
-                 "--config", str(config), "--resume"]) == 0
-    out = capsys.readouterr().out
-    assert out.count("(--resume)") == 6, out  # dataset, SASRec, tree, SEATER, both evaluations: kept from the bucket
-    assert list(cwd.iterdir()) == []  # nothing but temporary files was written locally

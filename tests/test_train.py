@@ -83,7 +83,10 @@ def test_offline_evaluation_equals_in_training_validation(tiny_run):
         assert metrics[key] == pytest.approx(best[f"valid_{key}"], abs=1e-9)
 
 
-def test_killed_worker_resumes_from_last_checkpoint(tiny_run, tmp_path, monkeypatch):
+def test_a_killed_worker_resumes_from_the_last_checkpoint_and_resume_continues_the_run(tiny_run, tmp_path,
+                                                                                      monkeypatch):
+    """Ray Train restarts the group after a worker dies (from the last reported epoch, workers identical); then
+    --resume with a larger epoch budget continues that finished run from its last epoch instead of starting over."""
     from seater_dist.train.loop import KILL_WORKER_ENV
     from seater_dist.train.trainer import train_seater
 
@@ -91,27 +94,20 @@ def test_killed_worker_resumes_from_last_checkpoint(tiny_run, tmp_path, monkeypa
     marker = tmp_path / "killed"
     monkeypatch.setenv(KILL_WORKER_ENV, f"1,1,2,{marker}")  # rank 1, epoch 1, step 2
     # No L2 on the table: its rows are caught up per row, which must keep the workers identical too.
-    result = train_seater(out / "dataset", out / "tree", tmp_path / "seater",
-                          TrainSettings(**{**FAST_TRAIN, "epochs": 3, "table_weight_decay": 0.0}))
+    settings = {**FAST_TRAIN, "table_weight_decay": 0.0}
+    first = train_seater(out / "dataset", out / "tree", tmp_path / "seater", TrainSettings(**settings, epochs=2))
     assert marker.exists(), "the fault was never injected"
-    assert [r["epoch"] for r in result.history] == [0, 1, 2]
-    assert [r["resumed_from_epoch"] for r in result.history] == [-1, 0, 0]
-    assert all(r["params_in_sync"] == 1 for r in result.history)
-    assert (result.best_checkpoint / "model.pt").exists()
+    assert [r["epoch"] for r in first.history] == [0, 1]
+    assert [r["resumed_from_epoch"] for r in first.history] == [-1, 0]
+    assert all(r["params_in_sync"] == 1 for r in first.history)
+    assert (first.best_checkpoint / "model.pt").exists()
 
-
-def test_resume_continues_a_stopped_run(tiny_run, tmp_path):
-    from seater_dist.train.trainer import train_seater
-
-    out, _ = tiny_run
-    first = train_seater(out / "dataset", out / "tree", tmp_path / "seater",
-                         TrainSettings(**{**FAST_TRAIN, "workers": 1, "epochs": 1}))
-    assert [r["epoch"] for r in first.history] == [0]
-    second = train_seater(out / "dataset", out / "tree", tmp_path / "seater",
-                          TrainSettings(**{**FAST_TRAIN, "workers": 1, "epochs": 2}), resume=True)
-    assert [r["epoch"] for r in second.history] == [0, 1]
-    assert second.history[0] == first.history[0]
-    assert second.history[1]["resumed_from_epoch"] == 0
+    monkeypatch.delenv(KILL_WORKER_ENV)
+    second = train_seater(out / "dataset", out / "tree", tmp_path / "seater", TrainSettings(**settings, epochs=3),
+                          resume=True)
+    assert [r["epoch"] for r in second.history] == [0, 1, 2]
+    assert second.history[:2] == first.history
+    assert second.history[2]["resumed_from_epoch"] == 1 and second.history[2]["params_in_sync"] == 1
 
 
 def test_sasrec_embeddings_cover_every_item(tiny_run):
