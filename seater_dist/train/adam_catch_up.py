@@ -6,7 +6,7 @@ A row last updated at step s, with moments m and v then (x = sqrt(v)), gets at e
 
     m <- beta1 * m,   v <- beta2 * v,   p <- a_u * p - lr_u / (1 - beta1**u) * m / (sqrt(v / (1 - beta2**u)) + eps)
 
-with a_u = 1 - lr_u * weight_decay (AdamW, rounded to the table's dtype as torch applies it; 1 for Adam).
+with a_u = 1 - lr_u * weight_decay (AdamW, rounded as torch's ``mul_`` applies it; 1 for Adam).
 Unrolled, with A_u = a_1 * ... * a_u::
 
     p_t = (A_t / A_s) * (p_s - sum_u (A_s / A_u) * c_u * m / (C_u * x + eps))
@@ -48,7 +48,8 @@ class AdamCatchUp:
     def __init__(self, num_rows: int, beta1: float, beta2: float, eps: float, device: torch.device,
                  weight_decay: float = 0.0, dtype: torch.dtype = torch.float32) -> None:
         self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
-        self.dtype = dtype  # the table's: torch applies AdamW's decay factor as this dtype rounds it
+        # torch's mul_ applies AdamW's factor in the table's computation type: float32 unless the table is float64
+        self.factor_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         rhos = [beta1 / beta2 ** (p / 2) for p in range(1, self.ORDERS + 1)]
         if not max(rhos) < 1:
             raise ValueError(f"closed-form catch-up needs beta1 < beta2**{self.ORDERS / 2}, got ({beta1}, {beta2})")
@@ -72,8 +73,7 @@ class AdamCatchUp:
 
     def record_step(self, lr: float) -> None:
         """Account for step ``self.step + 1`` (learning rate ``lr``) on every row not updated by it."""
-        # a_t as torch applies it (param.mul_ with a Python float: the factor rounded to the table's dtype)
-        factor = torch.tensor(1 - lr * self.weight_decay, dtype=self.dtype).item()
+        factor = torch.tensor(1 - lr * self.weight_decay, dtype=self.factor_dtype).item()  # a_t as torch applies it
         if not factor > 0:
             raise ValueError(f"AdamW's decay factor 1 - lr * weight_decay must be positive, got lr {lr}, "
                              f"weight_decay {self.weight_decay}")
