@@ -5,6 +5,7 @@ plus the paper's Table 4 ablations, all trained and evaluated the same way on th
     python -m bench.beauty_quality ... --only comirec            # one protocol
     python -m bench.beauty_quality ... --ablations --ce          # add the ablations and SASRec with full CE
     python -m bench.beauty_quality ... --only comirec --grid --ablation-epochs 5   # the paper's tuning grid
+    python -m bench.beauty_quality ... --only comirec --seater-models seater --seed 1   # another seed of SEATER
 
 Every stage is skipped when its artifact already exists, so an interrupted run continues where it
 stopped. Results: OUT/results.json and OUT/results.md (one row per model, relative gain over SASRec).
@@ -47,6 +48,9 @@ VARIANTS = {
     "seater start from sasrec dropout 0.3": {"token_init": "embeddings", "input_dropout": 0.3},  # the default now
     "seater l2 1e-4": {"weight_decay": 1e-4},
     "seater table l2 0": {"table_weight_decay": 0.0},  # dense Adam caught up per row: O(rows touched)
+    # dense AdamW on the table, caught up per row at any decay: O(rows touched). Decoupled decay is not divided
+    # by the gradient's scale as coupled L2 is, so 1e-5 would pull next to nothing: torch.optim.AdamW's 1e-2.
+    "seater adamw table": {"table_optimizer": "adamw", "table_weight_decay": 1e-2},
     # the paper's Fig. 3: the same model over other trees of the same item embeddings
     "seater unbalanced tree": {"tree_kind": "unbalanced"},
     "seater random tree": {"tree_kind": "random"},
@@ -74,7 +78,7 @@ def _dir_name(model: str) -> str:
 
 def run_protocol(data: str, out: Path, protocol: str, epochs: int, ablations: bool, ce: bool,
                  workers: int, resume: bool = False, ablation_epochs: int | None = None,
-                 variants: list[str] | None = None) -> dict[str, Any]:
+                 variants: list[str] | None = None, seed: int = 0) -> dict[str, Any]:
     import numpy as np
 
     from seater_dist.config import (
@@ -138,21 +142,23 @@ def run_protocol(data: str, out: Path, protocol: str, epochs: int, ablations: bo
         model = {key: v for key, v in overrides.items() if key not in TRAIN_KEYS + TREE_KEYS}
         budget = train if name == "seater" or not ablation_epochs else train.model_copy(
             update={"epochs": ablation_epochs})
-        budget = budget.model_copy(update={key: overrides[key] for key in TRAIN_KEYS if key in overrides})
-        ckpt = root / _dir_name(name)
+        budget = budget.model_copy(update={**{key: overrides[key] for key in TRAIN_KEYS if key in overrides},
+                                           "seed": seed})
+        run = name + (f" seed {seed}" if seed else "")  # seed 0: the runs' names and directories of before
+        ckpt = root / _dir_name(run)
         if not (ckpt / "best" / "manifest.json").exists():
-            print(f"== {protocol}: training {name}", flush=True)
+            print(f"== {protocol}: training {run}", flush=True)
             tree_path = tree_dir(overrides.get("k", 8), overrides.get("tree_from", "sampled"),
                                  overrides.get("tree_kind", "balanced"))
             source = overrides.get("tree_from", "sampled")
-            timed(name, lambda: train_seater(root / "dataset", tree_path, ckpt, budget, SeaterSettings(**model),
+            timed(run, lambda: train_seater(root / "dataset", tree_path, ckpt, budget, SeaterSettings(**model),
                                              resume=resume and (ckpt / "ray_results").exists(),
                                              embeddings=root / f"sasrec_{source}" / "item_embeddings.npy"))
         if name in GRID or name in VARIANTS:  # tuning runs are compared on validation only (see curves())
             continue
         # -> ckpt/eval_test/
-        results[name] = evaluate(ckpt / "best", root / "dataset", "test", EvalSettings()).to_dict()
-        results[name]["train_history_epochs"] = len(json.loads((ckpt / "history.json").read_text()))
+        results[run] = evaluate(ckpt / "best", root / "dataset", "test", EvalSettings()).to_dict()
+        results[run]["train_history_epochs"] = len(json.loads((ckpt / "history.json").read_text()))
     return {"metrics": results, "seconds": seconds, "tree_depth": tree.depth, "ks": ks}
 
 
@@ -307,6 +313,12 @@ def main() -> None:
                    help="comma-separated SEATER models to train instead, e.g. only the ablations (names: "
                         + ", ".join(repr(n) for n in [*ABLATIONS, *VARIANTS]) + "); all but 'seater' use "
                         "--ablation-epochs")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the SEATER runs' training (train.seed): torch's initial weights, the per-epoch "
+                        "torch and numpy seeds of dropout and sampling, Ray Data's per-epoch shuffle of the "
+                        "training users and the workers' local shuffle buffers. The dataset split, SASRec and "
+                        "the tree stay seed 0's, so runs differ in SEATER's training only; a run of seed N != 0 "
+                        "is named 'MODEL seed N' (directory MODEL_seed_N)")
     p.add_argument("--finalize", action="store_true",
                    help="evaluate the best epoch so far of runs that were stopped early, and write the tables")
     args = p.parse_args()
@@ -329,7 +341,7 @@ def main() -> None:
         result = run_protocol(args.data, out, protocol, args.epochs, args.ablations, args.ce, args.workers,
                               args.resume, args.ablation_epochs,
                               list(GRID) if args.grid else
-                              args.seater_models.split(",") if args.seater_models else None)
+                              args.seater_models.split(",") if args.seater_models else None, args.seed)
         # Re-read: another invocation (the other protocol) may have written meanwhile.
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
         previous = summary.get(protocol, {"metrics": {}, "seconds": {}})

@@ -259,14 +259,20 @@ class TrainSettings(Settings):
     lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
     weight_decay: float = Field(1e-5, ge=0, description="L2 penalty added to the gradient, as torch.optim.Adam does.")
     table_weight_decay: float | None = Field(
-        None, ge=0, description="L2 on the big embedding table alone (None: weight_decay). With 0, adam catches "
-        "untouched rows up in closed form and a step costs the rows it touches; with L2, one pass over the table.")
+        None, ge=0, description="Weight decay of the big embedding table alone (None: weight_decay): coupled L2 "
+        "with adam and lazy_adam, AdamW's decoupled decay with adamw (each step multiplies every row by "
+        "1 - lr * table_weight_decay, a pull that Adam does not divide by the row's gradient scale as it divides "
+        "coupled L2: the same number pulls far less). With adam, 0 "
+        "catches untouched rows up in closed form and a step costs the rows it touches; L2 costs one pass over "
+        "the table per step.")
     grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this value.")
     patience: int = Field(5, ge=1, description="Epochs without validation improvement before stopping "
                           "(the authors' 5).")
-    table_optimizer: Literal["adam", "lazy_adam"] = Field(
+    table_optimizer: Literal["adam", "adamw", "lazy_adam"] = Field(
         "adam", description="Optimiser of the big embedding table. adam: torch.optim.Adam semantics on every row "
-        "(untouched rows still move by momentum and decay; see table_weight_decay for its cost); lazy_adam: "
+        "(untouched rows still move by momentum and decay), the authors' coupled L2; a step costs the rows it "
+        "touches without L2 on the table, one pass over the table with it. adamw: torch.optim.AdamW semantics on "
+        "every row (decoupled decay), a step costs the rows it touches at any table_weight_decay. lazy_adam: "
         "row-sparse Adam, cost proportional to the rows a step touches, rarely seen rows move less.")
     select_metric: str = Field("recall@50", description="Validation metric that picks the best checkpoint "
                                "(recall@K, hr@K or ndcg@K with K among the protocol's cut-offs).")

@@ -4,6 +4,7 @@ bytes sent scale with the rows touched, not with the table size. Two gloo proces
 import copy
 import os
 import socket
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -132,79 +133,128 @@ def _rare_batch(step: int, rank: int, n: int) -> torch.Tensor:
     return torch.cat([hot, tail])
 
 
-def _train_pair(world: int, rank: int, n: int, steps: int, weight_decay: float = 1e-3,
-                expected_update: str = "adam, one pass per step",
-                linear: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The table after ``steps`` with SparseTableDDP(adam), and after torch.optim.Adam on a dense twin that
-    sees every rank's batch (the gradient DDP averages)."""
+def test_the_rare_batches_leave_tail_rows_untouched_for_hundreds_of_steps() -> None:
+    """What the comparisons below rely on: over 2,000 steps some rows wait 300 steps or more between two
+    touches, in one process and with two workers' batches together."""
+    for ranks in ([0], [0, 1]):
+        last_seen = torch.zeros(60, dtype=torch.long)
+        longest = 0
+        for step in range(2000):
+            rows = torch.cat([_rare_batch(step, r, 60) for r in ranks]).unique()
+            longest = max(longest, int((step - last_seen[rows]).max()))
+            last_seen[rows] = step
+        assert longest >= 300, (ranks, longest)
+
+
+@dataclass(frozen=True)
+class TableRule:
+    """A table update rule under test, and what its torch reference is made of."""
+
+    optimizer: str  # SparseTableDDP's table_optimizer; the reference's table optimiser is torch's Adam or AdamW
+    weight_decay: float  # every parameter's (coupled L2 on the dense ones, as in the reference)
+    table_weight_decay: float | None  # the table's (None: weight_decay)
+    expected_update: str  # SparseTableDDP.table_update
+    linear: bool  # the linear toy (Toy's docstring)
+
+
+L2_ONE_PASS = TableRule("adam", 1e-3, None, "adam, one pass per step", False)
+
+
+def _train_pair(world: int, rank: int, n: int, steps: int, rule: TableRule = L2_ONE_PASS,
+                dense_every: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The table after ``steps`` with SparseTableDDP, and after torch.optim.Adam (dense parameters) and
+    Adam or AdamW (the table) on a dense twin that sees every rank's batch (the gradient DDP averages).
+    dense_every: every so many steps the loss is a full softmax, whose table gradient is dense."""
     torch.manual_seed(0)
-    model = Toy(n, linear=linear)
+    model = Toy(n, linear=rule.linear)
     lr = 1e-2
-    if linear:  # rows near 0.1 and small steps: float32 rounding of the rows stays far below the bound
+    if rule.linear:  # rows near 0.1 and small steps: float32 rounding of the rows stays far below the bound
         lr = 1e-3
         with torch.no_grad():
             model.emb.weight.mul_(0.1)
-    twin = Toy(n, linear=linear)
+    twin = Toy(n, linear=rule.linear)
     twin.load_state_dict(model.state_dict())
     twin.emb.sparse = False
-    trainer = SparseTableDDP(model, "emb", lr=lr, weight_decay=weight_decay, table_optimizer="adam")
-    assert trainer.table_update == expected_update
-    reference = torch.optim.Adam(twin.parameters(), lr=lr, weight_decay=weight_decay)
+    trainer = SparseTableDDP(model, "emb", lr=lr, weight_decay=rule.weight_decay, table_optimizer=rule.optimizer,
+                             table_weight_decay=rule.table_weight_decay)
+    assert trainer.table_update == rule.expected_update
+    table_decay = rule.weight_decay if rule.table_weight_decay is None else rule.table_weight_decay
+    table_reference = torch.optim.AdamW if rule.optimizer == "adamw" else torch.optim.Adam
+    references = [torch.optim.Adam([p for name, p in twin.named_parameters() if name != "emb.weight"], lr=lr,
+                                   weight_decay=rule.weight_decay),
+                  table_reference([twin.emb.weight], lr=lr, weight_decay=table_decay)]
     for step in range(steps):
+        model.full_softmax = twin.full_softmax = bool(dense_every) and step % dense_every == 0
+        if model.full_softmax:
+            trainer.catch_up()  # the full softmax reads the whole table
         trainer.ddp(_rare_batch(step, rank, n))["loss"].backward()
         trainer.step(grad_clip=1.0)
-        reference.zero_grad()
+        for reference in references:
+            reference.zero_grad()
         loss = sum(twin(_rare_batch(step, r, n))["loss"] for r in range(world)) / world
         loss.backward()
         nn.utils.clip_grad_norm_(twin.parameters(), 1.0)
-        reference.step()
+        for reference in references:
+            reference.step()
     trainer.catch_up()
     return model.emb.weight.detach().clone(), twin.emb.weight.detach().clone()
 
 
-# With L2 the table takes one pass per step: torch's arithmetic, compared on the training toy. Without L2 it
-# is caught up per row in closed form, in float64: compared on the linear toy, since on the training toy
-# float32 rounding alone, fed back by training, moves torch's own Adam 6e-5 from a float64 run in 2,000 steps.
-ADAM_KINDS = [pytest.param(1e-3, "adam, one pass per step", False, id="l2-one-pass"),
-              pytest.param(0.0, "adam, caught up per row", True, id="no-l2-caught-up")]
+# With L2 the table takes one pass per step: torch's arithmetic, compared on the training toy. Without L2, and
+# with AdamW's decoupled decay (0.5 here: every row shrinks by 1 - 5e-4 a step, to 0.37 of itself over the run
+# before Adam's moves), it is caught up per row in closed form, in float64: compared on the linear toy, since
+# on the training toy float32 rounding alone, fed back by training, moves torch's own Adam 6e-5 from a float64
+# run in 2,000 steps.
+TABLE_RULES = [pytest.param(L2_ONE_PASS, id="l2-one-pass"),
+               pytest.param(TableRule("adam", 0.0, None, "adam, caught up per row", True), id="no-l2-caught-up"),
+               pytest.param(TableRule("adamw", 1e-3, 0.5, "adamw, caught up per row", True), id="adamw-caught-up")]
 
 
-def _dense_adam_worker(rank: int, world: int, port: int, n: int, steps: int, queue, weight_decay: float,
-                       expected_update: str, linear: bool) -> None:
+def _dense_adam_worker(rank: int, world: int, port: int, n: int, steps: int, queue, rule: TableRule) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    ours, reference = _train_pair(world, rank, n, steps, weight_decay, expected_update, linear)
+    ours, reference = _train_pair(world, rank, n, steps, rule)
     queue.put((rank, float((ours - reference).abs().max()), ours.flatten().tolist()))
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("weight_decay,expected_update,linear", ADAM_KINDS)
-def test_table_adam_matches_torch_adam_on_a_dense_table_one_process(weight_decay, expected_update, linear) -> None:
-    ours, reference = _train_pair(1, 0, 60, 2000, weight_decay, expected_update, linear)
+@pytest.mark.parametrize("rule", TABLE_RULES)
+def test_table_adam_matches_torch_adam_on_a_dense_table_one_process(rule) -> None:
+    ours, reference = _train_pair(1, 0, 60, 2000, rule)
     assert float((ours - reference).abs().max()) < 1e-5
 
 
 def test_table_adam_in_row_chunks_matches_torch_adam(monkeypatch) -> None:
     """The update written out 7 rows at a time (60 rows: 9 chunks, the last one short; touched rows on every
     chunk boundary) is torch.optim.Adam's."""
-    from seater_dist.train import sparse_table
+    from seater_dist.train import table_adam
 
-    monkeypatch.setattr(sparse_table, "TABLE_CHUNK_ROWS", 7)
+    monkeypatch.setattr(table_adam, "TABLE_CHUNK_ROWS", 7)
     ours, reference = _train_pair(world=1, rank=0, n=60, steps=300)
     assert float((ours - reference).abs().max()) < 1e-6
 
 
+def test_table_adamw_between_dense_gradients_matches_torch_adamw(monkeypatch) -> None:
+    """Every 5th step a full softmax makes the table's gradient dense: the rows are caught up, AdamW's step is
+    one pass over the table (7 rows at a time) with the decoupled decay, and the per-row catch-up starts again.
+    On the training toy: float32 rounding fed back by training bounds the match at 1e-5 here."""
+    from seater_dist.train import table_adam
+
+    monkeypatch.setattr(table_adam, "TABLE_CHUNK_ROWS", 7)
+    rule = TableRule("adamw", 1e-3, 0.5, "adamw, caught up per row", False)
+    ours, reference = _train_pair(world=1, rank=0, n=60, steps=300, rule=rule, dense_every=5)
+    assert float((ours - reference).abs().max()) < 1e-5
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("weight_decay,expected_update,linear", ADAM_KINDS)
-def test_table_adam_matches_torch_adam_on_a_dense_table_two_workers(weight_decay, expected_update, linear) -> None:
+@pytest.mark.parametrize("rule", TABLE_RULES)
+def test_table_adam_matches_torch_adam_on_a_dense_table_two_workers(rule) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_dense_adam_worker,
-                         args=(r, 2, port, 60, 2000, queue, weight_decay, expected_update, linear))
-             for r in range(2)]
+    procs = [ctx.Process(target=_dense_adam_worker, args=(r, 2, port, 60, 2000, queue, rule)) for r in range(2)]
     for p in procs:
         p.start()
     results = sorted(queue.get(timeout=300) for _ in procs)
@@ -214,27 +264,35 @@ def test_table_adam_matches_torch_adam_on_a_dense_table_two_workers(weight_decay
     assert results[0][2] == results[1][2]  # the workers' tables are identical, bit for bit
 
 
-def test_caught_up_adam_defers_untouched_rows_and_resumes_exactly() -> None:
+@pytest.mark.parametrize("kind,table_decay", [("adam", 0.0), ("adamw", 0.5)])
+def test_caught_up_adam_defers_untouched_rows_and_resumes_exactly(kind, table_decay) -> None:
     """A step writes only the rows it touches: an untouched row moves when it is next read (or at catch_up),
-    to where dense Adam puts it; a run saved mid-way and resumed ends where an uninterrupted one does."""
+    to where dense Adam/AdamW puts it (a row never touched: AdamW shrinks it by its decay factor each step);
+    a run saved mid-way and resumed ends where an uninterrupted one does."""
     def trainer_for(model):
-        return SparseTableDDP(model, "emb", lr=1e-2, weight_decay=0.0, table_optimizer="adam")
+        return SparseTableDDP(model, "emb", lr=1e-2, weight_decay=0.0, table_optimizer=kind,
+                              table_weight_decay=table_decay)
 
     torch.manual_seed(3)
     model = Toy(50)
+    start = model.emb.weight.detach().clone()
     twin = Toy(50)
     twin.load_state_dict(model.state_dict())
     trainer = trainer_for(model)
+    assert trainer.table_update == f"{kind}, caught up per row"
     for step in range(30):
         rows = torch.tensor([0, 1, 2]) if step < 10 else torch.tensor([0, 1])
         trainer.ddp(rows)["loss"].backward()
         trainer.step(grad_clip=None)
         if step == 14:  # saving catches every row up
             saved = copy.deepcopy({"optim": trainer.state_dict(), "model": model.state_dict()})
-            row2 = model.emb.weight.detach()[2].clone()
-    assert torch.equal(model.emb.weight.detach()[2], row2)  # row 2 (last touched at step 9) not written since
+            rows_saved = model.emb.weight.detach()[[2, 30]].clone()
+    # row 2 (last touched at step 9) and row 30 (never touched) not written since
+    assert torch.equal(model.emb.weight.detach()[[2, 30]], rows_saved)
     trainer.catch_up()
-    assert float((model.emb.weight.detach()[2] - row2).abs().max()) > 1e-3  # ...but caught up, it has moved
+    assert float((model.emb.weight.detach()[2] - rows_saved[0]).abs().max()) > 1e-3  # ...but caught up, it moved
+    factor = torch.tensor(1 - 1e-2 * table_decay, dtype=torch.float32).double()  # as torch's mul_ applies it
+    assert torch.allclose(model.emb.weight.detach()[30].double(), start[30].double() * factor**30, rtol=1e-6)
 
     twin.load_state_dict(saved["model"])
     resumed = trainer_for(twin)

@@ -5,23 +5,25 @@ row-sparse gradient (the rows its batch touched) is all-gathered, summed per row
 world size — exactly the average DDP would compute, but the bytes on the wire scale with the rows
 touched, not with N. The same code runs on gloo (CPU) and NCCL (GPU): it uses only all_gather.
 
-The table is then updated by one of two optimisers (``table_optimizer``):
+The table is then updated by one of three optimisers (``table_optimizer``, docs/method.md §4):
 
 * ``adam`` (the default): the update ``torch.optim.Adam`` makes on the whole table, exactly the authors'
-  optimiser (docs/method.md §4): an untouched row still moves by its momentum, its moments decay, and L2
-  weight decay pulls it as Adam's coupled L2 does. Communication stays row-sparse. Without L2 on the table
-  (``table_weight_decay=0``) a row's skipped steps are applied in closed form when it is next read or
-  updated (``AdamCatchUp``), so a step costs the rows it touches; ``catch_up()`` brings the whole table
-  up to date before it is read whole (evaluation, saving). With L2 no closed form exists, and the update is
-  one pass over the table per step, written out a chunk of rows at a time (the arithmetic of torch's
-  single-tensor Adam, its state kept in the torch optimiser) so that its temporaries are a chunk's size,
-  not the table's: at 6.1M items torch.optim.Adam's own step needs ~4 table-sized temporaries more.
+  optimiser: an untouched row still moves by its momentum, its moments decay, and L2 weight decay pulls it as
+  Adam's coupled L2 does. Without L2 on the table (``table_weight_decay=0``) a row's skipped steps are applied
+  in closed form when it is next read or updated (adam_catch_up.py), so a step costs the rows it touches;
+  ``catch_up()`` brings the whole table up to date before it is read whole (evaluation, saving). With L2 no
+  closed form exists, and the update is one pass over the table per step, a chunk of rows at a time
+  (table_adam.py).
+* ``adamw``: the update ``torch.optim.AdamW`` makes on the whole table (decoupled weight decay: each step
+  multiplies every row by ``1 - lr * table_weight_decay``, then Adam's step). Skipped steps have a closed form
+  with the decay too, so a step costs the rows it touches, as adam without L2.
 * ``lazy_adam``: a row-sparse Adam (``torch.optim.SparseAdam`` with L2 added to the touched rows as
   torch.optim.Adam does): touched rows get Adam's update, untouched rows stay exactly as they are and
   their moments do not decay. Cost proportional to the rows touched; a different optimiser, which moves
   rarely seen rows less.
 
-Example (inside a Ray Train worker, after the process group exists)::
+Communication stays row-sparse with all three. Example (inside a Ray Train worker, after the process group
+exists)::
 
     model = SeaterModel(tree, settings, sparse_embedding=True)
     trainer = SparseTableDDP(model, "tok_emb", lr=1e-3, weight_decay=1e-5)
@@ -32,13 +34,15 @@ Example (inside a Ray Train worker, after the process group exists)::
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from seater_dist.train.adam_catch_up import AdamCatchUp
+from seater_dist.train.table_adam import adam_state, rows_step, table_chunk_rows, whole_table_step
 
 
 @dataclass
@@ -60,120 +64,7 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-TableOptimizer = Literal["adam", "lazy_adam"]
-
-
-# Rows of the table updated at once by the dense Adam step: 64k x 64 floats (16 MB of temporaries) on a CPU,
-# 1M x 64 (256 MB) on a GPU, where each chunk costs a few kernel launches and fewer chunks keep the GPU busy.
-TABLE_CHUNK_ROWS = 1 << 16
-TABLE_CHUNK_ROWS_CUDA = 1 << 20
-
-
-def table_chunk_rows(device: torch.device) -> int:
-    """Rows per chunk of a whole-table pass on ``device``."""
-    return TABLE_CHUNK_ROWS_CUDA if device.type == "cuda" else TABLE_CHUNK_ROWS
-
-
-class AdamCatchUp:
-    """torch.optim.Adam's steps on table rows that got no gradient, applied when a row is next read or
-    updated, so that a step costs the rows it touches, not the table (no weight decay only).
-
-    k steps of Adam on a row whose gradient is zero scale its moments by beta1**k and beta2**k, and move each
-    element by ``-sum_u c_u * m / (C_u * x + eps)`` over the skipped steps u = s+1..t (s: the row's last
-    update; m, x = sqrt(v): its moments then; ``c_u = lr_u beta1**(u-s) / (1 - beta1**u)``,
-    ``C_u = beta2**((u-s)/2) / sqrt(1 - beta2**u)``). Expanded in powers of eps / (C_u x) this is
-    ``sum_p (-eps)**(p-1) * F_p(s, t) * m / x**p`` with per-step scalars
-    ``F_p(s, t) = sum_u lr_u (1 - beta2**u)**(p/2) / (1 - beta1**u) * rho_p**(u-s)``, ``rho_p = beta1 / beta2**(p/2)``,
-    kept for every s since the last full catch-up in ``acc[p - 1, s - origin]``: each step adds its term to
-    the last ``window`` entries (older ones no longer change: rho_p**window < 1e-20). ORDERS terms are
-    used where eps / x <= SERIES_LIMIT; the few elements with a smaller x (a gradient near eps) get the sum
-    itself over their first ``window`` skipped steps.
-
-    With coupled L2 a skipped step's gradient is ``weight_decay * row``, which depends on the row itself:
-    no closed form exists, so SparseTableDDP uses this only when the table's weight decay is 0.
-    """
-
-    ORDERS = 16
-    SERIES_LIMIT = 1 / 4
-
-    def __init__(self, num_rows: int, beta1: float, beta2: float, eps: float, device: torch.device) -> None:
-        self.beta1, self.beta2, self.eps = beta1, beta2, eps
-        rhos = [beta1 / beta2 ** (p / 2) for p in range(1, self.ORDERS + 1)]
-        if not max(rhos) < 1:
-            raise ValueError(f"closed-form catch-up needs beta1 < beta2**{self.ORDERS / 2}, got ({beta1}, {beta2})")
-        self.window = math.ceil(-20 * math.log(10) / math.log(max(rhos)))
-        # The per-step scalars live on the host (float64 [ORDERS, steps]); only the rows' state is on ``device``.
-        steps_back = torch.arange(self.window, 0, -1, dtype=torch.float64, device="cpu")
-        self.powers = torch.stack([rho**steps_back for rho in rhos])  # [ORDERS, window]: rho**window .. rho**1
-        self.last = torch.zeros(num_rows, dtype=torch.long, device=device)  # step each row is up to date with
-        self.step = 0
-        self.origin = 0
-        self.acc = torch.zeros(self.ORDERS, 1024, dtype=torch.float64, device="cpu")
-        self.step_sizes = torch.zeros(1024, dtype=torch.float64, device="cpu")  # lr_u / (1 - beta1**u) at u - origin
-
-    def reset(self, step: int) -> None:
-        """Every row is up to date with ``step`` (after a full catch-up, a dense step, or a resume)."""
-        self.step = self.origin = step
-        self.last.fill_(step)
-        self.acc.zero_()
-
-    def record_step(self, lr: float) -> None:
-        """Account for Adam step ``self.step + 1`` on every row not updated by it."""
-        self.step += 1
-        t = self.step
-        if t - self.origin >= self.step_sizes.numel():
-            self.acc = torch.cat([self.acc, torch.zeros_like(self.acc)], dim=1)
-            self.step_sizes = torch.cat([self.step_sizes, torch.zeros_like(self.step_sizes)])
-        self.step_sizes[t - self.origin] = lr / (1 - self.beta1**t)
-        first = max(self.origin, t - self.window)
-        orders = torch.arange(1, self.ORDERS + 1, dtype=torch.float64, device="cpu")
-        per_order = self.step_sizes[t - self.origin] * (1 - self.beta2**t) ** (orders / 2)  # [ORDERS]
-        self.acc[:, first - self.origin : t - self.origin] += (per_order[:, None]
-                                                               * self.powers[:, self.window - (t - first):])
-
-    def catch_up(self, rows: torch.Tensor, param: torch.Tensor, exp_avg: torch.Tensor,
-                 exp_avg_sq: torch.Tensor) -> None:
-        """Bring ``rows`` (int64 [R], unique) of the table ``param`` [N, d] and its moments to ``self.step``."""
-        rows = rows[self.last[rows] < self.step]
-        if rows.numel() == 0:
-            return
-        last = self.last[rows]
-        m, v = exp_avg[rows].double(), exp_avg_sq[rows].double()
-        x = v.sqrt()
-        ratio = self.eps / x.clamp_min(torch.finfo(torch.float64).tiny)  # [R, d]
-        sums = self.acc[:, (last - self.origin).cpu()].to(param.device)[:, :, None]  # [ORDERS, R, 1]
-        series = sums[-1].expand_as(m)  # Horner: sum_p F_p * (-ratio)**(p-1)
-        for p in range(self.ORDERS - 2, -1, -1):
-            series = series * -ratio + sums[p]
-        move = series * m / x.clamp_min(torch.finfo(torch.float64).tiny)
-        near_eps = (ratio > self.SERIES_LIMIT) & (m != 0)
-        if near_eps.any():
-            r, c = near_eps.nonzero(as_tuple=True)
-            move[r, c] = self._summed_move(last[r], m[r, c], x[r, c])
-        move[x == 0] = 0  # never had a gradient: Adam leaves it where it is
-        param[rows] = (param[rows].double() - move).to(param.dtype)
-        skipped = (self.step - last).to(torch.float64)[:, None]
-        exp_avg[rows] = (m * self.beta1**skipped).to(exp_avg.dtype)
-        exp_avg_sq[rows] = (v * self.beta2**skipped).to(exp_avg_sq.dtype)
-        self.last[rows] = self.step
-
-    def _summed_move(self, last: torch.Tensor, m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The move itself, summed over the first ``window`` skipped steps, for elements (float64 [E]) whose
-        x is too close to eps for the series: in order of their skipped steps, in chunks as wide as those."""
-        out = torch.empty_like(m)
-        skipped = (self.step - last).clamp(max=self.window)
-        order = torch.argsort(skipped)
-        for start in range(0, m.numel(), 4096):
-            part = order[start : start + 4096]
-            j = torch.arange(1, int(skipped[part].max()) + 1, device=m.device, dtype=torch.float64)
-            u = last[part, None] + j.long()  # [E', columns] absolute steps
-            valid = u <= self.step
-            index = (u - self.origin).clamp(max=self.step - self.origin).cpu()
-            c = self.step_sizes[index].to(m.device) * self.beta1**j
-            big_c = self.beta2 ** (j / 2) / torch.sqrt(1 - self.beta2 ** u.double())
-            terms = c * m[part, None] / (big_c * x[part, None] + self.eps)
-            out[part] = torch.where(valid, terms, torch.zeros_like(terms)).sum(1)
-        return out
+TableOptimizer = Literal["adam", "adamw", "lazy_adam"]
 
 
 class SparseTableDDP:
@@ -181,18 +72,21 @@ class SparseTableDDP:
 
     model: an nn.Module whose submodule ``table_name`` (dotted path) is an nn.Embedding (sparse or not).
     If the table's gradient arrives dense (e.g. a full-softmax loss uses the whole table), it is
-    all-reduced densely. table_optimizer: "adam" (dense Adam semantics) or "lazy_adam" (module docstring).
+    all-reduced densely. table_optimizer: "adam" (dense Adam semantics), "adamw" (dense AdamW semantics) or
+    "lazy_adam" (module docstring); table_weight_decay: the table's (None: weight_decay), coupled L2 with adam
+    and lazy_adam, AdamW's decoupled decay with adamw.
     """
 
     def __init__(self, model: nn.Module, table_name: str, lr: float, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), device: torch.device | None = None,
                  find_unused_parameters: bool = True, table_optimizer: TableOptimizer = "adam",
                  table_weight_decay: float | None = None) -> None:
-        if table_optimizer not in ("adam", "lazy_adam"):
-            raise ValueError(f"table_optimizer must be 'adam' or 'lazy_adam', got {table_optimizer!r}")
+        if table_optimizer not in ("adam", "adamw", "lazy_adam"):
+            raise ValueError(f"table_optimizer must be 'adam', 'adamw' or 'lazy_adam', got {table_optimizer!r}")
         self.model = model
         self.table: nn.Embedding = model.get_submodule(table_name)
         self.lazy = table_optimizer == "lazy_adam"
+        self.kind = table_optimizer
         self.weight_decay = weight_decay if table_weight_decay is None else table_weight_decay  # the table's
         table_param = f"{table_name}.weight"
         if _distributed():
@@ -213,23 +107,27 @@ class SparseTableDDP:
             self.table_optimizer: torch.optim.Optimizer = torch.optim.SparseAdam([self.table.weight], lr=lr,
                                                                                  betas=betas)
         else:
-            self.table_optimizer = torch.optim.Adam([self.table.weight], lr=lr, betas=betas,
-                                                    weight_decay=self.weight_decay)
-        # Dense Adam without L2 is caught up row by row (cost: the rows a step touches); with L2, one pass
-        # over the table per step. A lookup first brings the rows it reads up to date.
+            dense_kind = torch.optim.AdamW if table_optimizer == "adamw" else torch.optim.Adam
+            self.table_optimizer = dense_kind([self.table.weight], lr=lr, betas=betas, weight_decay=self.weight_decay)
+        # Dense Adam without L2, and dense AdamW, are caught up row by row (cost: the rows a step touches); Adam
+        # with L2, one pass over the table per step. A lookup first brings the rows it reads up to date.
         self.catch: AdamCatchUp | None = None
-        if not self.lazy and self.weight_decay == 0 and betas[0] < betas[1] ** (AdamCatchUp.ORDERS / 2):
+        decoupled = self.weight_decay if table_optimizer == "adamw" else 0.0
+        if (not self.lazy and self.weight_decay == decoupled and lr * decoupled < 1
+                and betas[0] < betas[1] ** (AdamCatchUp.ORDERS / 2)):
             self.catch = AdamCatchUp(self.table.num_embeddings, *betas, self.table_optimizer.param_groups[0]["eps"],
-                                     device=self.table.weight.device)
+                                     device=self.table.weight.device, weight_decay=decoupled,
+                                     dtype=self.table.weight.dtype)
             self.table.register_forward_pre_hook(self._before_lookup)
         self.dense_bytes = sum(p.numel() * p.element_size() for p in self.dense_params) if _distributed() else 0
 
     @property
     def table_update(self) -> str:
-        """How the table is updated: "lazy_adam", "adam, caught up per row" or "adam, one pass per step"."""
+        """How the table is updated: "lazy_adam", or "adam" / "adamw" followed by ", caught up per row" or
+        ", one pass per step"."""
         if self.lazy:
             return "lazy_adam"
-        return "adam, caught up per row" if self.catch is not None else "adam, one pass per step"
+        return self.kind + (", caught up per row" if self.catch is not None else ", one pass per step")
 
     def zero_grad(self) -> None:
         self.dense_optimizer.zero_grad(set_to_none=True)
@@ -281,7 +179,7 @@ class SparseTableDDP:
         elif self.catch is not None:
             self._catch_up_step()
         else:
-            self._dense_step()
+            whole_table_step(self.table.weight, self.table.weight.grad, self.table_optimizer)
         self.zero_grad()
         return norm
 
@@ -311,44 +209,31 @@ class SparseTableDDP:
                                 state["exp_avg"], state["exp_avg_sq"])
 
     def _adam_state(self) -> dict:
-        """The table's torch.optim.Adam state, created as torch creates it on its first step."""
-        weight = self.table.weight
-        state = self.table_optimizer.state[weight]
-        if not state:
-            state["step"] = torch.tensor(0.0, device="cpu")  # on the host, as torch.optim.Adam keeps it
-            state["exp_avg"] = torch.zeros_like(weight, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(weight, memory_format=torch.preserve_format)
-        return state
+        """The table's torch.optim.Adam/AdamW state, created as torch creates it on its first step."""
+        return adam_state(self.table_optimizer, self.table.weight)
 
     def _catch_up_step(self) -> None:
-        """torch.optim.Adam's step (no L2) on the rows in the averaged gradient, after catching them up to
-        the previous step; every other row's share of this step is recorded for its catch-up."""
+        """The table optimiser's step (Adam without L2, or AdamW) on the rows in the averaged gradient, after
+        catching them up to the previous step; every other row's share of this step is recorded for its
+        catch-up."""
         weight = self.table.weight
         grad = weight.grad
-        if grad is not None and not grad.is_sparse:  # every row touched: one pass, as with L2
+        if grad is not None and not grad.is_sparse:  # every row touched: one pass
             self.catch_up()
-            self._dense_step()
+            whole_table_step(weight, grad, self.table_optimizer)
             self.catch.reset(int(self._adam_state()["step"]))
             return
         state = self._adam_state()
-        group = self.table_optimizer.param_groups[0]
-        lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-        table, exp_avg, exp_avg_sq = weight.detach(), state["exp_avg"], state["exp_avg_sq"]
+        rows = torch.zeros(0, dtype=torch.long, device=weight.device)
         with torch.no_grad():
             if grad is not None and grad._nnz():
                 rows, g = grad.indices()[0], grad.values()  # coalesced: each row once
-                self.catch.catch_up(rows, table, exp_avg, exp_avg_sq)
-                step = float(state["step"]) + 1
-                m = exp_avg[rows].lerp_(g, 1 - beta1)
-                v = exp_avg_sq[rows].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                denom = (v.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
-                table[rows] = table[rows].addcdiv_(m, denom, value=-lr / (1 - beta1**step))
-                exp_avg[rows], exp_avg_sq[rows] = m, v
-            else:
-                rows = torch.zeros(0, dtype=torch.long, device=weight.device)
-            state["step"] += 1
-            self.catch.record_step(lr)
-            self.catch.last[rows] = self.catch.step
+                self.catch.catch_up(rows, weight.detach(), state["exp_avg"], state["exp_avg_sq"])
+                rows_step(weight, rows, g, self.table_optimizer)
+            else:  # no row touched: a zero gradient still advances the step
+                state["step"] += 1
+        self.catch.record_step(self.table_optimizer.param_groups[0]["lr"])
+        self.catch.last[rows] = self.catch.step
 
     def _lazy_step(self) -> None:
         """SparseAdam on the touched rows, with L2 weight decay added to them as torch Adam adds it."""
@@ -362,47 +247,6 @@ class SparseTableDDP:
                                                   grad.values() + self.weight_decay * weight.detach()[rows],
                                                   weight.shape, check_invariants=False, device=weight.device).coalesce()
         self.table_optimizer.step()
-
-    def _dense_step(self) -> None:
-        """torch.optim.Adam's step on the whole table (coupled L2, no amsgrad), TABLE_CHUNK_ROWS rows at a time.
-
-        Every row's moments decay and every row moves, as in the authors' training. The averaged row gradient
-        (sparse, or dense when a loss touched every row) is added chunk by chunk; the moments and the step
-        count live in ``self.table_optimizer``'s state, so its state_dict saves and resumes them.
-        """
-        weight = self.table.weight
-        grad = weight.grad
-        group = self.table_optimizer.param_groups[0]
-        lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        state = self._adam_state()
-        state["step"] += 1
-        step = float(state["step"])
-        step_size = lr / (1 - beta1**step)
-        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-        n = weight.shape[0]
-        chunk = table_chunk_rows(weight.device)
-        sparse = grad is not None and grad.is_sparse
-        if sparse:
-            rows, values = grad.indices()[0], grad.values()  # coalesced: rows sorted, each once
-            bounds = torch.searchsorted(rows, torch.arange(0, n + chunk, chunk, device=rows.device)).tolist()
-        with torch.no_grad():
-            for i, start in enumerate(range(0, n, chunk)):
-                end = min(n, start + chunk)
-                param = weight[start:end]
-                if sparse:
-                    g = torch.zeros_like(param)
-                    g.index_add_(0, rows[bounds[i] : bounds[i + 1]] - start, values[bounds[i] : bounds[i + 1]])
-                elif grad is None:  # no row touched this step: a zero gradient still advances Adam's step
-                    g = torch.zeros_like(param)
-                else:
-                    g = grad[start:end]
-                if decay:
-                    g = g.add(param, alpha=decay)
-                exp_avg, exp_avg_sq = state["exp_avg"][start:end], state["exp_avg_sq"][start:end]
-                exp_avg.lerp_(g, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-                param.addcdiv_(exp_avg, denom, value=-step_size)
 
     def _clip(self, max_norm: float | None) -> torch.Tensor:
         """Scale every gradient by max_norm / (norm + 1e-6) when the global norm exceeds max_norm.
