@@ -125,10 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = run_settings(args.preset, args.storage)  # a bad setting fails here, before Ray starts
 
     from seater_dist import artifacts
-    from seater_dist.pipeline import run_pipeline
+    from seater_dist.pipeline import run_demands, run_pipeline
+    from seater_dist.runtime import capacity
     from seater_dist.runtime.ray_env import init_ray
 
     init_ray(args.address)  # RAY_ADDRESS is set by `ray job submit`; else a local Ray
+    capacity.require(run_demands(settings))  # before synth: a GPU preset on a CPU cluster fails now, not in train
     if not verbose():
         from seater_dist.runtime.errors import hide_duplicate_error_reports
 

@@ -32,9 +32,10 @@ from seater_dist.data.errors import DataError
 from seater_dist.data.prepare import prepare
 from seater_dist.data.synth import synthesize
 from seater_dist.eval.compare import compare
-from seater_dist.eval.offline import EvalResult, evaluate, finished_evaluation
+from seater_dist.eval.offline import EvalResult, eval_demand, evaluate, finished_evaluation
 from seater_dist.model.checkpoint import embeddings_provenance
-from seater_dist.train.trainer import TrainResult, resumable, train_sasrec, train_seater
+from seater_dist.runtime import capacity
+from seater_dist.train.trainer import TrainResult, resumable, train_demand, train_sasrec, train_seater
 from seater_dist.tree.builder import build_tree, embeddings_sha256, load_embeddings
 from seater_dist.tree.item_tree import ItemTree, TreeError
 
@@ -96,8 +97,16 @@ def run_pipeline(input_path: str, fmt: str, protocol: str, out: str | Path, sett
     training run from its last epoch, and run the rest. ``out`` is held by this run alone (its output lock:
     a second run, or a stage run by hand into it, is refused at start; a URI has no lock: one run per prefix).
     """
+    capacity.require(run_demands(settings))
     with artifacts.writer_lock(out, inside=True):
         return _run_pipeline(input_path, fmt, protocol, artifacts.path_or_uri(out), settings, progress, resume)
+
+
+def run_demands(settings: RunSettings) -> list[capacity.Demand]:
+    """What every Ray stage of a run asks the cluster for: checked before the first stage starts, so a setting
+    the cluster can never meet (a GPU on a CPU cluster) fails at once, not after prepare."""
+    return [train_demand("sasrec_train", settings.sasrec_train), train_demand("train", settings.train),
+            eval_demand(settings.eval)]
 
 
 def _run_pipeline(input_path: str, fmt: str, protocol: str, out: str | Path, settings: RunSettings,

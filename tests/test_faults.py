@@ -291,6 +291,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_a_gpu_setting_on_a_cluster_without_gpus_fails_at_once_naming_it(capsys, art, tmp_path):
+    """Ray would wait forever for a GPU no node has; the command refuses before any work, naming the setting and
+    the cluster's resources; the job refuses the GPU preset before its synth stage."""
+    from jobs import train_microvideo
+
+    config = tmp_path / "gpu.yaml"
+    config.write_text("train: {workers: 1, use_gpu: true}\n")
+    started = time.time()
+    one_line_error(capsys, "train", "--data", art.dataset, "--tree", art.tree, "--out", tmp_path / "seater",
+                   "--config", config, names=["train: workers 1", "use_gpu true", "0 GPU", "no autoscaler"])
+    assert time.time() - started < 30 and not (tmp_path / "seater").exists()
+    capsys.readouterr()
+    assert train_microvideo.run(["--preset", "microvideo", "--out", str(tmp_path / "job")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sasrec_train: workers 8, cpus_per_worker 8, use_gpu true" in err[0], err
+    assert not (tmp_path / "job" / "synth").exists()
+
+
 def test_serve_beyond_loopback_says_in_one_line_what_is_exposed():
     from seater_dist.serve.runner import exposure_warning
 

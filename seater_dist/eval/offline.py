@@ -40,6 +40,7 @@ from seater_dist.data.dataset import Dataset, load_dataset
 from seater_dist.eval import stats
 from seater_dist.eval.metrics import per_user_metrics
 from seater_dist.model.checkpoint import catalogue_id, check_same_catalogue, load_checkpoint, verify_checkpoint
+from seater_dist.runtime import capacity
 
 if TYPE_CHECKING:
     import torch
@@ -121,6 +122,12 @@ class _BatchScorer:
                 "device": np.full(len(histories), str(self.device))}
 
 
+def eval_demand(settings: EvalSettings) -> capacity.Demand:
+    """What an evaluation asks Ray for at the least: one scoring actor (the pool grows to ``concurrency``)."""
+    return capacity.Demand(f"eval: cpus_per_actor {settings.cpus_per_actor:g}, use_gpu {str(settings.use_gpu).lower()}",
+                           1, settings.cpus_per_actor, 1.0 if settings.use_gpu else 0.0)
+
+
 def evaluate(checkpoint: str | Path, dataset_path: str | Path, split: str = "test",
              settings: EvalSettings | None = None, out: str | Path | None = None) -> EvalResult:
     """Metrics of a SEATER or SASRec checkpoint on a dataset split, at the dataset protocol's cut-offs.
@@ -133,6 +140,7 @@ def evaluate(checkpoint: str | Path, dataset_path: str | Path, split: str = "tes
     settings = settings or EvalSettings()
     if split not in SPLITS:
         raise ValueError(f"split: expected one of {', '.join(SPLITS)}, got {split!r}")
+    capacity.require([eval_demand(settings)])
     t0 = time.time()
     dataset = load_dataset(dataset_path)
     manifest = verify_checkpoint(checkpoint)  # here, not first inside an actor

@@ -16,4 +16,6 @@ to the Ray it was written against). Each adaptation, the Ray behaviour it change
 * train_fit.quiet_train_worker, quiet, errors.hide_duplicate_error_reports: Ray's duplicate error reports and
   known-harmless chatter off the console (SEATER_VERBOSE=1 shows everything).
 * errors: the command line's one error path, unwrapping Ray's exception wrappers to the user's error.
+* capacity.autoscaling_ceiling: reads the autoscaler's node groups from Ray's GCS state (no public API) to
+  tell an autoscaling cluster from a fixed one before refusing a stage it can never run.
 """

@@ -30,8 +30,8 @@ EXIT_INTERRUPTED = 130
 # Exception class names that mean "bad input": what a user fixes, not a bug. Matched by name for errors
 # known only from a remote traceback's text (an actor that died in its constructor).
 _INPUT_ERROR_NAMES = {"ValueError", "DataError", "TreeError", "CheckpointError", "ArtifactError", "SettingsError",
-                      "CliError", "FileNotFoundError", "NotADirectoryError", "IsADirectoryError", "PermissionError",
-                      "FileExistsError", "UnicodeDecodeError", "ArrowInvalid"}  # ValueErrors, paths
+                      "CapacityError", "CliError", "FileNotFoundError", "NotADirectoryError", "IsADirectoryError",
+                      "PermissionError", "FileExistsError", "UnicodeDecodeError", "ArrowInvalid"}  # ValueErrors, paths
 _WRAPPERS = {"UserCodeException", "RayDataUserCodeException", "RayTaskError", "RaySystemError", "RayActorError",
              "ActorDiedError", "SystemException", "WorkerGroupError", "ControllerError", "TrainingFailedError"}
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

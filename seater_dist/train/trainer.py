@@ -50,6 +50,7 @@ from seater_dist.config import SasrecSettings, SeaterSettings, SettingsError, Tr
 from seater_dist.data.dataset import load_dataset
 from seater_dist.files import load_npy
 from seater_dist.model.checkpoint import CheckpointError, read_checkpoint_manifest
+from seater_dist.runtime import capacity
 from seater_dist.runtime.quiet import verbose
 from seater_dist.runtime.rendezvous import bound_torch_config
 from seater_dist.runtime.train_fit import ctrl_c_as_keyboard_interrupt, input_errors_fail_fast
@@ -146,6 +147,13 @@ def train_dataset(dataset_path: str | Path, batch_fn, seed: int):
     return shuffled.map_batches(batch_fn, batch_format="pyarrow", batch_size=1024)
 
 
+def train_demand(section: str, settings: TrainSettings) -> capacity.Demand:
+    """What a training run asks Ray for: one bundle per worker (``section``: the settings' name in a config)."""
+    return capacity.Demand(f"{section}: workers {settings.workers}, cpus_per_worker {settings.cpus_per_worker:g}, "
+                           f"use_gpu {str(settings.use_gpu).lower()}", settings.workers, settings.cpus_per_worker,
+                           1.0 if settings.use_gpu else 0.0)
+
+
 def _fit(spec: WorkerSpec, dataset_path: str | Path, out: str | Path, settings: TrainSettings,
          resume: bool) -> TrainResult:
     """Check every input against the others, hold ``out``'s output lock, train, write best/ and history.json.
@@ -160,6 +168,7 @@ def _fit(spec: WorkerSpec, dataset_path: str | Path, out: str | Path, settings: 
     if metric_k(settings.select_metric) not in ks:
         raise SettingsError(f"select_metric: {settings.select_metric} is not reported by this dataset's protocol "
                             f"(cut-offs {', '.join(map(str, ks))})")
+    capacity.require([train_demand("train" if spec.task == "seater" else "sasrec_train", settings)])
     out = location(out)
     _check_train_out(out)
     if is_remote(out):  # trained into a local staging directory, then published
