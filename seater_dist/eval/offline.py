@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,7 +40,13 @@ from seater_dist.config import EvalSettings, metric_cutoffs
 from seater_dist.data.dataset import Dataset, load_dataset
 from seater_dist.eval import stats
 from seater_dist.eval.metrics import per_user_metrics
-from seater_dist.model.checkpoint import catalogue_id, check_same_catalogue, load_checkpoint, verify_checkpoint
+from seater_dist.model.checkpoint import (
+    catalogue_id,
+    check_same_catalogue,
+    load_checkpoint,
+    read_checkpoint_manifest,
+    verify_checkpoint,
+)
 from seater_dist.runtime import capacity
 
 if TYPE_CHECKING:
@@ -78,6 +85,13 @@ class EvalResult:
         out = asdict(self)
         metrics, ci95 = out.pop("metrics"), out.pop("ci95")
         return {**metrics, **{f"{name}_ci95": ci95[name] for name in metrics}, **out, "bootstrap": BOOTSTRAP}
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any], names: Sequence[str]) -> EvalResult:
+        """The result whose :meth:`to_dict` is ``saved`` (``names``: its metrics, as the manifest lists them)."""
+        rest = {k: v for k, v in saved.items() if k not in names and not k.endswith("_ci95") and k != "bootstrap"}
+        return cls(metrics={name: saved[name] for name in names},
+                   ci95={name: saved[f"{name}_ci95"] for name in names}, **rest)
 
 
 def evaluation_dir(parent: str | Path, split: str) -> str:
@@ -305,7 +319,7 @@ def finished_evaluation(checkpoint: str | Path, dataset_path: str | Path, split:
         return None
     try:
         done = read_evaluation(out)
-        weights = verify_checkpoint(checkpoint)["checksums"]["model.pt"][:12]
+        weights = read_checkpoint_manifest(checkpoint)["checksums"]["model.pt"][:12]  # identity, not a re-hash
         dataset = load_dataset(dataset_path)
     except (ArtifactError, ValueError):  # a damaged or foreign artifact is evaluated again
         return None
@@ -314,7 +328,4 @@ def finished_evaluation(checkpoint: str | Path, dataset_path: str | Path, split:
             and done.manifest.get("users") == int(dataset.manifest["counts"].get(f"{split}_users", -1)))
     if not same:
         return None
-    names = done.manifest["metrics"]
-    fields = {k: v for k, v in done.metrics.items() if k not in names and not k.endswith("_ci95") and k != "bootstrap"}
-    return EvalResult(metrics={name: done.metrics[name] for name in names},
-                      ci95={name: done.metrics[f"{name}_ci95"] for name in names}, **fields)
+    return EvalResult.from_dict(done.metrics, done.manifest["metrics"])

@@ -57,6 +57,7 @@ class AdamCatchUp:
         # The per-step scalars live on the host (float64 [ORDERS, steps]); only the rows' state is on ``device``.
         steps_back = torch.arange(self.window, 0, -1, dtype=torch.float64, device="cpu")
         self.powers = torch.stack([rho**steps_back for rho in rhos])  # [ORDERS, window]: rho**window .. rho**1
+        self.half_orders = torch.arange(1, self.ORDERS + 1, dtype=torch.float64, device="cpu") / 2  # p / 2
         self.last = torch.zeros(num_rows, dtype=torch.long, device=device)  # step each row is up to date with
         self.step = 0
         self.origin = 0
@@ -86,8 +87,7 @@ class AdamCatchUp:
         self.step_sizes[t - origin] = lr / (1 - self.beta1**t)
         self.log_decay[t - origin] = self.log_decay[t - 1 - origin] + math.log(factor)
         first = max(origin, t - self.window)
-        orders = torch.arange(1, self.ORDERS + 1, dtype=torch.float64, device="cpu")
-        per_order = self.step_sizes[t - origin] * (1 - self.beta2**t) ** (orders / 2)  # [ORDERS]
+        per_order = self.step_sizes[t - origin] * (1 - self.beta2**t) ** self.half_orders  # [ORDERS]
         terms = per_order[:, None] * self.powers[:, self.window - (t - first):]  # [ORDERS, t - first]
         if self.weight_decay:
             terms = terms * self._decay_between(self.log_decay[first - origin : t - origin], t)  # A_s / A_t
